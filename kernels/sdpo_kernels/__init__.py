@@ -1,0 +1,8 @@
+"""sdpo_kernels: fused SDPO self-distillation losses (Triton kernels + a PyTorch reference)."""
+
+from .config import LossConfig
+from .functional import self_distillation_loss
+from .modules import SelfDistillationLoss
+
+__all__ = ["LossConfig", "SelfDistillationLoss", "self_distillation_loss"]
+__version__ = "0.1.0"

@@ -1,0 +1,91 @@
+"""Functional API: `self_distillation_loss`."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+from .autograd import SelfDistillationFunction
+from .config import BACKENDS, LossConfig
+
+
+def triton_usable(device: torch.device) -> bool:
+    """Triton runs CUDA tensors, or CPU tensors under the interpreter (TRITON_INTERPRET=1)."""
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str, device: torch.device):
+    """The backend module for `backend` ("auto" | "triton" | "reference") and `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference" or (backend == "auto" and device.type != "cuda"):
+        return reference
+    if not triton_usable(device):
+        raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
+    from . import triton_backend
+
+    return triton_backend
+
+
+def self_distillation_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    completion_ids: torch.Tensor | None = None,
+    old_logps: torch.Tensor | None = None,
+    *,
+    mode: str = "topk_logits",
+    topk: int | None = 100,
+    alpha: float = 0.5,
+    add_tail: bool = True,
+    is_clip: float | None = 2.0,
+    temperature: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Per-token SDPO self-distillation loss, never materialising full-vocabulary log-probs.
+
+    Semantics are TRL 1.16's `trl.experimental.sdpo.loss_utils` applied to `logits / temperature`
+    (then `apply_importance_sampling_clipping` with the student's log-prob of the sampled token),
+    with two documented refinements: the tail bucket uses the exact `LSE_{not S} - LSE` (TRL's
+    floor kept), and -inf logits are absent vocabulary entries (0 · log 0 = 0, where TRL gives NaN).
+    Ties at the K-th largest student logit keep the lowest vocabulary index.
+
+    Args:
+        student_logits: [..., V] float32/bfloat16/float16; the gradient flows to it.
+        teacher_logits: [..., V], same shape, dtype and device; never differentiated.
+        completion_ids: [...] integer sampled tokens; needed by "sampled_token" and IS clipping.
+        old_logps: [...] float rollout log-probs of `completion_ids`; with `is_clip` enables IS
+            clipping, ignored when None (as in TRL).
+        mode: "topk_logits" | "full_logits" | "sampled_token".
+        topk: size of the student's top-K support (topk_logits; 1 <= topk <= V).
+        alpha: 0 forward KL, 1 reverse KL, otherwise generalised JSD; sampled_token needs 1.0.
+        add_tail: topk_logits only: add a tail bucket instead of renormalising the top-K.
+        is_clip: clip of the importance weight exp(logp - old_logp); None disables it.
+        temperature: logits are divided by it (> 0).
+        backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
+    Returns:
+        [...] float32 per-token loss, differentiable w.r.t. `student_logits`.
+    """
+    config = LossConfig.from_args(
+        student_logits,
+        teacher_logits,
+        completion_ids,
+        old_logps,
+        mode=mode,
+        topk=topk,
+        alpha=alpha,
+        add_tail=add_tail,
+        is_clip=is_clip,
+        temperature=temperature,
+    )
+    impl = resolve_backend(backend, student_logits.device)
+    rows_shape = student_logits.shape[:-1]
+    vocab = student_logits.shape[-1]
+    # reshape is a view whenever the leading dims collapse (a copy otherwise, e.g. logits[:, :-1]).
+    student = student_logits.reshape(-1, vocab)
+    teacher = teacher_logits.detach().reshape(-1, vocab)
+    ids = None if completion_ids is None else completion_ids.reshape(-1)
+    old = None if (old_logps is None or config.is_clip is None) else old_logps.detach().reshape(-1)
+    loss = SelfDistillationFunction.apply(student, teacher, ids, old, config, impl)
+    return loss.view(rows_shape)

@@ -1,0 +1,47 @@
+"""Per-row statistics that a forward pass saves for the backward pass.
+
+Every mode's gradient w.r.t. the scaled student logits `z = logits / T` has the form
+(see `shared/design/loss-math.md`)
+
+    dℓ/dz_j = dense_coef · p_j + Σ_k [j == sparse_index_k] · sparse_coef_k   (+ full-vocab term)
+
+with `p = softmax(z)` and one scalar `dense_coef` per row, where the upstream gradient `g` of
+the per-token loss ℓ is *not* included (it multiplies everything in the backward pass). The
+full-vocabulary mode adds `is_weight · ∂D/∂a_j`, which needs the teacher logits again
+(`lse_teacher` and `is_weight` are kept for it). Nothing here is of vocabulary size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RowStats:
+    """Saved row statistics, N = number of token rows.
+
+    Attributes:
+        lse_student: [N] float32, LSE of the scaled student logits.
+        dense_coef: [N] float32, coefficient of p_j in the gradient.
+        sparse_index: [N, Ks] int64 vocabulary indices (the top-K support, or the sampled token),
+            None for full_logits.
+        sparse_coef: [N, Ks] float32, added to the gradient at `sparse_index`.
+        lse_teacher: [N] float32, full_logits only.
+        is_weight: [N] float32, full_logits only (the importance weight, 1 when IS is off).
+    """
+
+    lse_student: torch.Tensor
+    dense_coef: torch.Tensor
+    sparse_index: torch.Tensor | None = None
+    sparse_coef: torch.Tensor | None = None
+    lse_teacher: torch.Tensor | None = None
+    is_weight: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor | None]:
+        return [self.lse_student, self.dense_coef, self.sparse_index, self.sparse_coef, self.lse_teacher, self.is_weight]
+
+    @staticmethod
+    def from_tensors(tensors: list[torch.Tensor | None]) -> RowStats:
+        return RowStats(*tensors)
