@@ -1,0 +1,81 @@
+"""Backward kernel: the gradient w.r.t. the student logits from saved row statistics.
+
+dℓ/dlogits_j = g/T · (dense · p_j [+ w · ∂D/∂a_j in full_logits] + Σ_k [j = index_k] coef_k),
+p = softmax(logits / T). One program per row: a dense streaming pass that reads the student
+logits (skipped entirely when dense is identically zero: renormalised top-K) and writes the
+gradient, then, after a barrier, the K sparse entries are rewritten with their full value.
+Only full_logits reads the teacher again. Rows whose upstream gradient is 0 get exact zeros.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_math import divergence_terms
+
+
+@triton.jit
+def grad_kernel(
+    student_ptr,
+    teacher_ptr,
+    grad_loss_ptr,
+    grad_ptr,
+    lse_ptr,
+    dense_ptr,
+    index_ptr,
+    coef_ptr,
+    lse_teacher_ptr,
+    weight_ptr,
+    n_cols,
+    n_sparse,
+    stride_s_row,
+    stride_s_col,
+    stride_t_row,
+    stride_t_col,
+    inv_temp,
+    alpha,
+    log_alpha,
+    log1m_alpha,
+    BLOCK_V: tl.constexpr,
+    SPARSE_POW2: tl.constexpr,
+    HAS_DENSE: tl.constexpr,
+    FULL: tl.constexpr,
+    ALPHA_KIND: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * stride_s_row
+    teacher_row = teacher_ptr + row * stride_t_row
+    grad_row = grad_ptr + row * n_cols
+    out_ty = grad_ptr.dtype.element_ty
+    g = tl.load(grad_loss_ptr + row).to(tl.float32) * inv_temp
+    lse = tl.load(lse_ptr + row)
+    dense = tl.load(dense_ptr + row)
+    if FULL:
+        lse_t = tl.load(lse_teacher_ptr + row)
+        w = tl.load(weight_ptr + row)
+    block = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + block
+        in_row = offs < n_cols
+        if HAS_DENSE:
+            z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
+            a = z * inv_temp - lse
+            grad = dense * tl.exp(a)
+            if FULL:
+                u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
+                _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, log_alpha, log1m_alpha, ALPHA_KIND)
+                grad += w * d_terms
+            grad = tl.where(g == 0.0, 0.0, g * grad)
+        else:
+            grad = tl.zeros([BLOCK_V], tl.float32)
+        tl.store(grad_row + offs, grad.to(out_ty), mask=in_row)
+    if SPARSE_POW2 > 0:
+        tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
+        k = tl.arange(0, SPARSE_POW2)
+        in_k = k < n_sparse
+        idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+        coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+        if HAS_DENSE:
+            z_k = tl.load(student_row + idx * stride_s_col, mask=in_k, other=float("-inf")).to(tl.float32)
+            coef += dense * tl.exp(z_k * inv_temp - lse)
+        val = tl.where(g == 0.0, 0.0, g * coef)
+        tl.store(grad_row + idx, val.to(out_ty), mask=in_k)

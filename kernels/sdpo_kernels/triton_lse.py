@@ -1,0 +1,91 @@
+"""Forward kernel for the modes that need only log-sum-exps: "full_logits" and "sampled_token".
+
+One program per token row. Pass 1 streams both rows for their online LSE. sampled_token then
+reads the two logits of the sampled token; full_logits makes a second pass over the rows (both
+LSEs are needed before any term of the generalised JSD) for D and Σ ∂D/∂a.
+"""
+
+import triton
+import triton.language as tl
+
+from .triton_math import divergence_terms, importance_weight, online_lse_step
+
+
+@triton.jit
+def lse_forward_kernel(
+    student_ptr,
+    teacher_ptr,
+    ids_ptr,
+    old_ptr,
+    loss_ptr,
+    lse_ptr,
+    dense_ptr,
+    index_ptr,
+    coef_ptr,
+    lse_teacher_ptr,
+    weight_ptr,
+    n_cols,
+    stride_s_row,
+    stride_s_col,
+    stride_t_row,
+    stride_t_col,
+    inv_temp,
+    alpha,
+    log_alpha,
+    log1m_alpha,
+    is_clip,
+    BLOCK_V: tl.constexpr,
+    FULL: tl.constexpr,
+    ALPHA_KIND: tl.constexpr,
+    HAS_IS: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    student_row = student_ptr + row * stride_s_row
+    teacher_row = teacher_ptr + row * stride_t_row
+    neg_inf = float("-inf")
+    block = tl.arange(0, BLOCK_V)
+    m_z = tl.full([], neg_inf, tl.float32)
+    m_u = tl.full([], neg_inf, tl.float32)
+    s_z = tl.zeros([], tl.float32)
+    s_u = tl.zeros([], tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + block
+        in_row = offs < n_cols
+        z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
+        u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
+        m_z, s_z, _, _, _ = online_lse_step(m_z, s_z, z)
+        m_u, s_u, _, _, _ = online_lse_step(m_u, s_u, u)
+    lse_z = m_z + tl.log(s_z)
+    lse_u = m_u + tl.log(s_u)
+    if HAS_IS:
+        w = importance_weight(student_row, stride_s_col, ids_ptr, old_ptr, row, lse_z, inv_temp, is_clip)
+    else:
+        w = tl.full([], 1.0, tl.float32)
+
+    if FULL:
+        total = tl.zeros([BLOCK_V], tl.float32)
+        d_total = tl.zeros([BLOCK_V], tl.float32)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + block
+            in_row = offs < n_cols
+            z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
+            u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
+            terms, d_terms = divergence_terms(
+                z * inv_temp - lse_z, u * inv_temp - lse_u, alpha, log_alpha, log1m_alpha, ALPHA_KIND
+            )
+            total += terms
+            d_total += d_terms
+        tl.store(loss_ptr + row, w * tl.sum(total, 0))
+        tl.store(dense_ptr + row, -w * tl.sum(d_total, 0))
+        tl.store(lse_teacher_ptr + row, lse_u)
+        tl.store(weight_ptr + row, w)
+    else:
+        y = tl.load(ids_ptr + row).to(tl.int64)
+        a_y = tl.load(student_row + y * stride_s_col).to(tl.float32) * inv_temp - lse_z
+        b_y = tl.load(teacher_row + y * stride_t_col).to(tl.float32) * inv_temp - lse_u
+        coef = w * (a_y - b_y)
+        tl.store(loss_ptr + row, coef * a_y)
+        tl.store(dense_ptr + row, -coef)
+        tl.store(index_ptr + row, y)
+        tl.store(coef_ptr + row, coef)
+    tl.store(lse_ptr + row, lse_z)
