@@ -81,7 +81,8 @@ def forward(
         return loss, RowStats(lse, dense)
 
     if config.mode == "topk_logits":
-        k_pow2 = triton.next_power_of_2(config.topk)
+        # At least 2: Triton 3.6's tl.topk(x, 1) reduces to a scalar and fails to compile.
+        k_pow2 = max(2, triton.next_power_of_2(config.topk))
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
         topk_forward_kernel[(n,)](
