@@ -1,0 +1,191 @@
+"""`SDPOConfig`: TRL's `GRPOConfig` plus the documented SDPO options.
+
+Every GRPO option (generation incl. vLLM, rewards, accelerate/DeepSpeed/FSDP, PEFT, logging) keeps its
+meaning; the fields below add self-distillation. Names and defaults follow TRL's SDPO documentation.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+POLICY_LOSS_MODES = ("distillation_only", "hybrid")
+TEACHER_REGULARIZATIONS = ("ema", "none")
+FUSED_LINEAR_CHOICES = ("auto", "always", "never")
+# Aggregations with a defined meaning for the distillation term (same normalisers as TRL's GRPO policy loss).
+SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+_DEFAULT_EMA_UPDATE_RATE = 0.05
+
+
+@dataclass
+class SDPOConfig(GRPOConfig):
+    r"""Configuration for [`SDPOTrainer`]: every `trl.GRPOConfig` option plus the SDPO ones.
+
+    Mapping to the `sdpo_kernels` loss: `full_logit_distillation=True` with `distillation_topk` → mode
+    `"topk_logits"`; without → `"full_logits"`; `full_logit_distillation=False` → `"sampled_token"`
+    (token-level reverse KL, needs `distillation_alpha=1.0`).
+
+    Parameters (SDPO):
+        distillation_alpha: 0 forward KL, 1 reverse KL, otherwise generalised JSD.
+        distillation_topk: student top-K support size (needs `full_logit_distillation=True`).
+        full_logit_distillation: distill full (or top-K) distributions instead of the sampled token.
+        distillation_is_clip: clip of the IS weight exp(logp - rollout logp); None disables.
+        distillation_add_tail: top-K only: add a bucket for the non-top-K mass.
+        distillation_weight: weight of the self-distillation loss.
+        distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
+            (hidden states × head weight, never materialising logits) when available and the head is a plain linear.
+        diagnostics_warning_interval: warn every N consecutive degenerate steps (0 disables).
+        diagnostics_flat_tolerance: tolerance for "flat rewards" / "no reprompt" diagnostics.
+        dont_reprompt_on_self_success: a rollout is never its own demonstration.
+        sdpo_policy_loss_mode: "distillation_only" or "hybrid" (GRPO clipped policy loss + distillation).
+        teacher_regularization: "ema" (EMA copy of the student) or "none" (current student, no grad).
+        teacher_update_rate: EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
+        ema_update_rate: deprecated alias of `teacher_update_rate`.
+        max_reprompt_len: teacher prompts keep their last `max_reprompt_len` tokens.
+        use_successful_as_teacher: successful siblings become demonstrations.
+        success_reward_threshold: reward ≥ threshold counts as success.
+        reprompt_template / solution_template / feedback_template: teacher prompt templates.
+        include_environment_feedback: use the dataset's `privileged_context` column as feedback.
+        environment_feedback_only_without_solution: feedback only for rollouts without a demonstration.
+        remove_thinking_from_demonstration: strip `<think>...</think>` from demonstrations.
+    """
+
+    distillation_alpha: float = field(
+        default=1.0, metadata={"help": "0 forward KL, 1 reverse KL, otherwise generalised JSD."}
+    )
+    distillation_topk: int | None = field(
+        default=None, metadata={"help": "Top-K support size; requires `full_logit_distillation=True`."}
+    )
+    full_logit_distillation: bool = field(
+        default=False, metadata={"help": "Distill (top-K or full) distributions instead of the sampled token."}
+    )
+    distillation_is_clip: float | None = field(
+        default=2.0, metadata={"help": "IS weight clip for the distillation loss; None disables it."}
+    )
+    distillation_add_tail: bool = field(
+        default=False, metadata={"help": "Top-K only: add a tail bucket for the non-top-K probability mass."}
+    )
+    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the self-distillation loss."})
+    distillation_fused_linear: str = field(
+        default="auto",
+        metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
+    )
+    diagnostics_warning_interval: int = field(
+        default=10, metadata={"help": "Warn every N consecutive degenerate steps; 0 disables."}
+    )
+    diagnostics_flat_tolerance: float = field(
+        default=1e-8, metadata={"help": "Tolerance for flat-reward / inactive-distillation diagnostics."}
+    )
+    dont_reprompt_on_self_success: bool = field(
+        default=True, metadata={"help": "Never use a rollout as its own demonstration."}
+    )
+    sdpo_policy_loss_mode: str = field(
+        default="distillation_only",
+        metadata={"help": "'distillation_only' or 'hybrid' (GRPO clipped policy loss + distillation)."},
+    )
+    teacher_regularization: str = field(
+        default="ema", metadata={"help": "'ema' (EMA copy of the student) or 'none' (the current student)."}
+    )
+    teacher_update_rate: float | None = field(
+        default=None, metadata={"help": "EMA teacher update rate; defaults to `ema_update_rate`."}
+    )
+    ema_update_rate: float = field(
+        default=_DEFAULT_EMA_UPDATE_RATE, metadata={"help": "Deprecated alias of `teacher_update_rate`."}
+    )
+    max_reprompt_len: int = field(default=10240, metadata={"help": "Max teacher prompt length in tokens."})
+    use_successful_as_teacher: bool = field(
+        default=True, metadata={"help": "Use successful sibling rollouts as demonstrations."}
+    )
+    success_reward_threshold: float = field(
+        default=1.0, metadata={"help": "Reward at or above which a rollout is successful."}
+    )
+    reprompt_template: str = field(
+        default="{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
+        metadata={"help": "Teacher prompt template with {prompt}, {solution}, {feedback}."},
+    )
+    solution_template: str = field(
+        default="\nCorrect solution:\n\n{successful_previous_attempt}\n\n",
+        metadata={"help": "Demonstration template with {successful_previous_attempt}."},
+    )
+    feedback_template: str = field(
+        default="\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n",
+        metadata={"help": "Feedback template with {feedback_raw}."},
+    )
+    include_environment_feedback: bool = field(
+        default=False, metadata={"help": "Use the `privileged_context` column as environment feedback."}
+    )
+    environment_feedback_only_without_solution: bool = field(
+        default=False, metadata={"help": "Use feedback only for rollouts without a demonstration."}
+    )
+    remove_thinking_from_demonstration: bool = field(
+        default=False, metadata={"help": "Strip <think>...</think> blocks from demonstrations."}
+    )
+
+    def __post_init__(self):
+        # Validate the SDPO fields first: their errors are the actionable ones.
+        if self.distillation_topk is not None and not self.full_logit_distillation:
+            raise ValueError(
+                "`distillation_topk` requires `full_logit_distillation=True` (top-K is a logit-level approximation); "
+                f"got distillation_topk={self.distillation_topk} with full_logit_distillation=False."
+            )
+        if self.distillation_topk is not None and self.distillation_topk < 1:
+            raise ValueError(f"`distillation_topk` must be >= 1, got {self.distillation_topk}.")
+        if not self.full_logit_distillation and self.distillation_alpha != 1.0:
+            raise ValueError(
+                "`full_logit_distillation=False` is token-level reverse KL and requires `distillation_alpha=1.0`, "
+                f"got distillation_alpha={self.distillation_alpha}. Set `full_logit_distillation=True` for other "
+                "divergences."
+            )
+        if not 0.0 <= self.distillation_alpha <= 1.0:
+            raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
+        if self.sdpo_policy_loss_mode not in POLICY_LOSS_MODES:
+            raise ValueError(
+                f"`sdpo_policy_loss_mode` must be one of {POLICY_LOSS_MODES}, got {self.sdpo_policy_loss_mode!r}."
+            )
+        if self.teacher_regularization not in TEACHER_REGULARIZATIONS:
+            raise ValueError(
+                f"`teacher_regularization` must be one of {TEACHER_REGULARIZATIONS}, "
+                f"got {self.teacher_regularization!r}."
+            )
+        if self.distillation_fused_linear not in FUSED_LINEAR_CHOICES:
+            raise ValueError(
+                f"`distillation_fused_linear` must be one of {FUSED_LINEAR_CHOICES}, "
+                f"got {self.distillation_fused_linear!r}."
+            )
+        if self.distillation_is_clip is not None and self.distillation_is_clip <= 0:
+            raise ValueError(f"`distillation_is_clip` must be > 0 or None, got {self.distillation_is_clip}.")
+        if self.distillation_weight < 0:
+            raise ValueError(f"`distillation_weight` must be >= 0, got {self.distillation_weight}.")
+        if self.max_reprompt_len < 1:
+            raise ValueError(f"`max_reprompt_len` must be >= 1, got {self.max_reprompt_len}.")
+        if self.diagnostics_warning_interval < 0:
+            raise ValueError(f"`diagnostics_warning_interval` must be >= 0, got {self.diagnostics_warning_interval}.")
+        if self.teacher_update_rate is not None and self.ema_update_rate != _DEFAULT_EMA_UPDATE_RATE:
+            if self.teacher_update_rate != self.ema_update_rate:
+                raise ValueError(
+                    "Both `teacher_update_rate` and its deprecated alias `ema_update_rate` are set to different "
+                    f"values ({self.teacher_update_rate} vs {self.ema_update_rate}); set only `teacher_update_rate`."
+                )
+        elif self.teacher_update_rate is None and self.ema_update_rate != _DEFAULT_EMA_UPDATE_RATE:
+            warnings.warn(
+                "`ema_update_rate` is deprecated; use `teacher_update_rate` instead.", FutureWarning, stacklevel=2
+            )
+        if not 0.0 <= self.effective_teacher_update_rate <= 1.0:
+            raise ValueError(f"`teacher_update_rate` must be in [0, 1], got {self.effective_teacher_update_rate}.")
+        if self.loss_type not in SUPPORTED_LOSS_TYPES:
+            raise ValueError(f"`loss_type` must be one of {SUPPORTED_LOSS_TYPES} for SDPO, got {self.loss_type!r}.")
+        super().__post_init__()
+
+    @property
+    def effective_teacher_update_rate(self) -> float:
+        """The EMA rate r actually used: `teacher_update_rate`, else the deprecated `ema_update_rate`."""
+        return self.ema_update_rate if self.teacher_update_rate is None else self.teacher_update_rate
+
+    @property
+    def distillation_mode(self) -> str:
+        """The `sdpo_kernels` loss mode: "topk_logits" | "full_logits" | "sampled_token"."""
+        if not self.full_logit_distillation:
+            return "sampled_token"
+        return "topk_logits" if self.distillation_topk is not None else "full_logits"

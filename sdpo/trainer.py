@@ -1,0 +1,589 @@
+"""`SDPOTrainer`: TRL's `GRPOTrainer` (generation, rewards, vLLM, accelerate, PEFT, logging) plus SDPO.
+
+What this subclass adds on top of GRPO:
+  * teacher contexts built from successful siblings / environment feedback (`sdpo.teacher_context`);
+  * an EMA (or live) teacher that is checkpointed and restored (`sdpo.teacher`);
+  * the loss: distillation_only or hybrid, computed from ONE student forward whose hidden states go through
+    the output head into `sdpo_kernels.self_distillation_loss` (or, when available, straight into
+    `sdpo_kernels.linear_self_distillation_loss` without materialising logits).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import sdpo_kernels
+import torch
+from accelerate.utils import gather_object, is_peft_model
+from sdpo_kernels import self_distillation_loss
+from torch import nn
+from transformers import PreTrainedModel, TrainerCallback
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from trl import GRPOTrainer
+from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, selective_log_softmax
+
+from .config import SDPOConfig
+from .modeling import add_head_fn_forward, forward_with_head, head_logits, is_plain_linear_head
+from .teacher import EMATeacherCallback, SDPOTeacher
+from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure loss pieces (unit-tested against TRL's formulas)
+# ---------------------------------------------------------------------------------------------------------------
+def aggregation_weights(
+    mask: torch.Tensor,
+    loss_type: str,
+    *,
+    max_completion_length: int | None = None,
+    normalizer: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Per-token weights w [B, T] with loss = Σ w·ℓ, reproducing TRL's GRPO aggregations (before GA scaling).
+
+    grpo: per-sequence masked mean, then mean over the B rows (rows without tokens count as 0).
+    bnpo: masked mean over the local batch.  dr_grpo: masked sum / (B · max_completion_length).
+    dapo: masked sum / `normalizer` (the global active-token count per process, precomputed by the caller).
+    """
+    mask = mask.to(torch.float32)
+    if loss_type == "grpo":
+        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0)
+    if loss_type == "bnpo":
+        return mask / mask.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length is required for loss_type='dr_grpo'")
+        return mask / (mask.size(0) * max_completion_length)
+    if loss_type == "dapo":
+        if normalizer is None:
+            raise ValueError("normalizer is required for loss_type='dapo'")
+        return mask / torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device).clamp(min=1.0)
+    raise ValueError(f"loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got {loss_type!r}")
+
+
+def clipped_policy_per_token(
+    per_token_logps: torch.Tensor,
+    old_per_token_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    epsilon_low: float,
+    epsilon_high: float,
+    importance_sampling_level: str = "token",
+    delta: float | None = None,
+) -> torch.Tensor:
+    """GRPO's clipped surrogate per token, as TRL: −min(r·A, clip(r, 1−ε_lo, 1+ε_hi)·A).
+
+    per_token_logps/old [B, T], advantages [B] or [B, T], mask [B, T] -> [B, T] (or [B, 1] at sequence level).
+    """
+    old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(1)
+    log_ratio = per_token_logps - old
+    if importance_sampling_level == "sequence":
+        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
+    elif importance_sampling_level != "token":
+        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
+    coef_1 = torch.exp(log_ratio)
+    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
+    return -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+
+def distillation_loss_kwargs(args: SDPOConfig, temperature: float) -> dict[str, Any]:
+    """Keyword arguments of `sdpo_kernels.self_distillation_loss` for this config."""
+    return dict(
+        mode=args.distillation_mode,
+        topk=args.distillation_topk,
+        alpha=args.distillation_alpha,
+        add_tail=args.distillation_add_tail,
+        is_clip=args.distillation_is_clip,
+        temperature=temperature,
+    )
+
+
+class SDPOTrainer(GRPOTrainer):
+    """Self-Distillation Policy Optimization on TRL's GRPO machinery, with the loss from `sdpo_kernels`.
+
+    Args:
+        model: hub id / local path, or a `PreTrainedModel` (causal LM).
+        reward_funcs: as `trl.GRPOTrainer` (callables, reward-model ids, or a list).
+        args: an `SDPOConfig`.
+        train_dataset: needs a `prompt` column (plain text or conversational); an optional
+            `privileged_context` column carries environment feedback (used with include_environment_feedback).
+        eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers, peft_config: as GRPO.
+    """
+
+    _tag_names: ClassVar[list[str]] = ["trl", "sdpo"]
+    _name = "SDPO"
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel,
+        reward_funcs: Any,
+        args: SDPOConfig | None = None,
+        train_dataset: Any = None,
+        eval_dataset: Any = None,
+        processing_class: Any = None,
+        reward_processing_classes: Any = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[Any, Any] = (None, None),
+        peft_config: Any = None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = SDPOConfig(output_dir=f"{str(name).split('/')[-1]}-SDPO")
+        if not isinstance(args, SDPOConfig):
+            raise ValueError(f"`args` must be an sdpo.SDPOConfig, got {type(args).__name__}.")
+        if reward_funcs is None or (isinstance(reward_funcs, list) and len(reward_funcs) == 0):
+            raise ValueError("`reward_funcs` is required: SDPO scores rollouts to find successful demonstrations.")
+        if train_dataset is None:
+            raise ValueError("`train_dataset` is required.")
+        if args.sdpo_policy_loss_mode == "hybrid":
+            if args.top_entropy_quantile < 1.0 or args.off_policy_mask_threshold is not None:
+                raise ValueError(
+                    "`sdpo_policy_loss_mode='hybrid'` does not support `top_entropy_quantile < 1` or "
+                    "`off_policy_mask_threshold`; use GRPO's options through `trl.GRPOTrainer` instead."
+                )
+        super().__init__(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            reward_processing_classes=reward_processing_classes,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            peft_config=peft_config,
+        )
+        self._diagnostic_counters: dict[str, defaultdict[str, int]] = {
+            "train": defaultdict(int),
+            "eval": defaultdict(int),
+        }
+        self._last_rewards_per_func: torch.Tensor | None = None
+
+        # The student computes its loss inside its own forward (see sdpo.modeling); patch the causal LM.
+        lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        add_head_fn_forward(lm)
+        self._setup_teacher()
+        self._fused_linear_reason = self._why_not_fused_linear()
+        if args.distillation_fused_linear == "always" and self._fused_linear_reason is not None:
+            raise ValueError(
+                f"`distillation_fused_linear='always'` but the fused-linear loss cannot be used: "
+                f"{self._fused_linear_reason}."
+            )
+        self.use_fused_linear = args.distillation_fused_linear != "never" and self._fused_linear_reason is None
+
+    # ---- setup ------------------------------------------------------------------------------------------------
+    def _set_signature_columns_if_needed(self):
+        # Keep `privileged_context` (environment feedback) when remove_unused_columns=True.
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt", "image", "images", "privileged_context"]
+
+    def _setup_teacher(self) -> None:
+        """Build the teacher; register the EMA callback. A separate teacher model is prepared like TRL's ref model."""
+        args = self.args
+        teacher_model = None
+        separate = args.teacher_regularization == "ema" and not is_peft_model(self.model)
+        if separate:
+            if is_deepspeed_zero3_enabled():
+                # Under ZeRO-3 the student's parameters are already partitioned: build from the path instead.
+                kwargs = dict(args.model_init_kwargs or {})
+                kwargs.setdefault("dtype", self.model.dtype)
+                teacher_model = create_model_from_path(get_config_model_id(self.model.config), **kwargs)
+            else:
+                teacher_model = copy.deepcopy(self.model)
+                # Drop the instance-level forwards patched onto the student (they close over the student).
+                teacher_model.__dict__.pop("forward", None)
+        self.teacher = SDPOTeacher(
+            self.model, args.teacher_regularization, args.effective_teacher_update_rate, teacher_model
+        )
+        self.teacher_model_wrapped = None
+        if separate:
+            if self.is_deepspeed_enabled:
+                self.teacher_model_wrapped = prepare_deepspeed(self.teacher.model, self.accelerator)
+            elif self.is_fsdp_enabled:
+                self.teacher_model_wrapped = prepare_fsdp(self.teacher.model, self.accelerator)
+            else:
+                self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
+        if args.teacher_regularization == "ema":
+            self.add_callback(EMATeacherCallback(self.teacher, self.accelerator))
+
+    def _why_not_fused_linear(self) -> str | None:
+        """None when `linear_self_distillation_loss` can serve this run, else the reason it cannot."""
+        if not hasattr(sdpo_kernels, "linear_self_distillation_loss"):
+            return "sdpo_kernels has no `linear_self_distillation_loss` (not installed in this version)"
+        lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        if not is_plain_linear_head(lm):
+            return "the output head is not a plain nn.Linear (soft-capping, scaling or an adapter on the head)"
+        if self.teacher.model is not None and not is_plain_linear_head(
+            self.teacher.model.get_base_model() if is_peft_model(self.teacher.model) else self.teacher.model
+        ):
+            return "the teacher's output head is not a plain nn.Linear"
+        if self.args.sdpo_policy_loss_mode == "hybrid":
+            if self.beta != 0.0:
+                return "hybrid with beta != 0 (KL to the reference model) needs the logits path"
+            if self.importance_sampling_level != "token":
+                return "hybrid with sequence-level importance sampling needs the logits path"
+            if self.args.delta is not None:
+                return "hybrid with two-sided clipping (delta) needs the logits path"
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                return "hybrid with vLLM importance-sampling correction needs the logits path"
+        return None
+
+    # ---- callbacks & checkpointing ----------------------------------------------------------------------------
+    def _dispatch_self_distillation_callback(self, event_name: str, **payload: Any) -> None:
+        """Call `event_name` on every callback that defines it, with TRL's SDPO payload conventions."""
+        for callback in self.callback_handler.callbacks:
+            fn = getattr(callback, event_name, None)
+            if fn is not None:
+                fn(
+                    args=self.args,
+                    state=self.state,
+                    control=self.control,
+                    model=self.model,
+                    processing_class=self.processing_class,
+                    **payload,
+                )
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
+            self.teacher.save(output_dir)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        # Called by `train(resume_from_checkpoint=...)` after the student weights are loaded.
+        if checkpoint is not None and self.teacher.kind == "ema" and not self.teacher.load(checkpoint):
+            logger.warning(
+                "No SDPO teacher state in %s: the EMA teacher restarts from the initial weights.", checkpoint
+            )
+
+    # ---- rollouts -> teacher contexts -------------------------------------------------------------------------
+    def _prepare_inputs(self, generation_batch):
+        generate_every = self.args.steps_per_generation * self.num_iterations
+        will_generate = self.model.training and (self._step % generate_every == 0 or self._buffered_inputs is None)
+        inputs = super()._prepare_inputs(generation_batch)
+        if will_generate:
+            self._dispatch_self_distillation_callback(
+                "on_generation_batch_built",
+                generate_every=generate_every,
+                steps_per_generation=self.args.steps_per_generation,
+            )
+        return inputs
+
+    def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        # GRPO returns the rewards of the whole (cross-process) batch; keep them to find successful siblings.
+        rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+        self._last_rewards_per_func = rewards_per_func
+        return rewards_per_func
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        device = self.accelerator.device
+        mode = "train" if self.model.training else "eval"
+        num_generations = self.num_generations if mode == "train" else self.num_generations_eval
+        args = self.args
+
+        # Total reward per rollout over the global batch (same weighting as GRPO's sum_then_normalize).
+        rpf = self._last_rewards_per_func
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        self._record_reward_diagnostics(mode, rewards, num_generations)
+
+        completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        local_completions = self.processing_class.batch_decode(
+            [ids[m.bool()] for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())], skip_special_tokens=True
+        )
+        local_prompts = [x["prompt"] for x in inputs]
+        local_feedbacks = [x.get("privileged_context") for x in inputs]
+        # Groups may span processes: gather prompts, completions and feedback of the whole batch.
+        all_prompts = gather_object(local_prompts)
+        all_completions = gather_object(local_completions)
+        all_feedbacks = gather_object(local_feedbacks)
+        selection = select_teachers(
+            rewards.tolist(),
+            all_feedbacks,
+            num_generations,
+            success_reward_threshold=args.success_reward_threshold,
+            use_successful_as_teacher=args.use_successful_as_teacher,
+            dont_reprompt_on_self_success=args.dont_reprompt_on_self_success,
+            include_environment_feedback=args.include_environment_feedback,
+            environment_feedback_only_without_solution=args.environment_feedback_only_without_solution,
+        )
+        start = self.accelerator.process_index * len(inputs)
+        local = range(start, start + len(inputs))
+        teacher_prompts = build_teacher_prompts(
+            all_prompts,
+            all_completions,
+            all_feedbacks,
+            selection,
+            local,
+            reprompt_template=args.reprompt_template,
+            solution_template=args.solution_template,
+            feedback_template=args.feedback_template,
+            remove_thinking_from_demonstration=args.remove_thinking_from_demonstration,
+        )
+        template_kwargs = dict(self.chat_template_kwargs or {})
+        if getattr(self, "chat_template", None) is not None:
+            template_kwargs["chat_template"] = self.chat_template
+        if getattr(self, "tools", None):
+            template_kwargs["tools"] = self.tools
+        teacher_ids = tokenize_teacher_prompts(
+            self.processing_class, teacher_prompts, args.max_reprompt_len, template_kwargs
+        )
+        teacher_prompt_ids = pad(
+            [torch.tensor(x, dtype=torch.long) for x in teacher_ids],
+            padding_value=self._tokenizer.pad_token_id,
+            padding_side="left",
+        ).to(device)
+        teacher_prompt_mask = pad(
+            [torch.ones(len(x), dtype=torch.long) for x in teacher_ids], padding_value=0, padding_side="left"
+        ).to(device)
+        sd_mask = torch.tensor([selection.mask[i] for i in local], dtype=torch.float32, device=device)
+        output["teacher_input_ids"] = torch.cat([teacher_prompt_ids, completion_ids], dim=1)
+        output["teacher_attention_mask"] = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
+        output["self_distillation_mask"] = sd_mask
+        loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        # dapo normaliser of the distillation term: global count of tokens that have a teacher.
+        output["num_distillation_items_in_batch"] = self.accelerator.gather(
+            (loss_mask * sd_mask.unsqueeze(1)).sum()
+        ).sum()
+
+        for key, value in selection.metrics.items():
+            self._metrics[mode][key].append(value)
+        self._warn_on_inactive_self_distillation(mode, selection.metrics)
+        self._dispatch_self_distillation_callback(
+            "on_teacher_context_built",
+            teacher_input_ids=output["teacher_input_ids"],
+            teacher_attention_mask=output["teacher_attention_mask"],
+            completion_mask=completion_mask,
+            self_distillation_mask=sd_mask,
+        )
+        self._dispatch_self_distillation_callback(
+            "on_self_distillation_batch_prepared",
+            prompt_ids=output["prompt_ids"],
+            completion_ids=completion_ids,
+            old_per_token_logps=output.get("old_per_token_logps"),
+            teacher_input_ids=output["teacher_input_ids"],
+            teacher_attention_mask=output["teacher_attention_mask"],
+            self_distillation_mask=sd_mask,
+        )
+        return output
+
+    # ---- diagnostics ------------------------------------------------------------------------------------------
+    def _warn_degenerate(self, mode: str, key: str, message: str) -> None:
+        """Warn on the 1st and every `diagnostics_warning_interval`-th consecutive degenerate step."""
+        interval = self.args.diagnostics_warning_interval
+        self._diagnostic_counters[mode][key] += 1
+        count = self._diagnostic_counters[mode][key]
+        if interval and (count == 1 or count % interval == 0) and self.accelerator.is_main_process:
+            logger.warning("%s (%d consecutive generation batches)", message, count)
+
+    def _record_reward_diagnostics(self, mode: str, rewards: torch.Tensor, num_generations: int) -> None:
+        valid = rewards[~torch.isnan(rewards)]
+        if valid.numel() == 0:
+            valid = torch.zeros(1, device=rewards.device)
+        std = valid.std() if valid.numel() > 1 else torch.zeros((), device=valid.device)
+        m = self._metrics[mode]
+        m["self_distillation/reward_mean"].append(valid.mean().item())
+        m["self_distillation/reward_std"].append(std.item())
+        m["self_distillation/reward_min"].append(valid.min().item())
+        m["self_distillation/reward_max"].append(valid.max().item())
+        group_std = (
+            torch.nan_to_num(rewards.view(-1, num_generations), nan=0.0).std(dim=1)
+            if num_generations > 1
+            else torch.zeros(rewards.numel(), device=rewards.device)
+        )
+        tol = self.args.diagnostics_flat_tolerance
+        m["self_distillation/flat_group_fraction"].append((group_std <= tol).float().mean().item())
+        if bool((group_std <= tol).all()):
+            self._warn_degenerate(
+                mode,
+                "flat_rewards",
+                "SDPO: rewards are flat within every generation group; GRPO advantages are zero and only "
+                "self-distillation (if any teacher exists) can move the policy.",
+            )
+        else:
+            self._diagnostic_counters[mode]["flat_rewards"] = 0
+
+    def _warn_on_inactive_self_distillation(self, mode: str, metrics: dict[str, float]) -> None:
+        if metrics["self_distillation/reprompt_sample_fraction"] <= self.args.diagnostics_flat_tolerance:
+            self._warn_degenerate(
+                mode,
+                "inactive_self_distillation",
+                "SDPO: self-distillation is inactive: no rollout has a successful sibling "
+                f"(reward >= success_reward_threshold={self.args.success_reward_threshold}) or usable feedback.",
+            )
+        else:
+            self._diagnostic_counters[mode]["inactive_self_distillation"] = 0
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    def _weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:
+        """`aggregation_weights` with TRL's gradient-accumulation scaling folded in."""
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        if self.loss_type == "dapo":
+            normalizer = num_items.to(torch.float32).clamp(min=1.0) / self.accelerator.num_processes
+            if mode == "train":
+                normalizer = normalizer * ga / self.args.steps_per_generation
+            return aggregation_weights(mask, "dapo", normalizer=normalizer)
+        w = aggregation_weights(mask, self.loss_type, max_completion_length=self.max_completion_length)
+        return w / ga
+
+    def _teacher_head(self, model, inputs: dict[str, Any], head_fn: Callable) -> Any:
+        """Run the teacher forward (no grad) on its reprompted inputs, returning `head_fn(hidden, lm)`."""
+        ids, attn = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+        keep = inputs["completion_ids"].size(1)
+        with torch.no_grad():
+            if self.teacher_model_wrapped is not None:  # separate EMA copy
+                teacher = self.accelerator.unwrap_model(self.teacher_model_wrapped)
+                return forward_with_head(teacher, ids, attn, keep, head_fn)
+            with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
+                return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
+
+    def _compute_loss(self, model, inputs):
+        """distillation_only: w_d·SD; hybrid: GRPO clipped loss + w_d·SD, from one student forward.
+
+        Shapes: prompt_ids [B, P], completion_ids/mask [B, T], teacher_input_ids [B, P'+T], advantages [B].
+        """
+        args = self.args
+        mode = "train" if self.model.training else "eval"
+        completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
+        keep = completion_ids.size(1)
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        dist_mask = mask * inputs["self_distillation_mask"].unsqueeze(1)
+        hybrid = args.sdpo_policy_loss_mode == "hybrid"
+        w_dist = self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
+        w_dist = w_dist * args.distillation_weight
+        w_pol = self._weights(mask, inputs.get("num_items_in_batch"), mode) if hybrid else None
+        # IS clipping uses the rollout log-probs when the rollout produced them.
+        old = inputs.get("old_per_token_logps", inputs.get("sampling_per_token_logps"))
+        has_teacher = bool(dist_mask.any()) and args.distillation_weight != 0.0
+        fused = self.use_fused_linear and has_teacher
+
+        teacher_out = None
+        if has_teacher:
+            if fused:
+                teacher_out = self._teacher_head(
+                    model, inputs, lambda h, lm: (h, lm.get_output_embeddings().weight, lm.get_output_embeddings().bias)
+                )
+            else:
+                teacher_out = self._teacher_head(model, inputs, head_logits)
+
+        def student_head(hidden: torch.Tensor, lm: nn.Module) -> dict[str, torch.Tensor]:
+            if fused:
+                return self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
+            return self._logits_losses(head_logits(hidden, lm), teacher_out, inputs, old, w_dist, w_pol)
+
+        student_input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
+        student_attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
+        with self.accelerator.autocast():
+            out = model(
+                input_ids=student_input_ids,
+                attention_mask=student_attention_mask,
+                sdpo_head_fn=student_head,
+                sdpo_logits_to_keep=keep,
+            )
+        self._log_loss_metrics(mode, out, dist_mask, mask)
+        return out["loss"]
+
+    def _logits_losses(self, logits, teacher_logits, inputs, old, w_dist, w_pol) -> dict[str, torch.Tensor]:
+        """Logits path. logits/teacher_logits [B, T, V] (raw, un-tempered); returns loss and per-token terms."""
+        completion_ids = inputs["completion_ids"]
+        out: dict[str, torch.Tensor] = {}
+        if teacher_logits is not None:
+            per_token = self_distillation_loss(
+                logits, teacher_logits, completion_ids, old, **distillation_loss_kwargs(self.args, self.temperature)
+            )
+            loss = (per_token * w_dist).sum()
+            out["distillation_per_token"] = per_token.detach()
+        else:
+            loss = logits.sum() * 0.0  # keep the graph attached: every rank must run backward
+        if w_pol is not None:
+            mask = (w_pol > 0).to(torch.float32)
+            logps = selective_log_softmax(logits / self.temperature, completion_ids)
+            policy = clipped_policy_per_token(
+                logps,
+                inputs.get("old_per_token_logps"),
+                inputs["advantages"],
+                mask,
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                importance_sampling_level=self.importance_sampling_level,
+                delta=self.args.delta,
+            )
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                policy = policy * inputs["importance_sampling_ratio"]
+            if self.beta != 0.0:
+                ref = inputs["ref_per_token_logps"]
+                policy = policy + self.beta * (torch.exp(ref - logps) - (ref - logps) - 1)
+            policy = policy.expand_as(w_pol)
+            policy_loss = (policy * w_pol).sum()
+            out["policy_loss"] = policy_loss.detach()
+            loss = loss + policy_loss
+        out["loss"] = loss
+        return out
+
+    def _fused_linear_losses(self, hidden, lm, teacher_out, inputs, old, w_dist, w_pol) -> dict[str, torch.Tensor]:
+        """Fused-linear path: hidden [B, T, D] × head weight [V, D] straight into the kernel (no logits)."""
+        from trl.trainer.utils import maybe_gather_lm_head_ctx
+
+        t_hidden, t_weight, t_bias = teacher_out
+        head = lm.get_output_embeddings()
+        rows = (w_dist > 0) if w_pol is None else (w_dist > 0) | (w_pol > 0)
+        flat = rows.reshape(-1)
+        d = hidden.size(-1)
+        policy = None
+        if w_pol is not None:
+            adv = inputs["advantages"]
+            adv = adv.unsqueeze(1).expand_as(w_pol) if adv.dim() == 1 else adv
+            policy = dict(
+                advantages=adv.reshape(-1)[flat],
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                weights=w_pol.reshape(-1)[flat],
+            )
+        with maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None]):
+            loss, per_token = sdpo_kernels.linear_self_distillation_loss(
+                hidden.reshape(-1, d)[flat],
+                head.weight,
+                t_hidden.reshape(-1, d)[flat],
+                t_weight,
+                inputs["completion_ids"].reshape(-1)[flat],
+                None if old is None else old.reshape(-1)[flat],
+                weights=w_dist.reshape(-1)[flat],
+                student_bias=head.bias,
+                teacher_bias=t_bias,
+                policy=policy,
+                **distillation_loss_kwargs(self.args, self.temperature),
+            )
+        dist_tokens = torch.zeros_like(w_dist)
+        dist_tokens.view(-1)[flat] = per_token.detach().to(dist_tokens.dtype)
+        out = {"loss": loss, "distillation_per_token": dist_tokens}
+        if w_pol is not None:
+            out["policy_loss"] = loss.detach() - (dist_tokens * w_dist).sum()
+        return out
+
+    def _log_loss_metrics(self, mode: str, out: dict[str, torch.Tensor], dist_mask, mask) -> None:
+        gather = self.accelerator.gather
+        if "distillation_per_token" in out:
+            num = (out["distillation_per_token"] * dist_mask).sum()
+            den = dist_mask.sum()
+        else:
+            num = den = torch.zeros((), device=mask.device)
+        totals = gather(torch.stack([num.float(), den.float()]).unsqueeze(0)).sum(0)
+        self._metrics[mode]["self_distillation/distillation_loss"].append((totals[0] / totals[1].clamp(min=1)).item())
+        if "policy_loss" in out:
+            self._metrics[mode]["self_distillation/policy_loss"].append(gather(out["policy_loss"]).mean().item())
