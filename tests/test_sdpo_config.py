@@ -1,0 +1,100 @@
+"""SDPOConfig: documented defaults, loss-mode mapping, and every validation error."""
+
+import warnings
+
+import pytest
+from trl import GRPOConfig
+
+from sdpo import SDPOConfig
+
+
+def make(**kw):
+    return SDPOConfig(output_dir="unused", bf16=False, use_cpu=True, report_to="none", **kw)
+
+
+def test_subclasses_grpo_config():
+    assert issubclass(SDPOConfig, GRPOConfig)
+
+
+def test_documented_defaults():
+    c = make()
+    expected = dict(
+        distillation_alpha=1.0,
+        distillation_topk=None,
+        full_logit_distillation=False,
+        distillation_is_clip=2.0,
+        distillation_add_tail=False,
+        distillation_weight=1.0,
+        diagnostics_warning_interval=10,
+        diagnostics_flat_tolerance=1e-8,
+        dont_reprompt_on_self_success=True,
+        sdpo_policy_loss_mode="distillation_only",
+        teacher_regularization="ema",
+        teacher_update_rate=None,
+        ema_update_rate=0.05,
+        max_reprompt_len=10240,
+        use_successful_as_teacher=True,
+        success_reward_threshold=1.0,
+        reprompt_template="{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
+        solution_template="\nCorrect solution:\n\n{successful_previous_attempt}\n\n",
+        feedback_template="\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}\n\n",
+        include_environment_feedback=False,
+        environment_feedback_only_without_solution=False,
+        remove_thinking_from_demonstration=False,
+        distillation_fused_linear="auto",
+    )
+    for name, value in expected.items():
+        assert getattr(c, name) == value, name
+    assert c.effective_teacher_update_rate == 0.05
+
+
+@pytest.mark.parametrize(
+    ("kw", "mode"),
+    [
+        (dict(), "sampled_token"),
+        (dict(full_logit_distillation=True), "full_logits"),
+        (dict(full_logit_distillation=True, distillation_topk=20, distillation_alpha=0.5), "topk_logits"),
+    ],
+)
+def test_mode_mapping(kw, mode):
+    assert make(**kw).distillation_mode == mode
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        (dict(distillation_topk=10), "distillation_topk"),
+        (dict(distillation_alpha=0.5), "distillation_alpha=1.0"),
+        (dict(full_logit_distillation=True, distillation_topk=0), "distillation_topk"),
+        (dict(full_logit_distillation=True, distillation_alpha=1.5), "distillation_alpha"),
+        (dict(sdpo_policy_loss_mode="grpo_only"), "sdpo_policy_loss_mode"),
+        (dict(teacher_regularization="base"), "teacher_regularization"),
+        (dict(distillation_fused_linear="sometimes"), "distillation_fused_linear"),
+        (dict(distillation_is_clip=0.0), "distillation_is_clip"),
+        (dict(distillation_weight=-1.0), "distillation_weight"),
+        (dict(max_reprompt_len=0), "max_reprompt_len"),
+        (dict(diagnostics_warning_interval=-1), "diagnostics_warning_interval"),
+        (dict(teacher_update_rate=1.5), "teacher_update_rate"),
+        (dict(teacher_update_rate=0.1, ema_update_rate=0.2), "ema_update_rate"),
+        (dict(loss_type="cispo"), "loss_type"),
+    ],
+)
+def test_validation_errors(kw, match):
+    with pytest.raises(ValueError, match=match):
+        make(**kw)
+
+
+def test_ema_update_rate_is_a_deprecated_alias():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        c = make(ema_update_rate=0.2)
+    assert c.effective_teacher_update_rate == 0.2
+    assert any(issubclass(w.category, FutureWarning) and "ema_update_rate" in str(w.message) for w in caught)
+    assert make(teacher_update_rate=0.3).effective_teacher_update_rate == 0.3
+    # Same value in both is accepted.
+    assert make(teacher_update_rate=0.2, ema_update_rate=0.2).effective_teacher_update_rate == 0.2
+
+
+def test_grpo_options_still_validated():
+    with pytest.raises(ValueError):
+        make(per_device_train_batch_size=3, num_generations=2)  # 3 not divisible by 2
