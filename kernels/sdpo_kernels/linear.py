@@ -15,10 +15,10 @@ and the chunk buffers are dropped. The autograd backward only scales these preco
 gradients by the incoming scalar gradient (in place; skipped when it is exactly 1).
 
 Memory (default chunking)
-    Chunk rows `c = ceil(N / 16)` (`DEFAULT_CHUNK_DIVISOR`). At most three [c, V] buffers in the
+    Chunk rows `c = max(1, N // 16)` (`DEFAULT_CHUNK_DIVISOR`). At most three [c, V] buffers in the
     logits dtype are alive at once (student and teacher logits during the loss forward; student
     logits and their gradient during the loss backward, plus the teacher logits in
-    "full_logits" mode, whose backward needs them), i.e. ≤ 3/16 < 1/4 of one [N, V] logits tensor;
+    "full_logits" mode, whose backward needs them), i.e. ≤ 3/16 < 1/4 of one [N, V] logits tensor (N ≥ 16; a chunk has at least one row);
     the backend's own temporaries come on top (the Triton backend has none of vocabulary size,
     the reference backend bounds its float32 temporaries to 2^22 elements each). Everything else
     is the gradient of the weight (accumulated in float32 for 16-bit weights, then cast, as
@@ -58,8 +58,10 @@ Hybrid (policy) term
 
     Its logits gradient, `coef · (δ_jy − p_j) / T`, is folded into the backend's row statistics
     (the `p_j` part joins the dense coefficient, see `stats.py`) plus one entry per row at y, so
-    it costs no extra pass over the vocabulary. Sequence-level importance sampling and TRL's
-    `delta` (two-sided clipping) are not supported.
+    it costs no extra pass over the vocabulary. Exception: renormalised top-K (`add_tail=False`),
+    whose dense coefficient is structurally zero (backends may skip that term); there the `p_j`
+    part is added to the chunk's logits gradient by a separate elementwise pass.
+    Sequence-level importance sampling and TRL's `delta` (two-sided clipping) are not supported.
 
 Return value
     A `LinearLossOutput`: a 2-tuple `(loss, per_token)` (so `loss, per_token = ...` unpacks) with
@@ -90,15 +92,15 @@ __all__ = [
     "linear_self_distillation_loss",
 ]
 
-# Default chunking: ceil(N / 16) rows per chunk, so that the (at most three) [rows, V] chunk
+# Default chunking: N // 16 rows per chunk (at least 1), so that the (at most three) [rows, V] chunk
 # buffers stay ≤ 3/16 of one [N, V] logits tensor.
 DEFAULT_CHUNK_DIVISOR = 16
 POLICY_KEYS = ("advantages", "epsilon_low", "epsilon_high", "weights")
 
 
 def default_chunk_rows(n_rows: int) -> int:
-    """Rows per chunk at default chunking: ceil(n_rows / DEFAULT_CHUNK_DIVISOR), at least 1."""
-    return max(1, -(-n_rows // DEFAULT_CHUNK_DIVISOR))
+    """Rows per chunk at default chunking: n_rows // DEFAULT_CHUNK_DIVISOR, at least 1."""
+    return max(1, n_rows // DEFAULT_CHUNK_DIVISOR)
 
 
 class LinearLossOutput(tuple):
@@ -281,6 +283,18 @@ def _fold(stats: RowStats, g: torch.Tensor, policy_coef: torch.Tensor) -> tuple[
     return folded, upstream
 
 
+def _add_policy_dense(grad, logits, lse, policy_coef, config: LossConfig) -> None:
+    """grad -= policy_coef · p / T in place, p = softmax(logits / T), in row slices of ≤ 2^22 elements."""
+    work = torch.promote_types(grad.dtype, torch.float32)
+    step = max(1, (1 << 22) // max(logits.shape[1], 1))
+    for lo in range(0, logits.shape[0], step):
+        hi = min(logits.shape[0], lo + step)
+        c = (policy_coef[lo:hi] * config.inv_temperature).to(work)
+        p = torch.exp(logits[lo:hi].to(work) * config.inv_temperature - lse[lo:hi, None].to(work))
+        upd = torch.where(c[:, None] != 0, p * c[:, None], torch.zeros((), dtype=work, device=grad.device))
+        grad[lo:hi] = (grad[lo:hi].to(work) - upd).to(grad.dtype)
+
+
 def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: _Plan):
     """Loss, per-token losses, policy per-token losses and (if planned) the parameter gradients."""
     config, backend = plan.config, plan.backend
@@ -325,9 +339,15 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: 
             continue
         if policy_coef is None:
             grad_logits = backend.backward(logits_s, logits_t, stats, g, config)
+        elif config.mode == "topk_logits" and not config.add_tail:
+            # Renormalised top-K: the dense coefficient is structurally zero and backends may skip
+            # the dense term, so the policy's -coef·p_j part is added here (bounded sub-chunks).
+            grad_logits = backend.backward(logits_s, logits_t, stats, g, config)
+            _add_policy_dense(grad_logits, logits_s, stats.lse_student, policy_coef, config)
         else:
             folded, upstream = _fold(stats, g, policy_coef)
             grad_logits = backend.backward(logits_s, logits_t, folded, upstream, config)
+        if policy_coef is not None:
             # the δ_jy part of the policy gradient: one entry per row
             delta = (policy_coef * config.inv_temperature).to(grad_logits.dtype)
             grad_logits.scatter_add_(1, y[:, None], delta[:, None])
@@ -419,7 +439,7 @@ def linear_self_distillation_loss(
         mode, topk, alpha, add_tail, is_clip, temperature: as in `self_distillation_loss`.
         policy: optional GRPO term for hybrid mode, `dict(advantages=[...], epsilon_low=float,
             epsilon_high=float, weights=[...])`; adds Σ policy_weights · policy_loss.
-        chunk_size: rows per chunk (default `ceil(N / 16)`).
+        chunk_size: rows per chunk (default `max(1, N // 16)`).
         backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
     Returns:
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable scalar, `per_token`
@@ -474,8 +494,8 @@ def linear_self_distillation_loss(
         need_bias=grad_on and student_bias is not None and student_bias.requires_grad,
     )
     # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
-    h_s = student_hidden.reshape(n, -1)
-    h_t = teacher_hidden.detach().reshape(n, -1)
+    h_s = student_hidden.reshape(n, student_hidden.shape[-1])
+    h_t = teacher_hidden.detach().reshape(n, teacher_hidden.shape[-1])
     w_t = teacher_weight.detach()
     b_t = None if teacher_bias is None else teacher_bias.detach()
     flat = lambda t: None if t is None else t.detach().reshape(n)

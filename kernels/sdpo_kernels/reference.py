@@ -20,8 +20,8 @@ from .stats import RowStats
 CHUNK_ELEMENTS = 1 << 22
 
 
-def rows_per_chunk(vocab: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
-    return max(1, chunk_elements // max(vocab, 1))
+def rows_per_chunk(vocab: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(vocab, 1))
 
 
 def scaled(logits: torch.Tensor, config: LossConfig) -> torch.Tensor:
@@ -102,7 +102,7 @@ def _forward_chunk(
         log_ratio = a_y - b_y
         coef = log_ratio if weight is None else weight * log_ratio
         loss = coef * a_y
-        return loss, RowStats(lse_z, -coef, y, coef.unsqueeze(-1))
+        return loss, RowStats(lse_z, -coef, y, (coef * (1.0 - a_y.exp())).unsqueeze(-1))
 
     if config.mode == "full_logits":
         lse_u = torch.logsumexp(u, dim=-1)
@@ -134,8 +134,9 @@ def _forward_chunk(
             loss, d_terms, d_tail = loss * weight, d_terms * weight[:, None], d_tail * weight
         # γ_tail / P_tail (zero while floored: then P_tail may be 0).
         tail_ratio = torch.where(a_floored, torch.zeros_like(d_tail), d_tail / a_tail.exp())
-        dense = tail_ratio - d_terms.sum(-1) - d_tail
-        sparse = d_terms - a.exp() * tail_ratio[:, None]
+        total = d_terms.sum(-1) + d_tail
+        dense = tail_ratio - total
+        sparse = d_terms - a.exp() * total[:, None]
         return loss, RowStats(lse_z, dense, support, sparse)
 
     a = torch.log_softmax(z_s, dim=-1)
@@ -197,13 +198,15 @@ def grad_chunk(
     gradient get an exactly zero gradient, even where the loss itself is not finite.
     """
     z = scaled(student, config)
-    grad = torch.exp(z - stats.lse_student[:, None]) * stats.dense_coef[:, None]
+    p = torch.exp(z - stats.lse_student[:, None])
+    # Absent (-inf) entries get exactly zero, even in a row whose loss is infinite.
+    grad = torch.where(p > 0, p * stats.dense_coef[:, None], 0.0)
     if config.mode == "full_logits":
         a = z - stats.lse_student[:, None]
         b = scaled(teacher, config) - stats.lse_teacher[:, None]
         grad += divergence_terms(a, b, config.alpha)[1] * stats.is_weight[:, None]
     if stats.sparse_index is not None:
-        grad.scatter_add_(-1, stats.sparse_index, stats.sparse_coef)
+        grad.scatter_(-1, stats.sparse_index, stats.sparse_coef)
     row_scale = grad_loss.to(grad.dtype) * config.inv_temperature
     grad *= row_scale[:, None]
     return grad.masked_fill_((row_scale == 0)[:, None], 0.0)

@@ -3,7 +3,8 @@
 Every mode's gradient w.r.t. the scaled student logits `z = logits / T` has the form
 (see `shared/design/loss-math.md`)
 
-    dℓ/dz_j = dense_coef · p_j + Σ_k [j == sparse_index_k] · sparse_coef_k   (+ full-vocab term)
+    dℓ/dz_j = sparse_coef_k            if j == sparse_index_k   (the support / sampled token)
+    dℓ/dz_j = dense_coef · p_j         otherwise                (+ full-vocab term)
 
 with `p = softmax(z)` and one scalar `dense_coef` per row, where the upstream gradient `g` of
 the per-token loss ℓ is *not* included (it multiplies everything in the backward pass). The
@@ -27,7 +28,8 @@ class RowStats:
         dense_coef: [N] float32, coefficient of p_j in the gradient.
         sparse_index: [N, Ks] int64 vocabulary indices (the top-K support, or the sampled token),
             None for full_logits.
-        sparse_coef: [N, Ks] float32, added to the gradient at `sparse_index`.
+        sparse_coef: [N, Ks] float32, the whole gradient at `sparse_index` (it replaces the
+            dense term there: no dense + sparse cancellation in float32).
         lse_teacher: [N] float32, full_logits only.
         is_weight: [N] float32, full_logits only (the importance weight, 1 when IS is off).
     """

@@ -1,9 +1,9 @@
 """Backward kernel: the gradient w.r.t. the student logits from saved row statistics.
 
-dℓ/dlogits_j = g/T · (dense · p_j [+ w · ∂D/∂a_j in full_logits] + Σ_k [j = index_k] coef_k),
-p = softmax(logits / T). One program per row: a dense streaming pass that reads the student
+dℓ/dlogits_j = g/T · coef_k at j = index_k, else g/T · (dense · p_j [+ w · ∂D/∂a_j in full_logits]),
+p = softmax(logits / T) (see `stats.py`). One program per row: a dense streaming pass that reads the student
 logits (skipped entirely when dense is identically zero: renormalised top-K) and writes the
-gradient, then, after a barrier, the K sparse entries are rewritten with their full value.
+gradient, then, after a barrier, the K sparse entries are overwritten with their saved value.
 Only full_logits reads the teacher again. Rows whose upstream gradient is 0 get exact zeros.
 """
 
@@ -59,7 +59,8 @@ def grad_kernel(
         if HAS_DENSE:
             z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
             a = z * inv_temp - lse
-            grad = dense * tl.exp(a)
+            p = tl.exp(a)
+            grad = tl.where(p > 0, dense * p, 0.0)  # absent (-inf) entries: exactly zero
             if FULL:
                 u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
                 _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, log_alpha, log1m_alpha, ALPHA_KIND)
@@ -74,8 +75,5 @@ def grad_kernel(
         in_k = k < n_sparse
         idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
         coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
-        if HAS_DENSE:
-            z_k = tl.load(student_row + idx * stride_s_col, mask=in_k, other=float("-inf")).to(tl.float32)
-            coef += dense * tl.exp(z_k * inv_temp - lse)
         val = tl.where(g == 0.0, 0.0, g * coef)
         tl.store(grad_row + idx, val.to(out_ty), mask=in_k)

@@ -87,5 +87,5 @@ def lse_forward_kernel(
         tl.store(loss_ptr + row, coef * a_y)
         tl.store(dense_ptr + row, -coef)
         tl.store(index_ptr + row, y)
-        tl.store(coef_ptr + row, coef)
+        tl.store(coef_ptr + row, coef * (1.0 - tl.exp(a_y)))  # the whole gradient at y
     tl.store(lse_ptr + row, lse_z)

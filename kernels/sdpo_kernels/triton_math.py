@@ -82,5 +82,8 @@ def importance_weight(student_row, stride_col, ids_ptr, old_ptr, row, lse, inv_t
     """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32)."""
     y = tl.load(ids_ptr + row).to(tl.int64)
     a_y = tl.load(student_row + y * stride_col).to(tl.float32) * inv_temp - lse
-    log_ratio = tl.minimum(tl.maximum(a_y - tl.load(old_ptr + row).to(tl.float32), -20.0), 20.0)
-    return tl.minimum(tl.exp(log_ratio), is_clip)
+    # where-based clamps: NaN propagates as in torch.clamp (tl.minimum would drop it).
+    log_ratio = a_y - tl.load(old_ptr + row).to(tl.float32)
+    log_ratio = tl.where(log_ratio > 20.0, 20.0, tl.where(log_ratio < -20.0, -20.0, log_ratio))
+    ratio = tl.exp(log_ratio)
+    return tl.where(ratio > is_clip, is_clip, ratio)

@@ -130,8 +130,9 @@ def topk_forward_kernel(
     p_s = tl.exp(a)
     if ADD_TAIL:
         tail_ratio = tl.where(floored, 0.0, d_tail / tl.exp(a_tail))
-        dense = tail_ratio - tl.sum(d_terms, 0) - d_tail
-        sparse = d_terms - p_s * tail_ratio
+        total = tl.sum(d_terms, 0) + d_tail
+        dense = tail_ratio - total
+        sparse = d_terms - p_s * total
     else:
         dense = tl.zeros([], tl.float32)
         sparse = d_terms - p_s * tl.sum(d_terms, 0)

@@ -1,0 +1,166 @@
+"""Triton backend against the reference backend (and TRL), values and gradients.
+
+Each test runs once per Triton tier: "interpret" (CPU tensors, TRITON_INTERPRET=1: tiny
+shapes, the interpreter is slow) and "cuda" (a real GPU, skipped without one).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import HAS_CUDA, INTERPRET
+from oracles import tie_free_logits, trl_self_distillation_loss
+
+from sdpo_kernels import self_distillation_loss
+from sdpo_kernels.reference import topk_lowest_index
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's log(0) inside the interpreter
+
+TIERS = [
+    pytest.param("cpu", marks=[pytest.mark.interpret, pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")]),
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
+]
+
+
+def _run(backend, z, u, y, old, upstream, **kw):
+    z = z.detach().clone().requires_grad_()
+    loss = self_distillation_loss(z, u, y, old, backend=backend, **kw)
+    (loss * upstream).sum().backward()
+    return loss.detach(), z.grad
+
+
+def _compare(device, z, u, y, old, upstream, rtol=1e-5, atol=1e-5, grad_rtol=None, **kw):
+    args = [t.to(device) if t is not None else None for t in (z, u, y, old, upstream)]
+    tri = _run("triton", *args, **kw)
+    ref = _run("reference", *args, **kw)
+    torch.testing.assert_close(tri[0], ref[0], rtol=rtol, atol=atol, equal_nan=True)
+    torch.testing.assert_close(tri[1].float(), ref[1].float(), rtol=grad_rtol or rtol, atol=atol, equal_nan=True)
+    return tri
+
+
+def _inputs(rows, vocab, dtype=torch.float32, scale=3.0):
+    z = (torch.randn(rows, vocab) * scale).to(dtype)
+    u = (torch.randn(rows, vocab) * scale).to(dtype)
+    return z, u, torch.randint(0, vocab, (rows,)), torch.randn(rows) - 4.0, torch.rand(rows)
+
+
+BROAD = [
+    dict(mode="topk_logits", topk=k, alpha=a, add_tail=tail)
+    for k, a, tail in itertools.product([1, 7, 16], [0.0, 0.3, 1.0], [True, False])
+] + [dict(mode="full_logits", alpha=a) for a in (0.0, 0.5, 1.0)] + [dict(mode="sampled_token", alpha=1.0)]
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("setting", BROAD, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("is_clip", [None, 2.0])
+def test_matches_reference(device, setting, is_clip):
+    z, u, y, old, g = _inputs(3, 157)  # V not a power of two, spans several blocks of the top-K merge
+    _compare(device, z, u, y, old, g, is_clip=is_clip, temperature=0.8, **setting)
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("add_tail", [True, False])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_topk_100(device, add_tail, alpha):
+    z, u, y, old, g = _inputs(2, 300)
+    _compare(device, z, u, y, old, g, mode="topk_logits", topk=100, alpha=alpha, add_tail=add_tail)
+
+
+@pytest.mark.parametrize("device", TIERS)
+def test_topk_equals_vocab_and_matches_trl(device):
+    z, u, y, old, g = _inputs(2, 37)
+    kw = dict(mode="topk_logits", topk=37, alpha=0.3, add_tail=True, is_clip=1.5)
+    tri = _compare(device, z, u, y, old, g, **kw)
+    zz = z.double().requires_grad_()
+    trl = trl_self_distillation_loss(zz, u.double(), y, old.double(), **kw)
+    (trl * g.double()).sum().backward()
+    torch.testing.assert_close(tri[0].cpu().double(), trl.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tri[1].cpu().double(), zz.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("setting", [BROAD[4], BROAD[11], BROAD[-3], BROAD[-1]], ids=str)
+def test_half_precision_tie_free(device, dtype, setting):
+    z, u = tie_free_logits(3, 150, dtype=dtype), tie_free_logits(3, 150, dtype=dtype)
+    y, old, g = torch.randint(0, 150, (3,)), torch.randn(3) - 4.0, torch.rand(3)
+    tri = _compare(device, z, u, y, old, g, grad_rtol=2e-2, atol=1e-4, **setting)
+    assert tri[0].dtype == torch.float32 and tri[1].dtype == dtype
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_tie_heavy_bf16_rows_select_lowest_index(device, add_tail):
+    # Few distinct values: the K-th value is tied many times over; both backends must pick the
+    # lowest indices, so their supports, losses and gradients agree exactly up to fp32 rounding.
+    from sdpo_kernels import triton_backend
+    from sdpo_kernels.config import LossConfig
+
+    z = torch.randint(-3, 3, (4, 96)).to(torch.bfloat16)
+    u = torch.randn(4, 96).to(torch.bfloat16)
+    y, old, g = torch.randint(0, 96, (4,)), torch.randn(4) - 4.0, torch.rand(4)
+    kw = dict(mode="topk_logits", topk=7, alpha=0.5, add_tail=add_tail, is_clip=None, temperature=1.0)
+    _compare(device, z, u, y, old, g, grad_rtol=1e-2, atol=1e-4, **kw)
+    config = LossConfig.from_args(z, u, None, None, **kw)
+    _, stats = triton_backend.forward(z.to(device), u.to(device), None, None, config)
+    expected = topk_lowest_index(z.float(), 7)
+    assert torch.equal(stats.sparse_index.cpu().sort(-1).values, expected)
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("setting", [BROAD[3], BROAD[8], BROAD[-2], BROAD[-1]], ids=str)
+def test_neg_inf_logits_and_zero_upstream_rows(device, setting):
+    z, u, y, old, g = _inputs(4, 70)
+    for t in (z, u):
+        t[:, [0, 9, 33, 69]] = -torch.inf
+    u[1, 40] = -torch.inf  # teacher-only mask
+    y[y % 33 == 0] = 5
+    y[y == 9] = 5
+    y[y == 69] = 5
+    z[3] = -torch.inf  # a fully masked (padding) row with zero upstream gradient
+    u[3] = -torch.inf
+    g[3] = 0.0
+    tri = _compare(device, z, u, y, old, g, is_clip=2.0, **setting)
+    assert torch.all(tri[1][3] == 0)
+    assert torch.all(tri[1][:, [0, 9, 33, 69]] == 0)
+
+
+@pytest.mark.parametrize("device", TIERS)
+def test_non_contiguous_and_leading_dims(device):
+    big_z = torch.randn(2, 4, 90) * 2
+    big_u = torch.randn(2, 4, 90) * 2
+    z, u = big_z[:, :3, 1:81], big_u[:, :3, 1:81]  # strided rows and a vocabulary offset
+    zt = torch.randn(80, 6).t()  # column stride != 1
+    y, old, g = torch.randint(0, 80, (2, 3)), torch.randn(2, 3) - 4.0, torch.rand(2, 3)
+    kw = dict(mode="topk_logits", topk=5, alpha=0.3, add_tail=True, is_clip=2.0)
+    tri = _compare(device, z, u, y, old, g, **kw)
+    assert tri[0].shape == (2, 3) and tri[1].shape == (2, 3, 80)
+    _compare(device, zt, zt.flip(0), y[0].repeat(2)[:6], old.flatten(), g.flatten(), **kw)
+
+
+@pytest.mark.parametrize("device", TIERS)
+def test_inputs_not_mutated(device):
+    z, u, y, old, g = (t.to(device) for t in _inputs(3, 64))
+    copies = [t.clone() for t in (z, u, y, old)]
+    _run("triton", z, u, y, old, g, mode="topk_logits", topk=4, alpha=0.5)
+    for a, b in zip(copies, (z, u, y, old)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("vocab", [32000, 151936])
+@pytest.mark.parametrize("setting", [BROAD[0], dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=True)], ids=str)
+def test_cuda_real_vocab(vocab, setting):
+    z, u, y, old, g = _inputs(64, vocab, dtype=torch.bfloat16)
+    _compare("cuda", z, u, y, old, g, grad_rtol=2e-2, atol=1e-4, **setting)
+
+
+def test_float64_is_rejected_by_triton():
+    z = torch.randn(2, 8, dtype=torch.float64)
+    if not (INTERPRET or HAS_CUDA):
+        pytest.skip("no Triton execution target")
+    with pytest.raises(ValueError, match="float64"):
+        self_distillation_loss(z.to("cuda" if HAS_CUDA else "cpu"), z.to("cuda" if HAS_CUDA else "cpu"), topk=2, backend="triton")
