@@ -110,11 +110,12 @@ def skip_reason(case: Case, impl: str) -> str | None:
         return f"{case.device} cases are off (SDPO_BENCH_DEVICE selects {selected_device()})"
     if case.large and os.environ.get("SDPO_BENCH_LARGE_CPU", "0") != "1":
         return "large CPU case: set SDPO_BENCH_LARGE_CPU=1"
-    if impl == "triton":
-        import importlib.util
+    import importlib.util
 
-        if importlib.util.find_spec("sdpo_kernels.triton_backend") is None:
-            return "sdpo_kernels.triton_backend is not available yet"
+    if impl == "triton" and importlib.util.find_spec("sdpo_kernels.triton_backend") is None:
+        return "sdpo_kernels.triton_backend is not available yet"
+    if impl.startswith("trl") and importlib.util.find_spec("trl") is None:
+        return "trl is not installed"
     return None
 
 
