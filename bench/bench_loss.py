@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import time
 
 import harness
 import pytest
@@ -26,13 +27,14 @@ PARAMS = [
 ]
 
 
-def _rounds(case: harness.Case) -> tuple[int, int]:
-    """(rounds, warmup rounds); SDPO_BENCH_ROUNDS overrides the rounds."""
-    if case.device == "cuda":
-        rounds = 20
-    else:
-        rounds = 3 if case.large else 5
-    return int(os.environ.get("SDPO_BENCH_ROUNDS", rounds)), 1
+def _rounds(case: harness.Case, step_s: float) -> int:
+    """Timed rounds: as many as fit in a time budget per case (SDPO_BENCH_BUDGET_S, default 10 s on
+    CUDA, 30 s on CPU), at least 3 and at most 20 (CUDA) / 5 (CPU); SDPO_BENCH_ROUNDS fixes it."""
+    if os.environ.get("SDPO_BENCH_ROUNDS"):
+        return int(os.environ["SDPO_BENCH_ROUNDS"])
+    budget = float(os.environ.get("SDPO_BENCH_BUDGET_S", 10.0 if case.device == "cuda" else 30.0))
+    most = 20 if case.device == "cuda" else 5
+    return max(3, min(most, int(budget / max(step_s, 1e-9))))
 
 
 @pytest.mark.parametrize(("case", "impl"), PARAMS)
@@ -46,11 +48,13 @@ def test_loss_fwd_bwd(benchmark, case: harness.Case, impl: str):
     benchmark.group = f"loss fwd+bwd {case.device} {case.dtype}"
     inp = harness.make_inputs(case)
     step = harness.make_step(harness.make_impl(impl), inp, case.device)
-    step()  # compile / autotune / first-touch outside both measurements
+    step()  # compile / autotune / first touch, outside both measurements
+    t0 = time.perf_counter()
+    step()  # warm-up round, also sizes the number of rounds
+    rounds = _rounds(case, time.perf_counter() - t0)
 
-    rounds, warmup = _rounds(case)
     load_before = os.getloadavg()[0]
-    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=warmup)
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
     load_after = os.getloadavg()[0]
     # Memory after timing, in one separate step (the CPU method runs the profiler).
     peak = harness.peak_extra_bytes(step, case.device)
