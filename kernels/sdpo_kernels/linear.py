@@ -15,15 +15,16 @@ and the chunk buffers are dropped. The autograd backward only scales these preco
 gradients by the incoming scalar gradient (in place; skipped when it is exactly 1).
 
 Memory (default chunking)
-    Chunk rows `c = max(1, N // 16)` (`DEFAULT_CHUNK_DIVISOR`). At most three [c, V] buffers in the
-    logits dtype are alive at once (student and teacher logits during the loss forward; student
-    logits and their gradient during the loss backward, plus the teacher logits in
-    "full_logits" mode, whose backward needs them), i.e. ≤ 3/16 < 1/4 of one [N, V] logits tensor (N ≥ 16; a chunk has at least one row);
-    the backend's own temporaries come on top (the Triton backend has none of vocabulary size,
-    the reference backend bounds its float32 temporaries to 2^22 elements each). Everything else
-    is the gradient of the weight (accumulated in float32 for 16-bit weights, then cast, as
-    Liger does; in place in the weight's dtype for float32/float64), of the bias and of the
-    hidden states. `chunk_size` overrides the row count.
+    Chunk rows `c = max(1, N // 16)` (`DEFAULT_CHUNK_DIVISOR`). At most three [c, V] buffers in
+    the logits dtype are alive at once (student and teacher logits during the loss forward;
+    student logits and their gradient during the loss backward, plus the teacher logits in
+    "full_logits" mode, whose backward needs them), i.e. ≤ 3/16 < 1/4 of one [N, V] logits
+    tensor (for N ≥ 16; a chunk has at least one row). The backend's own temporaries come on
+    top (the Triton backend has none of vocabulary size, the reference backend bounds its
+    float32 temporaries to 2^22 elements each). Everything else is the gradient of the weight
+    (accumulated in float32 for 16-bit weights, then cast, as Liger does; in place in the
+    weight's dtype for float32/float64), of the bias and of the hidden states. `chunk_size`
+    overrides the row count.
 
 No gradient work
     Under `torch.no_grad()` / `torch.inference_mode()`, or when none of `student_hidden`,
@@ -57,10 +58,11 @@ Hybrid (policy) term
         policy_loss = -min(ratio · A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) · A)
 
     Its logits gradient, `coef · (δ_jy − p_j) / T`, is folded into the backend's row statistics
-    (the `p_j` part joins the dense coefficient, see `stats.py`) plus one entry per row at y, so
-    it costs no extra pass over the vocabulary. Exception: renormalised top-K (`add_tail=False`),
-    whose dense coefficient is structurally zero (backends may skip that term); there the `p_j`
-    part is added to the chunk's logits gradient by a separate elementwise pass.
+    (the `p_j` part joins the dense coefficient and the K on-support entries, see `stats.py`)
+    plus one entry per row at y, so it costs no extra pass over the vocabulary. Exception:
+    renormalised top-K (`add_tail=False`), whose dense coefficient is structurally zero (backends
+    skip that term); there the `p_j` part is added to the chunk's logits gradient by a separate
+    elementwise pass.
     Sequence-level importance sampling and TRL's `delta` (two-sided clipping) are not supported.
 
 Return value
@@ -261,10 +263,14 @@ def _policy_rows(z_y, lse, old, adv, pw, eps_low: float, eps_high: float):
     return loss, coef
 
 
-def _fold(stats: RowStats, g: torch.Tensor, policy_coef: torch.Tensor) -> tuple[RowStats, torch.Tensor]:
-    """Row stats whose backward (with the returned 0/1 upstream gradient) gives
-    g · dℓ/dz − policy_coef · p (the policy term's dense part); rows with g = 0 contribute nothing
-    of the distillation term even if their stats are not finite."""
+def _fold(stats: RowStats, g: torch.Tensor, policy_coef: torch.Tensor, logits: torch.Tensor, config: LossConfig):
+    """Row stats whose backward, with the returned 0/1 upstream gradient, gives
+    `g · dℓ/dz − policy_coef · p` (the policy term's dense part) on every vocabulary entry.
+
+    Follows the `RowStats` contract: entries at `sparse_index` hold their whole gradient, the
+    others `dense_coef · p_j` (+ the full-vocabulary term). Rows with g = 0 get nothing of the
+    distillation term, even where their stats are not finite.
+    """
     live = g != 0
 
     def scale(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -273,10 +279,15 @@ def _fold(stats: RowStats, g: torch.Tensor, policy_coef: torch.Tensor) -> tuple[
         gg = g.to(t.dtype).view(-1, *([1] * (t.dim() - 1)))
         return torch.where(live.view_as(gg), t * gg, torch.zeros_like(t))
 
+    sparse = scale(stats.sparse_coef)
+    if sparse is not None:
+        z_k = logits.gather(1, stats.sparse_index).to(sparse.dtype) * config.inv_temperature
+        p_k = torch.exp(z_k - stats.lse_student[:, None].to(sparse.dtype))
+        sparse = sparse - policy_coef.to(sparse.dtype)[:, None] * p_k
     folded = replace(
         stats,
         dense_coef=scale(stats.dense_coef) - policy_coef.to(stats.dense_coef.dtype),
-        sparse_coef=scale(stats.sparse_coef),
+        sparse_coef=sparse,
         is_weight=scale(stats.is_weight),
     )
     upstream = (live | (policy_coef != 0)).to(g.dtype)
@@ -345,7 +356,7 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: 
             grad_logits = backend.backward(logits_s, logits_t, stats, g, config)
             _add_policy_dense(grad_logits, logits_s, stats.lse_student, policy_coef, config)
         else:
-            folded, upstream = _fold(stats, g, policy_coef)
+            folded, upstream = _fold(stats, g, policy_coef, logits_s, config)
             grad_logits = backend.backward(logits_s, logits_t, folded, upstream, config)
         if policy_coef is not None:
             # the δ_jy part of the policy gradient: one entry per row
@@ -510,8 +521,18 @@ def linear_self_distillation_loss(
     else:
         with torch.no_grad():
             total, per_token, policy_tok, _ = _fused_pass(
-                h_s.detach(), student_weight.detach(), None if student_bias is None else student_bias.detach(),
-                h_t, w_t, b_t, ids, old, weights, adv, pw, plan,
+                h_s.detach(),
+                student_weight.detach(),
+                None if student_bias is None else student_bias.detach(),
+                h_t,
+                w_t,
+                b_t,
+                ids,
+                old,
+                weights,
+                adv,
+                pw,
+                plan,
             )
     return LinearLossOutput(
         total,
@@ -541,8 +562,14 @@ class LinearSelfDistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.kwargs = dict(
-            mode=mode, topk=topk, alpha=alpha, add_tail=add_tail, is_clip=is_clip, temperature=temperature,
-            chunk_size=chunk_size, backend=backend,
+            mode=mode,
+            topk=topk,
+            alpha=alpha,
+            add_tail=add_tail,
+            is_clip=is_clip,
+            temperature=temperature,
+            chunk_size=chunk_size,
+            backend=backend,
         )
 
     def forward(
@@ -560,8 +587,17 @@ class LinearSelfDistillationLoss(nn.Module):
         policy: dict | None = None,
     ) -> LinearLossOutput:
         return linear_self_distillation_loss(
-            student_hidden, student_weight, teacher_hidden, teacher_weight, completion_ids, old_logps,
-            weights=weights, student_bias=student_bias, teacher_bias=teacher_bias, policy=policy, **self.kwargs,
+            student_hidden,
+            student_weight,
+            teacher_hidden,
+            teacher_weight,
+            completion_ids,
+            old_logps,
+            weights=weights,
+            student_bias=student_bias,
+            teacher_bias=teacher_bias,
+            policy=policy,
+            **self.kwargs,
         )
 
     def extra_repr(self) -> str:

@@ -1,0 +1,510 @@
+"""Fused-linear loss: values and gradients equal materialising the logits and calling
+`self_distillation_loss` (then Σ weights·ℓ), plus TRL's GRPO clipped surrogate for the hybrid term."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import sdpo_kernels.linear as linear_mod
+import torch
+from oracles import trl_self_distillation_loss
+from sdpo_kernels import reference
+from sdpo_kernels.functional import self_distillation_loss
+from sdpo_kernels.linear import (
+    LinearLossOutput,
+    LinearSelfDistillationLoss,
+    default_chunk_rows,
+    linear_self_distillation_loss,
+)
+from trl.trainer.utils import selective_log_softmax
+
+HAS_CUDA = torch.cuda.is_available()
+HAS_TRITON_BACKEND = importlib.util.find_spec("sdpo_kernels.triton_backend") is not None
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+SETTINGS = [
+    dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=True),
+    dict(mode="topk_logits", topk=5, alpha=0.0, add_tail=True),
+    dict(mode="topk_logits", topk=5, alpha=1.0, add_tail=True),
+    dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=False),
+    dict(mode="topk_logits", topk=5, alpha=1.0, add_tail=False, temperature=0.7),
+    dict(mode="topk_logits", topk=5, alpha=0.3, add_tail=True, temperature=1.5),
+    dict(mode="full_logits", alpha=0.5),
+    dict(mode="full_logits", alpha=0.0),
+    dict(mode="full_logits", alpha=1.0, temperature=2.0),
+    dict(mode="sampled_token", alpha=1.0),
+    dict(mode="sampled_token", alpha=1.0, temperature=0.5),
+]
+SETTING_IDS = ["-".join(f"{k}={v}" for k, v in s.items()) for s in SETTINGS]
+
+
+def make_inputs(n=12, vocab=40, dim=8, dtype=torch.float64, bias=True, device="cpu", lead=None, dim_t=None):
+    g = lambda *s: torch.randn(*s, dtype=dtype, device=device)
+    rows = (n,) if lead is None else lead
+    dim_t = dim if dim_t is None else dim_t
+    inp = dict(
+        hs=g(*rows, dim).requires_grad_(),
+        W=(g(vocab, dim) * 0.7).requires_grad_(),
+        ht=g(*rows, dim_t),
+        Wt=g(vocab, dim_t) * 0.7,
+        bs=g(vocab).requires_grad_() if bias else None,
+        bt=g(vocab) if bias else None,
+        ids=torch.randint(0, vocab, rows, device=device),
+        old=(torch.randn(*rows, dtype=torch.float32, device=device) * 0.5 - 3.0).to(dtype),
+        weights=torch.rand(*rows, dtype=torch.float32, device=device).to(dtype),
+    )
+    if inp["weights"].numel() > 1:
+        inp["weights"].view(-1)[1] = 0.0
+    return inp
+
+
+def trl_policy_loss(student_logits, completion_ids, old_logps, advantages, eps_low, eps_high, temperature):
+    """TRL 1.16 `SDPOTrainer._compute_policy_loss` (= GRPO's token-level clipped surrogate) per token."""
+    per_token_logps = selective_log_softmax(student_logits / temperature, completion_ids)
+    old_per_token_logps = per_token_logps.detach() if old_logps is None else old_logps
+    coef_1 = torch.exp(per_token_logps - old_per_token_logps)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    return -torch.min(coef_1 * advantages, coef_2 * advantages)
+
+
+def materialised(inp, *, use_old=True, policy=None, backend="reference", **kw):
+    """Oracle: full logits, `self_distillation_loss`, Σ weights·ℓ (+ Σ policy weights·policy loss)."""
+    kw.setdefault("topk", 5)
+    ls = inp["hs"] @ inp["W"].t()
+    if inp["bs"] is not None:
+        ls = ls + inp["bs"]
+    with torch.no_grad():
+        lt = inp["ht"] @ inp["Wt"].t()
+        if inp["bt"] is not None:
+            lt = lt + inp["bt"]
+    old = inp["old"] if use_old else None
+    per = self_distillation_loss(ls, lt, inp["ids"], old, backend=backend, **kw)
+    total = (inp["weights"].to(per.dtype) * per).sum()
+    pol = None
+    if policy is not None:
+        pol = trl_policy_loss(
+            ls, inp["ids"], old, policy["advantages"], policy["epsilon_low"], policy["epsilon_high"],
+            kw.get("temperature", 1.0),
+        )
+        total = total + (policy["weights"] * pol).sum()
+    return total, per, pol
+
+
+def fused(inp, *, use_old=True, chunk_size=None, backend="reference", tied=False, **kw):
+    kw.setdefault("topk", 5)
+    return linear_self_distillation_loss(
+        inp["hs"], inp["W"], inp["ht"], inp["W"] if tied else inp["Wt"], inp["ids"], inp["old"] if use_old else None,
+        weights=inp["weights"], student_bias=inp["bs"], teacher_bias=inp["bt"], chunk_size=chunk_size,
+        backend=backend, **kw,
+    )
+
+
+def params(inp):
+    return [t for t in (inp["hs"], inp["W"], inp["bs"]) if t is not None]
+
+
+def assert_same(inp, got_total, want_total, *, rtol, atol):
+    ps = params(inp)
+    g_got = torch.autograd.grad(got_total, ps)
+    g_want = torch.autograd.grad(want_total, ps)
+    torch.testing.assert_close(got_total, want_total.to(got_total.dtype), rtol=rtol, atol=atol)
+    for name, a, b in zip(("student_hidden", "student_weight", "student_bias"), g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------
+# reference backend: values and gradients
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("is_clip", [None, 2.0, 0.05])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_matches_materialised(setting, is_clip, dtype):
+    inp = make_inputs(dtype=dtype)
+    out = fused(inp, is_clip=is_clip, chunk_size=5, **setting)
+    want, per_want, _ = materialised(inp, is_clip=is_clip, **setting)
+    tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    assert isinstance(out, LinearLossOutput) and out.policy_per_token is None
+    loss, per_token = out
+    assert loss.dim() == 0 and not per_token.requires_grad
+    torch.testing.assert_close(per_token, per_want.detach(), **tol)
+    assert_same(inp, loss, want, **tol)
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[6], SETTINGS[9]], ids=str)
+def test_matches_trl_oracle(setting):
+    """Ties the fused path to TRL's eager loss_utils directly (not only through the reference)."""
+    inp = make_inputs()
+    loss, per_token = fused(inp, is_clip=2.0, **setting)
+    ls = inp["hs"] @ inp["W"].t() + inp["bs"]
+    lt = (inp["ht"] @ inp["Wt"].t() + inp["bt"]).detach()
+    per = trl_self_distillation_loss(ls, lt, inp["ids"], inp["old"], is_clip=2.0, **setting)
+    torch.testing.assert_close(per_token, per.detach(), rtol=1e-10, atol=1e-12)
+    assert_same(inp, loss, (inp["weights"] * per).sum(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[4], SETTINGS[7], SETTINGS[10]], ids=str)
+def test_tied_weights(setting):
+    inp = make_inputs()
+    inp["Wt"] = inp["W"].detach()  # oracle: the teacher logits from the same weight, no gradient
+    loss, _ = fused(inp, tied=True, **setting)
+    want, _, _ = materialised(inp, **setting)
+    assert_same(inp, loss, want, rtol=1e-10, atol=1e-12)
+    # through .backward(): the tied weight gets exactly the student's gradient, once
+    loss, _ = fused(inp, tied=True, **setting)
+    loss.backward()
+    g_want = torch.autograd.grad(materialised(inp, **setting)[0], inp["W"])[0]
+    torch.testing.assert_close(inp["W"].grad, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_no_bias_and_teacher_bias_only():
+    inp = make_inputs(bias=False)
+    loss, _ = fused(inp)
+    assert_same(inp, loss, materialised(inp)[0], rtol=1e-10, atol=1e-12)
+    inp["bt"] = torch.randn(inp["W"].shape[0], dtype=torch.float64)
+    loss, _ = fused(inp)
+    assert_same(inp, loss, materialised(inp)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_different_teacher_hidden_dim():
+    inp = make_inputs(dim=8, dim_t=5)
+    loss, _ = fused(inp, mode="full_logits")
+    assert_same(inp, loss, materialised(inp, mode="full_logits")[0], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[6], SETTINGS[9]], ids=str)
+def test_zero_weight_rows_contribute_nothing(setting):
+    inp = make_inputs()
+    w = inp["weights"]
+    w[::3] = 0.0
+    loss, per_token = fused(inp, **setting)
+    g_h, g_w, g_b = torch.autograd.grad(loss, params(inp))
+    assert (g_h[::3] == 0).all()
+    # garbage hidden states in weight-0 rows change nothing (padding rows)
+    with torch.no_grad():
+        hs2 = inp["hs"].detach().clone()
+        hs2[::3] = 1e3 * torch.randn_like(hs2[::3])
+    inp2 = dict(inp, hs=hs2.requires_grad_())
+    loss2, per2 = fused(inp2, **setting)
+    g2 = torch.autograd.grad(loss2, params(inp2))
+    assert torch.equal(loss2, loss)
+    assert not torch.equal(per2[::3], per_token[::3]) and torch.equal(per2[1::3], per_token[1::3])
+    assert (g2[0][::3] == 0).all() and torch.equal(g2[0][1::3], g_h[1::3])
+    torch.testing.assert_close(g2[1], g_w, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(g2[2], g_b, rtol=1e-12, atol=1e-13)
+
+
+def test_all_weights_zero_and_empty_rows():
+    inp = make_inputs()
+    inp["weights"].zero_()
+    loss, _ = fused(inp)
+    grads = torch.autograd.grad(loss, params(inp))
+    assert loss.item() == 0.0 and all((g == 0).all() for g in grads)
+    empty = make_inputs(n=0)
+    loss, per_token = fused(empty)
+    loss.backward()
+    assert loss.item() == 0.0 and per_token.shape == (0,)
+    assert (empty["W"].grad == 0).all() and empty["hs"].grad.shape == (0, 8)
+
+
+def test_calling_twice_before_backward():
+    inp = make_inputs()
+    setting = dict(mode="topk_logits", topk=4, alpha=0.5)
+    inp_b = dict(inp, weights=torch.rand_like(inp["weights"]), ht=torch.randn_like(inp["ht"]))
+    first, _ = fused(inp, **setting)
+    second, _ = fused(inp_b, mode="full_logits", alpha=0.2)
+    got = first + 3.0 * second
+    want = materialised(inp, **setting)[0] + 3.0 * materialised(inp_b, mode="full_logits", alpha=0.2)[0]
+    assert_same(inp, got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_upstream_gradient_scales_and_double_backward_raises():
+    inp = make_inputs()
+    loss, _ = fused(inp)
+    assert_same(inp, loss * -2.5, materialised(inp)[0] * -2.5, rtol=1e-10, atol=1e-12)
+    loss, _ = fused(inp)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 12, 100])
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[6], SETTINGS[9]], ids=str)
+def test_chunk_size_does_not_change_results(chunk_size, setting):
+    inp = make_inputs(n=12)
+    pol = dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2, epsilon_high=0.28,
+               weights=torch.rand(12, dtype=torch.float64))
+    base = fused(inp, policy=pol, **setting)
+    base_grads = torch.autograd.grad(base.loss, params(inp))
+    out = fused(inp, policy=pol, chunk_size=chunk_size, **setting)
+    grads = torch.autograd.grad(out.loss, params(inp))
+    torch.testing.assert_close(out.loss, base.loss, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(out.per_token, base.per_token, rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(out.policy_per_token, base.policy_per_token, rtol=1e-13, atol=1e-14)
+    for a, b in zip(grads, base_grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_default_chunking():
+    assert default_chunk_rows(0) == 1 and default_chunk_rows(1) == 1 and default_chunk_rows(16) == 1
+    assert default_chunk_rows(17) == 1 and default_chunk_rows(33) == 2 and default_chunk_rows(8192) == 512
+    for n in (12, 15, 16, 17, 31, 1000, 2047, 2048, 8192):
+        assert 3 * default_chunk_rows(n) <= n / 4, n  # three [rows, V] buffers ≤ 1/4 of [N, V]
+
+
+def test_leading_dims():
+    inp = make_inputs(lead=(3, 4))
+    out = fused(inp, mode="topk_logits", topk=6)
+    assert out.per_token.shape == (3, 4)
+    assert_same(inp, out.loss, materialised(inp, mode="topk_logits", topk=6)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_non_contiguous_hidden():
+    inp = make_inputs(n=10)
+    base = torch.randn(10, 16, dtype=torch.float64, requires_grad=True)
+    inp["hs"] = base[:, ::2]
+    loss, _ = fused(inp)
+    want = materialised(inp)[0]
+    g, = torch.autograd.grad(loss, base)
+    g_want, = torch.autograd.grad(want, base)
+    torch.testing.assert_close(g, g_want, rtol=1e-10, atol=1e-12)
+
+
+def test_module_form():
+    inp = make_inputs()
+    module = LinearSelfDistillationLoss(mode="full_logits", alpha=0.25, chunk_size=4)
+    assert "full_logits" in repr(module)
+    loss, _ = module(inp["hs"], inp["W"], inp["ht"], inp["Wt"], inp["ids"], inp["old"], weights=inp["weights"],
+                     student_bias=inp["bs"], teacher_bias=inp["bt"])
+    assert_same(inp, loss, materialised(inp, mode="full_logits", alpha=0.25)[0], rtol=1e-10, atol=1e-12)
+
+
+def test_inputs_not_mutated():
+    inp = make_inputs()
+    before = {k: v.detach().clone() for k, v in inp.items() if v is not None}
+    loss, _ = fused(inp, policy=dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2,
+                                     epsilon_high=0.2, weights=inp["weights"]))
+    loss.backward()
+    for k, v in before.items():
+        assert torch.equal(inp[k].detach(), v), k
+
+
+# ---------------------------------------------------------------------------------------------
+# no gradient work
+
+
+def _forbid_gradient_work(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("gradient work under no_grad")
+
+    monkeypatch.setattr(reference, "backward", boom)
+    monkeypatch.setattr(linear_mod, "_accumulate_weight_grad", boom)
+    monkeypatch.setattr(linear_mod, "_fold", boom)
+    monkeypatch.setattr(linear_mod, "_add_policy_dense", boom)
+
+
+@pytest.mark.parametrize("how", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_no_gradient_work_without_grad(monkeypatch, how):
+    inp = make_inputs()
+    pol = dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2, epsilon_high=0.3,
+               weights=torch.rand(12, dtype=torch.float64))
+    want = fused(inp, policy=pol)
+    _forbid_gradient_work(monkeypatch)
+    if how == "nothing_requires_grad":
+        got = fused({k: (v.detach() if v is not None else None) for k, v in inp.items()}, policy=pol)
+    else:
+        with torch.no_grad() if how == "no_grad" else torch.inference_mode():
+            got = fused(inp, policy=pol)
+    assert not got.loss.requires_grad and got.loss.grad_fn is None
+    torch.testing.assert_close(got.loss, want.loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got.per_token, want.per_token, rtol=0, atol=0)
+    torch.testing.assert_close(got.policy_per_token, want.policy_per_token, rtol=0, atol=0)
+
+
+def test_only_requested_gradients_are_computed(monkeypatch):
+    inp = make_inputs()
+    inp["W"].requires_grad_(False)
+    inp["bs"].requires_grad_(False)
+    monkeypatch.setattr(linear_mod, "_accumulate_weight_grad", lambda *a: (_ for _ in ()).throw(AssertionError))
+    loss, _ = fused(inp)
+    g, = torch.autograd.grad(loss, inp["hs"])
+    g_want, = torch.autograd.grad(materialised(inp)[0], inp["hs"])
+    torch.testing.assert_close(g, g_want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# hybrid policy term (TRL GRPO / SDPO clipped surrogate)
+
+
+def _policy(n, dtype=torch.float64, device="cpu"):
+    adv = torch.randn(n, dtype=dtype, device=device)
+    adv[0] = 0.0
+    pw = torch.rand(n, dtype=dtype, device=device)
+    pw[2] = 0.0
+    return dict(advantages=adv, epsilon_low=0.2, epsilon_high=0.28, weights=pw)
+
+
+@pytest.mark.parametrize("setting", SETTINGS, ids=SETTING_IDS)
+@pytest.mark.parametrize("old_kind", ["none", "near", "far"])
+def test_hybrid_policy_matches_trl(setting, old_kind):
+    inp = make_inputs(n=14)
+    if old_kind != "none":
+        # old log-probs near the current ones (ratios inside and outside the clip range) or far
+        with torch.no_grad():
+            ls = (inp["hs"] @ inp["W"].t() + inp["bs"]) / setting.get("temperature", 1.0)
+            logp = torch.log_softmax(ls, -1).gather(-1, inp["ids"][:, None]).squeeze(-1)
+        spread = 0.3 if old_kind == "near" else 3.0
+        inp["old"] = logp + spread * torch.randn_like(logp)
+    pol = _policy(14)
+    use_old = old_kind != "none"
+    out = fused(inp, use_old=use_old, policy=pol, is_clip=2.0, chunk_size=4, **setting)
+    want, per_want, pol_want = materialised(inp, use_old=use_old, policy=pol, is_clip=2.0, **setting)
+    torch.testing.assert_close(out.per_token, per_want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.policy_per_token, pol_want.detach(), rtol=1e-10, atol=1e-12)
+    assert not out.policy_per_token.requires_grad
+    assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
+
+
+def test_hybrid_policy_weights_independent_of_distillation_weights():
+    """Rows with distillation weight 0 still get the policy gradient (and vice versa)."""
+    inp = make_inputs(n=10)
+    inp["weights"][:5] = 0.0
+    pol = _policy(10)
+    pol["weights"][5:] = 0.0
+    for setting in (SETTINGS[0], SETTINGS[3], SETTINGS[6], SETTINGS[9]):
+        out = fused(inp, policy=pol, **setting)
+        want = materialised(inp, policy=pol, **setting)[0]
+        assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
+
+
+def test_policy_only_gradient_matches_trl():
+    """Distillation weights all 0: the loss is exactly TRL's weighted policy loss."""
+    inp = make_inputs(n=10)
+    inp["weights"].zero_()
+    pol = _policy(10)
+    out = fused(inp, policy=pol, mode="topk_logits", topk=3, add_tail=False, temperature=0.8)
+    ls = inp["hs"] @ inp["W"].t() + inp["bs"]
+    want = (pol["weights"] * trl_policy_loss(ls, inp["ids"], inp["old"], pol["advantages"], 0.2, 0.28, 0.8)).sum()
+    assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# argument validation
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(hs=torch.randn(12, 7, dtype=torch.float64)), "student_weight"),
+        (dict(W=torch.randn(40, 8, 2, dtype=torch.float64)), "student_weight"),
+        (dict(Wt=torch.randn(41, 8, dtype=torch.float64), bt=None), "teacher_weight"),
+        (dict(ht=torch.randn(11, 8, dtype=torch.float64)), "teacher_hidden"),
+        (dict(ht=torch.randn(12, 8, dtype=torch.float32), Wt=torch.randn(40, 8)), "teacher_hidden"),
+        (dict(W=torch.randn(40, 8, dtype=torch.float32)), "student_weight"),
+        (dict(bs=torch.randn(39, dtype=torch.float64)), "student_bias"),
+        (dict(bt=torch.randn(40, dtype=torch.float32)), "teacher_bias"),
+        (dict(weights=torch.rand(11, dtype=torch.float64)), "weights"),
+        (dict(weights=torch.ones(12, dtype=torch.long)), "weights"),
+        (dict(ids=torch.randint(0, 40, (11,))), "completion_ids"),
+        (dict(ids=torch.full((12,), 40)), "completion_ids"),
+        (dict(old=torch.randn(3)), "old_logps"),
+        (dict(hs="not a tensor"), "student_hidden"),
+    ],
+)
+def test_validation(change, match):
+    inp = dict(make_inputs(), **change)
+    with pytest.raises(ValueError, match=match):
+        fused(inp)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(mode="nope"), "mode"),
+        (dict(topk=0), "topk"),
+        (dict(alpha=2.0), "alpha"),
+        (dict(mode="sampled_token", alpha=0.5), "alpha"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(backend="cuda"), "backend"),
+        (dict(policy=dict(advantages=torch.zeros(12))), "policy"),
+        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=-1, epsilon_high=0.2, weights=torch.ones(12))),
+         "epsilon_low"),
+        (dict(policy=dict(advantages=torch.zeros(3), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12))),
+         "advantages"),
+        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12),
+                          delta=3.0)), "delta"),
+    ],
+)
+def test_validation_of_settings(kwargs, match):
+    inp = make_inputs()
+    with pytest.raises(ValueError, match=match):
+        fused(inp, **kwargs)
+
+
+def test_policy_needs_completion_ids():
+    inp = dict(make_inputs(), ids=None)
+    with pytest.raises(ValueError, match="completion_ids"):
+        fused(inp, mode="full_logits", is_clip=None, use_old=False, policy=_policy(12))
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton backend: interpreter tier (tiny shapes) and GPU tier
+
+INTERPRET_SETTINGS = [
+    dict(mode="topk_logits", topk=4, alpha=0.5, add_tail=True),
+    dict(mode="topk_logits", topk=4, alpha=1.0, add_tail=False, temperature=0.7),
+    dict(mode="topk_logits", topk=8, alpha=0.0, add_tail=True),
+    dict(mode="full_logits", alpha=0.5),
+    dict(mode="sampled_token", alpha=1.0, temperature=1.5),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not (INTERPRET and HAS_TRITON_BACKEND), reason="needs TRITON_INTERPRET=1 and the Triton backend")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("setting", INTERPRET_SETTINGS, ids=str)
+@pytest.mark.parametrize("hybrid", [False, True])
+def test_interpreter_matches_materialised(setting, hybrid):
+    inp = make_inputs(n=6, vocab=48, dim=12, dtype=torch.float32)
+    pol = _policy(6, dtype=torch.float32) if hybrid else None
+    out = fused(inp, policy=pol, is_clip=2.0, chunk_size=4, backend="triton", **setting)
+    want, per_want, pol_want = materialised(inp, policy=pol, is_clip=2.0, **setting)
+    torch.testing.assert_close(out.per_token, per_want.detach(), rtol=1e-5, atol=1e-5)
+    if hybrid:
+        torch.testing.assert_close(out.policy_per_token, pol_want.detach(), rtol=1e-5, atol=1e-5)
+    assert_same(inp, out.loss, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.interpret
+@pytest.mark.skipif(not (INTERPRET and HAS_TRITON_BACKEND), reason="needs TRITON_INTERPRET=1 and the Triton backend")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_interpreter_tied_zero_rows_and_two_calls():
+    inp = make_inputs(n=5, vocab=32, dim=8, dtype=torch.float32)
+    inp["weights"][::2] = 0.0
+    inp["Wt"] = inp["W"].detach()
+    s = dict(mode="topk_logits", topk=4)
+    first, _ = fused(inp, tied=True, backend="triton", chunk_size=2, **s)
+    second, _ = fused(inp, tied=True, backend="triton", mode="full_logits")
+    want = materialised(inp, **s)[0] + 0.5 * materialised(inp, mode="full_logits")[0]
+    assert_same(inp, first + 0.5 * second, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("setting", [dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=True),
+                                     dict(mode="topk_logits", topk=20, alpha=1.0, add_tail=False),
+                                     dict(mode="full_logits", alpha=0.5),
+                                     dict(mode="sampled_token", alpha=1.0)], ids=str)
+def test_gpu_matches_materialised(dtype, setting):
+    inp = make_inputs(n=300, vocab=4096, dim=128, dtype=dtype, device="cuda")
+    pol = _policy(300, dtype=torch.float32, device="cuda")
+    out = fused(inp, policy=pol, backend="triton", chunk_size=64, **setting)
+    want, per_want, _ = materialised(inp, policy=pol, backend="triton", **setting)
+    tol = dict(rtol=1e-3, atol=1e-4) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(out.per_token, per_want.detach().float(), **tol)
+    ps = params(inp)
+    for a, b in zip(torch.autograd.grad(out.loss, ps), torch.autograd.grad(want, ps)):
+        torch.testing.assert_close(a.float(), b.float(), **tol)
