@@ -2,7 +2,14 @@
 
 from .config import LossConfig
 from .functional import self_distillation_loss
+from .linear import LinearSelfDistillationLoss, linear_self_distillation_loss
 from .modules import SelfDistillationLoss
 
-__all__ = ["LossConfig", "SelfDistillationLoss", "self_distillation_loss"]
+__all__ = [
+    "LinearSelfDistillationLoss",
+    "LossConfig",
+    "SelfDistillationLoss",
+    "linear_self_distillation_loss",
+    "self_distillation_loss",
+]
 __version__ = "0.1.0"
