@@ -10,16 +10,19 @@ import itertools
 
 import pytest
 import torch
-from conftest import HAS_CUDA, INTERPRET
-from oracles import tie_free_logits, trl_self_distillation_loss
 
 from sdpo_kernels import self_distillation_loss
 from sdpo_kernels.reference import topk_lowest_index
 
+from conftest import HAS_CUDA, INTERPRET
+from oracles import tie_free_logits, trl_self_distillation_loss
+
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's log(0) inside the interpreter
 
 TIERS = [
-    pytest.param("cpu", marks=[pytest.mark.interpret, pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")]),
+    pytest.param(
+        "cpu", marks=[pytest.mark.interpret, pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")]
+    ),
     pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")]),
 ]
 
@@ -46,10 +49,14 @@ def _inputs(rows, vocab, dtype=torch.float32, scale=3.0):
     return z, u, torch.randint(0, vocab, (rows,)), torch.randn(rows) - 4.0, torch.rand(rows)
 
 
-BROAD = [
-    dict(mode="topk_logits", topk=k, alpha=a, add_tail=tail)
-    for k, a, tail in itertools.product([1, 7, 16], [0.0, 0.3, 1.0], [True, False])
-] + [dict(mode="full_logits", alpha=a) for a in (0.0, 0.5, 1.0)] + [dict(mode="sampled_token", alpha=1.0)]
+BROAD = (
+    [
+        dict(mode="topk_logits", topk=k, alpha=a, add_tail=tail)
+        for k, a, tail in itertools.product([1, 7, 16], [0.0, 0.3, 1.0], [True, False])
+    ]
+    + [dict(mode="full_logits", alpha=a) for a in (0.0, 0.5, 1.0)]
+    + [dict(mode="sampled_token", alpha=1.0)]
+)
 
 
 @pytest.mark.parametrize("device", TIERS)
@@ -163,4 +170,6 @@ def test_float64_is_rejected_by_triton():
     if not (INTERPRET or HAS_CUDA):
         pytest.skip("no Triton execution target")
     with pytest.raises(ValueError, match="float64"):
-        self_distillation_loss(z.to("cuda" if HAS_CUDA else "cpu"), z.to("cuda" if HAS_CUDA else "cpu"), topk=2, backend="triton")
+        self_distillation_loss(
+            z.to("cuda" if HAS_CUDA else "cpu"), z.to("cuda" if HAS_CUDA else "cpu"), topk=2, backend="triton"
+        )

@@ -146,7 +146,11 @@ def check_logits(logits: torch.Tensor, name: str) -> None:
 def check_completion_ids(
     completion_ids: torch.Tensor, rows_shape: torch.Size, vocab: int, device: torch.device
 ) -> None:
-    if not isinstance(completion_ids, torch.Tensor) or completion_ids.is_floating_point() or completion_ids.is_complex():
+    if (
+        not isinstance(completion_ids, torch.Tensor)
+        or completion_ids.is_floating_point()
+        or completion_ids.is_complex()
+    ):
         raise ValueError("completion_ids must be an integer tensor")
     if completion_ids.dtype == torch.bool:
         raise ValueError("completion_ids must be an integer tensor, got bool")

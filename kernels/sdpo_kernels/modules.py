@@ -27,7 +27,12 @@ class SelfDistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         self.kwargs = dict(
-            mode=mode, topk=topk, alpha=alpha, add_tail=add_tail, is_clip=is_clip, temperature=temperature,
+            mode=mode,
+            topk=topk,
+            alpha=alpha,
+            add_tail=add_tail,
+            is_clip=is_clip,
+            temperature=temperature,
             backend=backend,
         )
 

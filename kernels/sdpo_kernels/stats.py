@@ -42,7 +42,14 @@ class RowStats:
     is_weight: torch.Tensor | None = None
 
     def tensors(self) -> list[torch.Tensor | None]:
-        return [self.lse_student, self.dense_coef, self.sparse_index, self.sparse_coef, self.lse_teacher, self.is_weight]
+        return [
+            self.lse_student,
+            self.dense_coef,
+            self.sparse_index,
+            self.sparse_coef,
+            self.lse_teacher,
+            self.is_weight,
+        ]
 
     @staticmethod
     def from_tensors(tensors: list[torch.Tensor | None]) -> RowStats:

@@ -37,7 +37,9 @@ def _alpha_args(config: LossConfig) -> tuple[float, float, float]:
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
     if student.dim() != 2 or teacher.shape != student.shape:
-        raise ValueError(f"expected [N, V] student and teacher rows, got {tuple(student.shape)}, {tuple(teacher.shape)}")
+        raise ValueError(
+            f"expected [N, V] student and teacher rows, got {tuple(student.shape)}, {tuple(teacher.shape)}"
+        )
     if student.dtype == torch.float64:
         raise ValueError("the triton backend takes float32/bfloat16/float16 logits; float64 needs backend='reference'")
     if student.shape[1] >= 2**31:

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up, then run the whole CPU test suite: reference vs TRL, the Triton kernels under the
+# interpreter (TRITON_INTERPRET=1), property tests, the trainer. GPU tests skip without CUDA.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+PY=${PYTHON:-python3}
+if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+  export TRITON_INTERPRET=1
+fi
+exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" -p no:benchmark "$@" tests
