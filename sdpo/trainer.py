@@ -17,10 +17,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import Any, ClassVar
 
-import sdpo_kernels
 import torch
 from accelerate.utils import gather_object, is_peft_model
-from sdpo_kernels import self_distillation_loss
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -28,6 +26,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, selective_log_softmax
+
+import sdpo_kernels
+from sdpo_kernels import self_distillation_loss
 
 from .config import SDPOConfig
 from .modeling import add_head_fn_forward, forward_with_head, head_logits, is_plain_linear_head

@@ -1,0 +1,327 @@
+"""SDPOTrainer: loss vs TRL's formulas, EMA math, checkpoint/resume of the teacher, fused-linear switch."""
+
+import os
+
+import pytest
+import torch
+from datasets import Dataset
+from trl.experimental.sdpo import loss_utils as trl_loss
+from trl.trainer.utils import selective_log_softmax
+
+import sdpo_kernels
+from sdpo import SDPOConfig, SDPOTrainer
+from sdpo.teacher import SDPOTeacher, ema_update_
+from sdpo.tiny import build_char_tokenizer, build_tiny_model
+from sdpo.trainer import aggregation_weights, clipped_policy_per_token
+
+TEMPERATURE = 0.9
+
+
+def length_parity_reward(completions, **kwargs):
+    """Deterministic, mixed within groups: successes exist but not everywhere."""
+    return [1.0 if len(c) % 2 == 0 else 0.0 for c in completions]
+
+
+def make_trainer(tmp_path, **kw):
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    # Spread the logits: a fresh tiny model is near-uniform, and near-ties in the top-K support would make
+    # float32 rounding (whole-sequence vs completion-slice matmuls) pick different supports.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    ds = Dataset.from_dict({"prompt": ["1+1=", "2+3=", "4+4=", "5+1="]})
+    defaults = dict(
+        output_dir=str(tmp_path),
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        max_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        temperature=TEMPERATURE,
+    )
+    defaults.update(kw)
+    return SDPOTrainer(
+        model=model,
+        reward_funcs=length_parity_reward,
+        args=SDPOConfig(**defaults),
+        train_dataset=ds,
+        processing_class=tok,
+    )
+
+
+def manual_batch(trainer, seed=0):
+    """A hand-made batch with padding, a masked row, and rollout log-probs (exercises IS clipping)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = len(trainer.processing_class)
+    B, P, T, PT = 4, 5, 6, 9
+    prompt_ids = torch.randint(3, vocab, (B, P), generator=g)
+    prompt_mask = torch.ones(B, P, dtype=torch.long)
+    prompt_mask[0, :2] = 0
+    completion_ids = torch.randint(3, vocab, (B, T), generator=g)
+    completion_mask = torch.ones(B, T, dtype=torch.long)
+    completion_mask[1, 4:] = 0
+    completion_mask[2, 2:] = 0
+    teacher_prompt = torch.randint(3, vocab, (B, PT), generator=g)
+    teacher_prompt_mask = torch.ones(B, PT, dtype=torch.long)
+    teacher_prompt_mask[3, :4] = 0
+    return {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "teacher_input_ids": torch.cat([teacher_prompt, completion_ids], 1),
+        "teacher_attention_mask": torch.cat([teacher_prompt_mask, completion_mask], 1),
+        "self_distillation_mask": torch.tensor([1.0, 1.0, 0.0, 1.0]),
+        "advantages": torch.tensor([0.7, -1.2, 0.3, 0.2]),
+        "old_per_token_logps": -3.0 - torch.rand(B, T, generator=g),
+        "num_items_in_batch": completion_mask.sum(),
+        "num_distillation_items_in_batch": (completion_mask * torch.tensor([1, 1, 0, 1])[:, None]).sum(),
+    }
+
+
+def completion_logits(model, input_ids, attention_mask, keep):
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits[:, -keep - 1 : -1] / TEMPERATURE
+
+
+def trl_reference_loss(trainer, inputs, hybrid):
+    """The loss by TRL 1.16's `loss_utils` formulas on the model's own logits (loss_type='grpo' aggregation)."""
+    args = trainer.args
+    keep = inputs["completion_ids"].size(1)
+    s_in = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    s_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    student = completion_logits(trainer.model, s_in, s_mask, keep)
+    with torch.no_grad(), trainer.teacher.forward_context() as teacher:
+        teacher_logits = completion_logits(
+            teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], keep
+        )
+    ids = inputs["completion_ids"]
+    if args.distillation_mode == "topk_logits":
+        per_token = trl_loss.compute_topk_self_distillation_loss(
+            student,
+            teacher_logits,
+            distillation_topk=args.distillation_topk,
+            distillation_alpha=args.distillation_alpha,
+            distillation_add_tail=args.distillation_add_tail,
+        )
+    elif args.distillation_mode == "full_logits":
+        per_token = trl_loss.compute_full_logit_self_distillation_loss(
+            student, teacher_logits, distillation_alpha=args.distillation_alpha
+        )
+    else:
+        per_token = trl_loss.compute_sampled_token_self_distillation_loss(
+            student, teacher_logits, ids, distillation_alpha=args.distillation_alpha
+        )
+    logps = selective_log_softmax(student, ids)
+    if args.distillation_is_clip is not None:
+        per_token = trl_loss.apply_importance_sampling_clipping(
+            per_token, logps, inputs["old_per_token_logps"], args.distillation_is_clip
+        )
+    mask = inputs["completion_mask"].float()
+    loss_mask = mask * inputs["self_distillation_mask"][:, None]
+    distill = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+    loss = args.distillation_weight * distill
+    if hybrid:  # TRL GRPO's clipped surrogate, 'grpo' aggregation
+        ratio = torch.exp(logps - inputs["old_per_token_logps"])
+        adv = inputs["advantages"][:, None]
+        clipped = torch.clamp(ratio, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+        policy = -torch.min(ratio * adv, clipped * adv)
+        loss = loss + ((policy * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    return loss
+
+
+LOSS_CASES = {
+    "topk_tail_jsd_is": dict(
+        full_logit_distillation=True, distillation_topk=5, distillation_add_tail=True, distillation_alpha=0.5
+    ),
+    "topk_renorm_fkl": dict(full_logit_distillation=True, distillation_topk=7, distillation_alpha=0.0),
+    "full_rkl": dict(full_logit_distillation=True, distillation_alpha=1.0, distillation_is_clip=None),
+    "token_level": dict(),
+    "hybrid_topk_weighted": dict(
+        full_logit_distillation=True,
+        distillation_topk=5,
+        distillation_alpha=0.5,
+        sdpo_policy_loss_mode="hybrid",
+        distillation_weight=0.3,
+    ),
+    "hybrid_token_none": dict(sdpo_policy_loss_mode="hybrid", teacher_regularization="none"),
+}
+
+
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_loss_and_grad_equal_trl_formula(tmp_path, case):
+    kw = LOSS_CASES[case]
+    trainer = make_trainer(tmp_path, loss_type="grpo", **kw)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    # Make the teacher differ from the student so the divergence is not trivially zero.
+    with torch.no_grad():
+        for p in trainer.teacher.pairs()[0]:
+            p.add_(0.05 * torch.randn_like(p))
+    loss = trainer._compute_loss(trainer.model, inputs)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    expected = trl_reference_loss(trainer, inputs, hybrid=kw.get("sdpo_policy_loss_mode") == "hybrid")
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+    assert expected.abs() > 1e-6
+    # float32: the reference takes logits of the whole sequence, the trainer of the completion slice only.
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    for g, e in zip(grads, expected_grads):
+        if e is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+
+
+def test_masked_batch_gives_attached_zero_loss(tmp_path):
+    trainer = make_trainer(tmp_path)
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    inputs["self_distillation_mask"] = torch.zeros(4)
+    inputs["num_distillation_items_in_batch"] = torch.tensor(0)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_aggregation_weights_match_trl_grpo(loss_type):
+    g = torch.Generator().manual_seed(1)
+    per_token = torch.randn(3, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.float32)
+    if loss_type == "grpo":
+        expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        expected = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        expected = (per_token * mask).sum() / (3 * 7)
+    else:
+        expected = (per_token * mask).sum() / 20.0
+    w = aggregation_weights(mask, loss_type, max_completion_length=7, normalizer=torch.tensor(20.0))
+    torch.testing.assert_close((w * per_token).sum(), expected)
+    with pytest.raises(ValueError, match="loss_type"):
+        aggregation_weights(mask, "cispo")
+
+
+def test_clipped_policy_matches_formula():
+    logps = torch.tensor([[-1.0, -2.0]])
+    old = torch.tensor([[-1.5, -1.0]])
+    adv = torch.tensor([1.0])
+    out = clipped_policy_per_token(logps, old, adv, torch.ones(1, 2), epsilon_low=0.2, epsilon_high=0.28)
+    r = torch.exp(logps - old)
+    torch.testing.assert_close(out, -torch.min(r, torch.clamp(r, 0.8, 1.28)))
+
+
+def test_ema_update_math():
+    torch.manual_seed(0)
+    student = torch.nn.Linear(4, 3).double()
+    teacher = SDPOTeacher(student, "ema", rate=0.25)
+    t0 = [p.detach().clone() for p in teacher.model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(t0, student.parameters()))
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.update()
+    for t, t_old, s in zip(teacher.model.parameters(), t0, student.parameters()):
+        torch.testing.assert_close(t, 0.75 * t_old + 0.25 * s, rtol=0, atol=1e-15)
+        assert not t.requires_grad
+    # the primitive itself
+    a, b = [torch.ones(2)], [torch.zeros(2)]
+    ema_update_(a, b, 0.1)
+    torch.testing.assert_close(a[0], torch.full((2,), 0.9))
+    with pytest.raises(ValueError, match="shape"):
+        ema_update_([torch.ones(2)], [torch.ones(3)], 0.1)
+
+
+def test_teacher_none_is_the_student():
+    student = torch.nn.Linear(2, 2)
+    teacher = SDPOTeacher(student, "none", rate=0.5)
+    assert teacher.model is student
+    teacher.update()  # no-op
+    with pytest.raises(ValueError, match="kind"):
+        SDPOTeacher(student, "base", rate=0.5)
+
+
+def test_fused_linear_switch(tmp_path, monkeypatch):
+    # Without the kernel, "always" is a clear error and "auto" falls back to the logits path.
+    monkeypatch.delattr(sdpo_kernels, "linear_self_distillation_loss", raising=False)
+    with pytest.raises(ValueError, match="distillation_fused_linear"):
+        make_trainer(tmp_path, distillation_fused_linear="always")
+    assert not make_trainer(tmp_path).use_fused_linear
+
+
+def test_fused_linear_path_equals_logits_path(tmp_path, monkeypatch):
+    linear = pytest.importorskip("sdpo_kernels.linear")
+    fn = linear.linear_self_distillation_loss
+    monkeypatch.setattr(sdpo_kernels, "linear_self_distillation_loss", fn, raising=False)
+    kw = dict(
+        full_logit_distillation=True,
+        distillation_topk=5,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+        sdpo_policy_loss_mode="hybrid",
+        distillation_weight=0.5,
+        loss_type="dapo",
+    )
+    losses, grads = [], []
+    for choice in ("always", "never"):
+        trainer = make_trainer(tmp_path, distillation_fused_linear=choice, **kw)
+        assert trainer.use_fused_linear == (choice == "always")
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        with torch.no_grad():
+            torch.manual_seed(3)
+            for p in trainer.teacher.pairs()[0]:
+                p.add_(0.05 * torch.randn_like(p))
+        loss = trainer._compute_loss(trainer.model, manual_batch(trainer))
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_checkpoint_saves_and_resume_restores_teacher_bit_exactly(tmp_path):
+    from transformers import TrainerCallback
+
+    snapshots = {}
+
+    class Snap(TrainerCallback):
+        def __init__(self):
+            self.trainer = None
+
+        def on_save(self, args, state, control, **kw):
+            snapshots[state.global_step] = self.trainer.teacher.state_dict()
+
+    kw = dict(max_steps=2, save_strategy="steps", save_steps=1, learning_rate=5e-2, teacher_update_rate=0.5)
+    trainer = make_trainer(tmp_path, **kw)
+    initial = trainer.teacher.state_dict()
+    snap = Snap()
+    snap.trainer = trainer
+    trainer.add_callback(snap)
+    trainer.train()
+    assert set(snapshots) == {1, 2}
+    ckpt = os.path.join(str(tmp_path), "checkpoint-1")
+    assert os.path.isfile(os.path.join(ckpt, "sdpo_teacher.pt"))
+    # the EMA teacher moved away from the initial weights (so restoring it is observable)
+    assert any(not torch.equal(initial[k], snapshots[1][k]) for k in initial)
+
+    # Resume from checkpoint-1: capture the teacher right before the first resumed step runs.
+    resumed = make_trainer(tmp_path, **kw)
+    assert all(torch.equal(initial[k], v) for k, v in resumed.teacher.state_dict().items())
+    at_resume = {}
+
+    class First(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            at_resume.setdefault("teacher", resumed.teacher.state_dict())
+
+    resumed.add_callback(First())
+    resumed.train(resume_from_checkpoint=ckpt)
+    restored = at_resume["teacher"]
+    assert all(torch.equal(snapshots[1][k], restored[k]) for k in restored)
