@@ -173,3 +173,14 @@ def test_float64_is_rejected_by_triton():
         self_distillation_loss(
             z.to("cuda" if HAS_CUDA else "cpu"), z.to("cuda" if HAS_CUDA else "cpu"), topk=2, backend="triton"
         )
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("order", ["descending", "ascending"])
+def test_blocks_that_cannot_enter_the_top_k_skip_the_merge(device, order):
+    # Sorted rows over several vocabulary blocks: descending rows skip the merge in every block
+    # after the first (their entries all go to the tail), ascending rows merge in every block.
+    z, u, y, old, g = _inputs(2, 2100)
+    z = z.sort(-1, descending=order == "descending").values
+    for add_tail in (True, False):
+        _compare(device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=2.0)

@@ -5,7 +5,8 @@ One program per token row streams the vocabulary once, in blocks of BLOCK_V, and
 - the student's running top-K' (K' = next power of two >= K) as sorted int64 keys
   (`order_key`: value, then lowest index first), merged block by block: the block's top-K'
   (descending) against the buffer (ascending) gives, elementwise, the K' largest (max) and the
-  K' evicted (min) of their union (one bitonic half-cleaner), then one sort of K' keys;
+  K' evicted (min) of their union (one bitonic half-cleaner), then one sort of K' keys; a block
+  whose largest key is below the buffer's smallest skips the merge;
 - with the tail bucket, the exact mass outside the support, Σ_{not S} e^z and Σ_{not S} e^u:
   every element that leaves (or never enters) the buffer is added once, the teacher values of
   evicted keys re-read by index (cache hits). No 1 - Σp cancellation.
@@ -75,18 +76,26 @@ def topk_forward_kernel(
         m_u, s_u, shift_u, rescale_u, e_u = online_lse_step(m_u, s_u, u)
 
         keys = tl.where(in_row, order_key(z, offs), pad_key)
-        top = tl.topk(keys, K_POW2)  # descending
         if ADD_TAIL:
-            kth = tl.min(top, 0)
-            below = keys < kth  # block entries that never enter the buffer
-            tail_z = tail_z * rescale_z + tl.sum(tl.where(below, e_z, 0.0), 0)
-            tail_u = tail_u * rescale_u + tl.sum(tl.where(below, e_u, 0.0), 0)
-            evicted_val, evicted_idx = decode_key(tl.minimum(buf, top))
-            real = evicted_idx < n_cols
-            tail_z += tl.sum(tl.where(real, tl.exp(evicted_val - shift_z), 0.0), 0)
-            u_ev = tl.load(teacher_row + evicted_idx * stride_t_col, mask=real, other=neg_inf).to(tl.float32)
-            tail_u += tl.sum(tl.exp(u_ev * inv_temp - shift_u), 0)
-        buf = tl.sort(tl.maximum(buf, top))  # ascending
+            tail_z = tail_z * rescale_z
+            tail_u = tail_u * rescale_u
+        # Once the running top-K' is high, most blocks hold nothing above its smallest key:
+        # they skip the sorting network (the costly part) and only feed the tail sums.
+        if tl.max(keys, 0) > tl.min(buf, 0):
+            top = tl.topk(keys, K_POW2)  # descending
+            if ADD_TAIL:
+                below = keys < tl.min(top, 0)  # block entries that never enter the buffer
+                tail_z += tl.sum(tl.where(below, e_z, 0.0), 0)
+                tail_u += tl.sum(tl.where(below, e_u, 0.0), 0)
+                evicted_val, evicted_idx = decode_key(tl.minimum(buf, top))
+                real = evicted_idx < n_cols
+                tail_z += tl.sum(tl.where(real, tl.exp(evicted_val - shift_z), 0.0), 0)
+                u_ev = tl.load(teacher_row + evicted_idx * stride_t_col, mask=real, other=neg_inf).to(tl.float32)
+                tail_u += tl.sum(tl.exp(u_ev * inv_temp - shift_u), 0)
+            buf = tl.sort(tl.maximum(buf, top))  # ascending
+        elif ADD_TAIL:
+            tail_z += tl.sum(e_z, 0)  # masked lanes hold e = 0
+            tail_u += tl.sum(e_u, 0)
 
     lse_z = m_z + tl.log(s_z)
     lse_u = m_u + tl.log(s_u)
