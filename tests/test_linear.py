@@ -7,9 +7,10 @@ import importlib.util
 import os
 
 import pytest
-import sdpo_kernels.linear as linear_mod
 import torch
-from oracles import trl_self_distillation_loss
+from trl.trainer.utils import selective_log_softmax
+
+import sdpo_kernels.linear as linear_mod
 from sdpo_kernels import reference
 from sdpo_kernels.functional import self_distillation_loss
 from sdpo_kernels.linear import (
@@ -18,7 +19,8 @@ from sdpo_kernels.linear import (
     default_chunk_rows,
     linear_self_distillation_loss,
 )
-from trl.trainer.utils import selective_log_softmax
+
+from oracles import trl_self_distillation_loss
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_TRITON_BACKEND = importlib.util.find_spec("sdpo_kernels.triton_backend") is not None
@@ -252,6 +254,7 @@ def test_default_chunking():
     assert default_chunk_rows(17) == 1 and default_chunk_rows(33) == 2 and default_chunk_rows(8192) == 512
     for n in (12, 15, 16, 17, 31, 1000, 2047, 2048, 8192):
         assert 3 * default_chunk_rows(n) <= n / 4, n  # three [rows, V] buffers ≤ 1/4 of [N, V]
+    assert default_chunk_rows(8192, reference_backend=True) == 256 and default_chunk_rows(31, True) == 1
 
 
 def test_leading_dims():
