@@ -27,6 +27,8 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         "versions": harness.versions(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "torch_num_threads": __import__("torch").get_num_threads(),
+        "logical_cpus": os.cpu_count(),
+        "sdpo_kernels_sources": harness.source_digests(),
         "peak_bw_gbps": bw,
         "peak_bw_source": bw_source,
         "loss_kwargs": harness.LOSS_KWARGS,

@@ -80,7 +80,8 @@ IMPLS = {
     ),
     "trl_eager": (
         "TRL 1.16 eager: logits/T -> compute_topk_self_distillation_loss + selective_log_softmax -> "
-        "apply_importance_sampling_clipping, autograd backward",
+        "apply_importance_sampling_clipping, autograd backward (the trainer's logits/T copy, made also at "
+        "T = 1, is one [N,V] of its peak memory)",
         ("cuda", "cpu"),
     ),
     "trl_compiled": (
@@ -309,3 +310,15 @@ def versions() -> dict[str, str | None]:
             out[pkg] = None
     out["cuda"] = torch.version.cuda
     return out
+
+
+def source_digests() -> dict[str, str]:
+    """sha256 (first 12 hex digits) of each sdpo_kernels source file: pins what was measured
+    when the git tree is dirty."""
+    import hashlib
+    from pathlib import Path
+
+    import sdpo_kernels
+
+    root = Path(sdpo_kernels.__file__).parent
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:12] for p in sorted(root.glob("*.py"))}

@@ -130,6 +130,9 @@ def group_table(grows: list[dict], base: str | None) -> list[str]:
     head += ["extra peak mem", "peak / [N,V] (input dtype)"]
     if has_floor:
         head += ["GB/s (floor bytes / median)", "median / floor time"]
+    has_load = any(r["extra"].get("loadavg_1min") for r in grows)
+    if has_load:
+        head += ["load avg (before, after)"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(grows, key=lambda r: (r["dtype"], r["shape"], r["median"])):
         peak = r["peak"]
@@ -149,6 +152,9 @@ def group_table(grows: list[dict], base: str | None) -> list[str]:
             fb = r["floor_bytes"]
             cells.append(fmt(fb / r["median"] / 1e9 if fb else None, ".1f"))
             cells.append(fmt(r["median"] / (fb / (r["bw"] * 1e9)) if fb and r["bw"] else None, ".2f"))
+        if has_load:
+            load = r["extra"].get("loadavg_1min")
+            cells.append(", ".join(f"{x:.1f}" for x in load) if load else "")
         out.append("| " + " | ".join(cells) + " |")
     return out
 
@@ -197,6 +203,17 @@ def labels(rows: list[dict]) -> list[str]:
     return ["## Implementations", "", *[f"- `{k}`: {v}" for k, v in sorted(seen.items())], ""]
 
 
+def loaded(data: dict, rows: list[dict]) -> bool:
+    """Whether the load average reached 3/4 of the logical CPUs during some timed rounds."""
+    cpus = os_cpus(data)
+    return bool(cpus) and any(max(r["extra"].get("loadavg_1min") or [0]) > 0.75 * cpus for r in rows)
+
+
+def os_cpus(data: dict) -> int | None:
+    cpu = data.get("machine_info", {}).get("cpu", {})
+    return cpu.get("count") or data.get("machine_info", {}).get("sdpo_bench", {}).get("logical_cpus")
+
+
 def is_cpu(data: dict, rows: list[dict]) -> bool:
     kind = data.get("machine_info", {}).get("sdpo_bench", {}).get("device_kind")
     return kind == "cpu" or (kind is None and all(r["extra"].get("device", "cpu") == "cpu" for r in rows))
@@ -211,6 +228,13 @@ def render_markdown(path: Path, data: dict, rows: list[dict], chosen: dict) -> s
         "Extra peak memory is measured on top of the live inputs (see bench/README.md for the method); "
         "`peak / [N,V]` divides it by the bytes of one [N, V] tensor in the input dtype."
     )
+    if loaded(data, rows):
+        lines += [
+            "",
+            "**Load warning**: the 1-minute load average during some timed rounds was close to or above the "
+            "number of logical CPUs (other processes shared the machine); those times are inflated and noisy. "
+            "Memory numbers are unaffected.",
+        ]
     lines.append("")
     lines += loss_goal_lines(rows)
     by_group = defaultdict(list)
@@ -235,7 +259,8 @@ def render_png(path: Path, data: dict, rows: list[dict], out: Path) -> None:
     fig, axes = plt.subplots(len(groups), 2, figsize=(14, 4.8 * len(groups)), squeeze=False)
     device = data.get("machine_info", {}).get("sdpo_bench", {}).get("device_name", "")
     tag = "CPU" if is_cpu(data, rows) else "GPU"
-    fig.suptitle(f"{path.stem} [{tag}] — {device}", fontsize=11)
+    note = " — machine shared during timing (high load): times noisy" if loaded(data, rows) else ""
+    fig.suptitle(f"{path.stem} [{tag}] — {device}{note}", fontsize=11)
     for gi, group in enumerate(groups):
         grows = by_group[group]
         shapes = sorted({(r["shape"], r["dtype"]) for r in grows})
