@@ -2,6 +2,7 @@
 
     python bench/render.py                      # every bench/results/*.json
     python bench/render.py bench/results/cpu-2026-11-22.json [--baseline trl_eager]
+    python bench/render.py a.json b.json --out bench/results/gpu-h100-2026-11-22   # merged
 
 For each JSON file, writes `<stem>.md` and `<stem>.png` next to it. Generic over suites: rows are
 grouped by the benchmark `group`; within a group, `extra_info` supplies the implementation
@@ -305,8 +306,12 @@ def render_png(path: Path, data: dict, rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def render(path: Path, baselines: tuple[str, ...]) -> tuple[Path, Path]:
-    data, rows = load_rows(path)
+def render(paths: list[Path], baselines: tuple[str, ...], out: Path | None = None) -> tuple[Path, Path]:
+    """Render one JSON next to itself, or several merged into `out` (.md/.png; machine info of the first)."""
+    data, rows = load_rows(paths[0])
+    for p in paths[1:]:
+        rows += load_rows(p)[1]
+    path = out or paths[0]
     chosen = add_speedups(rows, baselines)
     md, png = path.with_suffix(".md"), path.with_suffix(".png")
     md.write_text(render_markdown(path, data, rows, chosen) + "\n")
@@ -321,13 +326,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--baseline", action="append", help="baseline impl for the speedup column (repeatable, first found wins)"
     )
+    ap.add_argument("--out", type=Path, help="merge all inputs into OUT.md / OUT.png instead of one pair per JSON")
     args = ap.parse_args(argv)
     baselines = tuple(args.baseline) if args.baseline else DEFAULT_BASELINES
     files = []
     for p in args.paths or [RESULTS]:
         files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+    if args.out:
+        md, png = render(files, baselines, args.out)
+        print(f"{len(files)} files -> {md}, {png}")
+        return
     for f in files:
-        md, png = render(f, baselines)
+        md, png = render([f], baselines)
         print(f"{f} -> {md.name}, {png.name}")
 
 
