@@ -1,0 +1,134 @@
+"""`sdpo` command line: `sdpo train --config cfg.yaml` (TRL-style) and `sdpo demo`.
+
+sdpo train --config examples/sdpo_tiny.yaml          # or flags: --model_name_or_path ... --dataset_name ...
+sdpo demo --out demo_out
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on (the model comes from TRL's `ModelConfig.model_name_or_path`: hub id or local path).
+
+    Everything else is an `SDPOConfig` field (TRL's GRPO options included) or a `ModelConfig` field."""
+
+    dataset_name: str = field(
+        default=None, metadata={"help": "Hub dataset name, a local dataset dir, or a .json/.jsonl/.csv/.parquet file."}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Training split."})
+    dataset_test_split: str | None = field(default=None, metadata={"help": "Optional evaluation split."})
+    reward_funcs: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Reward functions by import path, e.g. `my_pkg.rewards:accuracy` or `my_pkg.rewards.accuracy`."
+        },
+    )
+    feedback_column: str | None = field(
+        default=None, metadata={"help": "Dataset column forwarded as `privileged_context` (environment feedback)."}
+    )
+
+
+def import_callable(path: str):
+    """Import `pkg.mod:name` or `pkg.mod.name`; a clear ValueError when it cannot be found or called."""
+    module_name, sep, attr = path.partition(":")
+    if not sep:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"reward_funcs entry {path!r} must look like 'package.module:function'.")
+    sys.path.insert(0, os.getcwd())  # allow reward modules next to the config
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import reward function {path!r}: {e}") from e
+    if not callable(obj):
+        raise ValueError(f"reward function {path!r} is not callable.")
+    return obj
+
+
+def load_dataset_any(name: str, config: str | None = None):
+    """A hub dataset, a `save_to_disk` directory, or a local data file (json/jsonl/csv/parquet)."""
+    import datasets
+
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_dict.json")):
+        return datasets.load_from_disk(name)
+    if os.path.isdir(name) and os.path.exists(os.path.join(name, "dataset_info.json")):
+        return datasets.DatasetDict({"train": datasets.load_from_disk(name)})
+    ext = os.path.splitext(name)[1].lstrip(".").lower()
+    if os.path.isfile(name):
+        kind = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}.get(ext)
+        if kind is None:
+            raise ValueError(f"dataset_name {name!r}: unsupported file type {ext!r} (json, jsonl, csv, parquet).")
+        return datasets.load_dataset(kind, data_files=name)
+    return datasets.load_dataset(name, config)
+
+
+def train(argv: list[str]) -> None:
+    from trl import ModelConfig, TrlParser, get_peft_config
+
+    from .config import SDPOConfig
+    from .trainer import SDPOTrainer
+
+    parser = TrlParser((ScriptArguments, SDPOConfig, ModelConfig), prog="sdpo train")
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required (hub id or local path).")
+    if not script_args.dataset_name:
+        raise ValueError("dataset_name is required (hub name, local dir, or data file).")
+    if not script_args.reward_funcs:
+        raise ValueError("reward_funcs is required: at least one import path like 'my_pkg.rewards:accuracy'.")
+    model_id = model_args.model_name_or_path
+    init_kwargs = dict(training_args.model_init_kwargs or {})
+    if model_args.dtype not in (None, "auto"):
+        init_kwargs.setdefault("dtype", model_args.dtype)
+    if model_args.attn_implementation is not None:
+        init_kwargs.setdefault("attn_implementation", model_args.attn_implementation)
+    training_args.model_init_kwargs = init_kwargs or None
+
+    data = load_dataset_any(script_args.dataset_name, script_args.dataset_config)
+    if script_args.feedback_column:
+        data = data.rename_column(script_args.feedback_column, "privileged_context")
+    rewards = [import_callable(p) for p in script_args.reward_funcs]
+    trainer = SDPOTrainer(
+        model=model_id,
+        reward_funcs=rewards,
+        args=training_args,
+        train_dataset=data[script_args.dataset_train_split],
+        eval_dataset=data[script_args.dataset_test_split] if script_args.dataset_test_split else None,
+        peft_config=get_peft_config(model_args),
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+
+
+def demo(argv: list[str]) -> None:
+    from .demo import DemoSettings, run_demo
+
+    p = argparse.ArgumentParser(prog="sdpo demo", description="Offline SDPO vs GRPO demo on a tiny char model.")
+    p.add_argument("--out", default="demo_out", help="output directory (metrics.jsonl, curves.png)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rl_steps", type=int, default=DemoSettings.rl_steps)
+    p.add_argument("--warmup_steps", type=int, default=DemoSettings.warmup_steps)
+    a = p.parse_args(argv)
+    run_demo(DemoSettings(out=a.out, seed=a.seed, rl_steps=a.rl_steps, warmup_steps=a.warmup_steps))
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = {"train": train, "demo": demo}
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+        print(__doc__.strip())
+        print("\ncommands: train (real runs, TrlParser: --config cfg.yaml), demo (offline tiny demo)")
+        sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
+    commands[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    main()
