@@ -63,12 +63,28 @@ def topk_lowest_index(z: torch.Tensor, k: int) -> torch.Tensor:
     torch.topk leaves the choice among tied values unspecified; this resolves it the way the
     Triton kernel does (lowest vocabulary index wins). Rows are returned in index order.
     """
-    kth = torch.topk(z, k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    above = z > kth
+    values, index = torch.topk(z, k, dim=-1, sorted=False)
+    kth = values.amin(-1, keepdim=True)
     at_kth = z == kth
+    if bool(((values == kth).sum(-1) == at_kth.sum(-1)).all()):
+        return index  # every entry equal to the K-th value was taken: no tie to resolve
+    above = z > kth
     room = k - above.sum(-1, keepdim=True)
     keep = above | (at_kth & (at_kth.cumsum(-1) <= room))
     return keep.nonzero()[:, 1].view(z.shape[0], k)
+
+
+def _lse_and_tail(x: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """LSE(x) and the exact LSE over the entries outside `support`, from one exp pass.
+
+    The support's terms are zeroed in place and the rest summed again: no 1 - Σp cancellation.
+    """
+    hi = x.amax(-1, keepdim=True)
+    hi = torch.where(torch.isfinite(hi), hi, torch.zeros_like(hi))
+    e = torch.exp(x - hi)
+    lse = torch.log(e.sum(-1)) + hi.squeeze(-1)
+    e.scatter_(-1, support, 0.0)
+    return lse, torch.log(e.sum(-1)) + hi.squeeze(-1)
 
 
 def _importance_weight(
@@ -89,7 +105,11 @@ def _forward_chunk(
 ) -> tuple[torch.Tensor, RowStats]:
     z = scaled(student, config)
     u = scaled(teacher, config)
-    lse_z = torch.logsumexp(z, dim=-1)
+    support = topk_lowest_index(z, config.topk) if config.mode == "topk_logits" else None
+    if config.add_tail:
+        lse_z, lse_rest_z = _lse_and_tail(z, support)
+    else:
+        lse_z = torch.logsumexp(z, dim=-1)
     weight = None
     if completion_ids is not None:
         y = completion_ids.long().unsqueeze(-1)
@@ -113,16 +133,15 @@ def _forward_chunk(
         return loss * w, RowStats(lse_z, -w * d_sum, lse_teacher=lse_u, is_weight=w)
 
     # topk_logits
-    support = topk_lowest_index(z, config.topk)
     z_s = z.gather(-1, support)
     u_s = u.gather(-1, support)
     if config.add_tail:
-        lse_u = torch.logsumexp(u, dim=-1)
+        lse_u, lse_rest_u = _lse_and_tail(u, support)
         a = z_s - lse_z[:, None]
         b = u_s - lse_u[:, None]
-        # Exact tail log-mass LSE_{not S}(x) - LSE(x) (no 1 - sum(p) cancellation), floored as TRL.
-        a_tail = torch.logsumexp(z.scatter(-1, support, -math.inf), dim=-1) - lse_z
-        b_tail = torch.logsumexp(u.scatter(-1, support, -math.inf), dim=-1) - lse_u
+        # Exact tail log-mass LSE_{not S}(x) - LSE(x), floored as TRL.
+        a_tail = lse_rest_z - lse_z
+        b_tail = lse_rest_u - lse_u
         a_floored = ~(a_tail > TAIL_LOG_FLOOR)
         a_tail = a_tail.clamp(min=TAIL_LOG_FLOOR)
         b_tail = b_tail.clamp(min=TAIL_LOG_FLOOR)
@@ -198,9 +217,12 @@ def grad_chunk(
     gradient get an exactly zero gradient, even where the loss itself is not finite.
     """
     z = scaled(student, config)
-    p = torch.exp(z - stats.lse_student[:, None])
-    # Absent (-inf) entries get exactly zero, even in a row whose loss is infinite.
-    grad = torch.where(p > 0, p * stats.dense_coef[:, None], 0.0)
+    grad = torch.exp(z - stats.lse_student[:, None])
+    dense = stats.dense_coef[:, None]
+    if bool(torch.isfinite(dense).all()):
+        grad *= dense
+    else:  # absent (-inf) entries get exactly zero, even in a row whose loss is infinite
+        grad = torch.where(grad > 0, grad * dense, 0.0)
     if config.mode == "full_logits":
         a = z - stats.lse_student[:, None]
         b = scaled(teacher, config) - stats.lse_teacher[:, None]
