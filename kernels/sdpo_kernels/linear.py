@@ -237,17 +237,20 @@ def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     return torch.addmm(bias, hidden, weight.t())
 
 
+_OUT_DTYPE_ADDMM_FAILED: set[torch.device] = set()
+
+
 def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden: torch.Tensor) -> None:
     """acc += grad_logits^T @ hidden, without a [V, D] temporary where possible."""
     if acc.dtype == grad_logits.dtype:
         acc.addmm_(grad_logits.t(), hidden)
         return
-    if acc.device.type == "cuda":
+    if acc.device.type == "cuda" and acc.device not in _OUT_DTYPE_ADDMM_FAILED:
         try:  # float32 output of a 16-bit GEMM, accumulated in place (torch >= 2.8, as Liger does)
             torch.addmm(acc, grad_logits.t(), hidden, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
-            pass
+            _OUT_DTYPE_ADDMM_FAILED.add(acc.device)
     acc.add_(torch.mm(grad_logits.t(), hidden))
 
 
