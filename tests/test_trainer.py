@@ -256,10 +256,12 @@ def test_fused_linear_switch(tmp_path, monkeypatch):
     assert not make_trainer(tmp_path).use_fused_linear
 
 
-def test_fused_linear_path_equals_logits_path(tmp_path, monkeypatch):
-    linear = pytest.importorskip("sdpo_kernels.linear")
-    fn = linear.linear_self_distillation_loss
-    monkeypatch.setattr(sdpo_kernels, "linear_self_distillation_loss", fn, raising=False)
+def test_auto_uses_fused_linear_for_a_plain_linear_head(tmp_path):
+    trainer = make_trainer(tmp_path)
+    assert trainer.use_fused_linear and trainer._fused_linear_reason is None
+
+
+def test_fused_linear_path_equals_logits_path(tmp_path):
     kw = dict(
         full_logit_distillation=True,
         distillation_topk=5,
