@@ -608,3 +608,20 @@ def test_reference_backend_peak_memory():
     """With the reference backend's own work tensors: still ≤ 1/4 of [N, V] in top-K mode."""
     extra = _extra_over_grads("topk_logits", "reference")
     assert extra <= 0.25, extra
+
+
+def test_autocast_casts_float32_operands_like_linear():
+    inp = make_inputs(n=10, vocab=32, dim=8, dtype=torch.float32)
+    q = lambda *shape: torch.randint(-2, 3, shape) / 4  # exact in bf16, and so are the logits
+    inp.update(hs=q(10, 8).requires_grad_(), W=q(32, 8).requires_grad_(), ht=q(10, 8), Wt=q(32, 8),
+               bs=q(32).requires_grad_(), bt=q(32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fused(inp, mode="full_logits")
+    assert inp["W"].dtype == torch.float32
+    cast = {k: (v.to(torch.bfloat16) if k in ("hs", "W", "ht", "Wt", "bs", "bt") else v) for k, v in inp.items()}
+    want, per_want, _ = materialised(cast, mode="full_logits")
+    torch.testing.assert_close(out.per_token, per_want.detach(), rtol=1e-5, atol=1e-5)
+    ps = params(inp)
+    for a, b in zip(torch.autograd.grad(out.loss, ps), torch.autograd.grad(want, ps)):
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)

@@ -68,6 +68,11 @@ Hybrid (policy) term
     elementwise pass.
     Sequence-level importance sampling and TRL's `delta` (two-sided clipping) are not supported.
 
+Autocast
+    Inside `torch.autocast`, float32 hidden states / weights / biases are cast to the autocast
+    dtype first (as autocast does for `F.linear`; the casts are differentiable, so float32
+    parameters get float32 gradients), then the fused pass runs with autocast off.
+
 Return value
     A `LinearLossOutput`: a 2-tuple `(loss, per_token)` (so `loss, per_token = ...` unpacks) with
     attributes `.loss`, `.per_token` and `.policy_per_token` ([N] detached policy loss, None
@@ -467,6 +472,18 @@ def linear_self_distillation_loss(
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable scalar, `per_token`
         [...] detached ℓ; `out.policy_per_token` [...] detached policy loss (None without policy).
     """
+    if isinstance(student_hidden, torch.Tensor) and torch.is_autocast_enabled(student_hidden.device.type):
+        # As autocast runs F.linear: float32 operands in the autocast dtype (differentiable casts,
+        # so float32 parameters still receive their gradient); the fused pass runs without autocast.
+        cast_to = torch.get_autocast_dtype(student_hidden.device.type)
+        cast = lambda t: t.to(cast_to) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
+        with torch.autocast(student_hidden.device.type, enabled=False):
+            return linear_self_distillation_loss(
+                cast(student_hidden), cast(student_weight), cast(teacher_hidden), cast(teacher_weight),
+                completion_ids, old_logps, weights=weights, student_bias=cast(student_bias),
+                teacher_bias=cast(teacher_bias), mode=mode, topk=topk, alpha=alpha, add_tail=add_tail,
+                is_clip=is_clip, temperature=temperature, policy=policy, chunk_size=chunk_size, backend=backend,
+            )
     vocab, _ = _check_linear(student_hidden, student_weight, student_bias, "student")
     vocab_t, _ = _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")
     if vocab_t != vocab:
