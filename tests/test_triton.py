@@ -144,6 +144,7 @@ def test_non_contiguous_and_leading_dims(device):
     kw = dict(mode="topk_logits", topk=5, alpha=0.3, add_tail=True, is_clip=2.0)
     tri = _compare(device, z, u, y, old, g, **kw)
     assert tri[0].shape == (2, 3) and tri[1].shape == (2, 3, 80)
+    _compare(device, z, u.contiguous(), y, old, g, **kw)  # only the student needs the [B, T, V] form
     _compare(device, zt, zt.flip(0), y[0].repeat(2)[:6], old.flatten(), g.flatten(), **kw)
 
 
@@ -184,3 +185,20 @@ def test_blocks_that_cannot_enter_the_top_k_skip_the_merge(device, order):
     z = z.sort(-1, descending=order == "descending").values
     for add_tail in (True, False):
         _compare(device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=2.0)
+
+
+def test_sliced_logits_are_read_in_place(monkeypatch):
+    # logits[:, :-1] does not flatten to [N, V]: the kernels take its [B, T, V] strides instead of a copy.
+    from sdpo_kernels import functional, triton_backend
+
+    if not (INTERPRET or HAS_CUDA):
+        pytest.skip("no Triton execution target")
+    device = "cuda" if HAS_CUDA else "cpu"
+    logits = torch.randn(2, 5, 40, device=device)
+    seen = []
+    real_forward = triton_backend.forward
+    monkeypatch.setattr(
+        triton_backend, "forward", lambda s, t, *a: seen.append((s.data_ptr(), s.dim())) or real_forward(s, t, *a)
+    )
+    functional.self_distillation_loss(logits[:, :-1], logits[:, 1:], topk=3, backend="triton")
+    assert seen == [(logits.data_ptr(), 3)]

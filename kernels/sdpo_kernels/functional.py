@@ -29,6 +29,22 @@ def resolve_backend(backend: str, device: torch.device):
     return triton_backend
 
 
+def as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A [N, V] view of [..., V] logits, else a [B, T, V] view (e.g. `logits[:, :-1]`, whose
+    leading dims do not collapse), else (rare layouts) a copy."""
+    vocab = logits.shape[-1]
+    try:
+        return logits.view(-1, vocab)
+    except RuntimeError:
+        pass
+    if logits.dim() >= 3:
+        try:
+            return logits.view(-1, logits.shape[-2], vocab)
+        except RuntimeError:
+            pass
+    return logits.reshape(-1, vocab)
+
+
 def self_distillation_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -81,10 +97,11 @@ def self_distillation_loss(
     )
     impl = resolve_backend(backend, student_logits.device)
     rows_shape = student_logits.shape[:-1]
-    vocab = student_logits.shape[-1]
-    # reshape is a view whenever the leading dims collapse (a copy otherwise, e.g. logits[:, :-1]).
-    student = student_logits.reshape(-1, vocab)
-    teacher = teacher_logits.detach().reshape(-1, vocab)
+    student = as_rows(student_logits)
+    teacher = as_rows(teacher_logits.detach())
+    if student.dim() != teacher.dim():  # one is only a [B, T, V] view: give both that form
+        inner = student_logits.shape[-2]
+        student, teacher = (x.view(-1, inner, x.shape[-1]) for x in (student, teacher))
     ids = None if completion_ids is None else completion_ids.reshape(-1)
     old = None if (old_logps is None or config.is_clip is None) else old_logps.detach().reshape(-1)
     loss = SelfDistillationFunction.apply(student, teacher, ids, old, config, impl)

@@ -479,10 +479,24 @@ def linear_self_distillation_loss(
         cast = lambda t: t.to(cast_to) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
         with torch.autocast(student_hidden.device.type, enabled=False):
             return linear_self_distillation_loss(
-                cast(student_hidden), cast(student_weight), cast(teacher_hidden), cast(teacher_weight),
-                completion_ids, old_logps, weights=weights, student_bias=cast(student_bias),
-                teacher_bias=cast(teacher_bias), mode=mode, topk=topk, alpha=alpha, add_tail=add_tail,
-                is_clip=is_clip, temperature=temperature, policy=policy, chunk_size=chunk_size, backend=backend,
+                cast(student_hidden),
+                cast(student_weight),
+                cast(teacher_hidden),
+                cast(teacher_weight),
+                completion_ids,
+                old_logps,
+                weights=weights,
+                student_bias=cast(student_bias),
+                teacher_bias=cast(teacher_bias),
+                mode=mode,
+                topk=topk,
+                alpha=alpha,
+                add_tail=add_tail,
+                is_clip=is_clip,
+                temperature=temperature,
+                policy=policy,
+                chunk_size=chunk_size,
+                backend=backend,
             )
     vocab, _ = _check_linear(student_hidden, student_weight, student_bias, "student")
     vocab_t, _ = _check_linear(teacher_hidden, teacher_weight, teacher_bias, "teacher")

@@ -183,11 +183,12 @@ def forward(
     """Per-token loss and row statistics.
 
     Args:
-        student, teacher: [N, V] logits (float32/bfloat16/float16), any strides.
+        student, teacher: [N, V] (or [B, T, V], flattened here) logits, any strides.
         completion_ids: [N] int or None; old_logps: [N] float or None.
     Returns:
         loss [N] float32 and the `RowStats` for `backward`.
     """
+    student, teacher = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     n, vocab = student.shape
     step = rows_per_chunk(vocab)
     losses, stats = [], []
@@ -241,13 +242,16 @@ def backward(
     grad_loss: torch.Tensor,
     config: LossConfig,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the student logits [N, V] in the student's dtype (contiguous)."""
+    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous."""
+    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    student = student.reshape(-1, student.shape[-1])
+    teacher = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
     n, vocab = student.shape
-    out = torch.empty((n, vocab), dtype=student.dtype, device=student.device)
+    flat = out.view(n, vocab)
     step = rows_per_chunk(vocab)
     for lo in range(0, n, step):
         hi = min(n, lo + step)
         chunk_stats = RowStats.from_tensors([None if t is None else t[lo:hi] for t in stats.tensors()])
         t_chunk = None if teacher is None else teacher[lo:hi]
-        out[lo:hi] = grad_chunk(student[lo:hi], t_chunk, chunk_stats, grad_loss[lo:hi], config)
+        flat[lo:hi] = grad_chunk(student[lo:hi], t_chunk, chunk_stats, grad_loss[lo:hi], config)
     return out

@@ -1,8 +1,8 @@
 """Triton backend: thin launchers that check shapes and run the kernels.
 
 Module API identical to `reference.py`: `forward(...) -> (loss, RowStats)` and
-`backward(...) -> grad`, on [N, V] row views of any strides (no copies are made). CUDA
-tensors, or CPU tensors under TRITON_INTERPRET=1.
+`backward(...) -> grad`, on [N, V] or [B, T, V] row views of any strides (no copies are made;
+`logits[:, :-1]` is read in place). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
 """
 
 from __future__ import annotations
@@ -36,14 +36,32 @@ def _alpha_args(config: LossConfig) -> tuple[float, float, float]:
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
-    if student.dim() != 2 or teacher.shape != student.shape:
+    if student.dim() not in (2, 3) or teacher.shape != student.shape:
         raise ValueError(
-            f"expected [N, V] student and teacher rows, got {tuple(student.shape)}, {tuple(teacher.shape)}"
+            f"expected [N, V] or [B, T, V] student and teacher rows, got {tuple(student.shape)}, {tuple(teacher.shape)}"
         )
     if student.dtype == torch.float64:
         raise ValueError("the triton backend takes float32/bfloat16/float16 logits; float64 needs backend='reference'")
-    if student.shape[1] >= 2**31:
+    if student.shape[-1] >= 2**31:
         raise ValueError("vocabulary sizes >= 2**31 are not supported")
+
+
+def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
+    """Row strides of two same-shape [N, V] / [B, T, V] views, as the kernels' `row_offset` takes them."""
+
+    def strides(x: torch.Tensor) -> tuple[int, int]:
+        return (0, x.stride(0)) if x.dim() == 2 else (x.stride(0), x.stride(1))
+
+    (s_outer, s_inner), (t_outer, t_inner) = strides(student), strides(teacher)
+    return dict(
+        rows_inner=max(1, student.shape[-2]),
+        stride_s_outer=s_outer,
+        stride_s_inner=s_inner,
+        stride_s_col=student.stride(-1),
+        stride_t_outer=t_outer,
+        stride_t_inner=t_inner,
+        stride_t_col=teacher.stride(-1),
+    )
 
 
 def forward(
@@ -55,7 +73,8 @@ def forward(
 ) -> tuple[torch.Tensor, RowStats]:
     """Per-token loss [N] float32 and the row stats; see `reference.forward`."""
     _check(student, teacher)
-    n, vocab = student.shape
+    vocab = student.shape[-1]
+    n = student.numel() // vocab
     dev = student.device
     f32 = dict(dtype=torch.float32, device=dev)
     loss = torch.empty(n, **f32)
@@ -67,10 +86,7 @@ def forward(
     alpha, log_alpha, log1m_alpha = _alpha_args(config)
     common = dict(
         n_cols=vocab,
-        stride_s_row=student.stride(0),
-        stride_s_col=student.stride(1),
-        stride_t_row=teacher.stride(0),
-        stride_t_col=teacher.stride(1),
+        **_row_layout(student, teacher),
         inv_temp=config.inv_temperature,
         alpha=alpha,
         log_alpha=log_alpha,
@@ -124,9 +140,10 @@ def backward(
     grad_loss: torch.Tensor,
     config: LossConfig,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the student logits [N, V], student dtype, contiguous."""
-    n, vocab = student.shape
-    grad = torch.empty((n, vocab), dtype=student.dtype, device=student.device)
+    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous."""
+    vocab = student.shape[-1]
+    n = student.numel() // vocab
+    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
     if n == 0:
         return grad
     full = config.mode == "full_logits"
@@ -144,10 +161,7 @@ def backward(
         stats.is_weight if full else stats.lse_student,
         n_cols=vocab,
         n_sparse=n_sparse,
-        stride_s_row=student.stride(0),
-        stride_s_col=student.stride(1),
-        stride_t_row=teacher_arg.stride(0),
-        stride_t_col=teacher_arg.stride(1),
+        **_row_layout(student, teacher_arg),
         inv_temp=config.inv_temperature,
         alpha=alpha,
         log_alpha=log_alpha,

@@ -10,7 +10,7 @@ Only full_logits reads the teacher again. Rows whose upstream gradient is 0 get 
 import triton
 import triton.language as tl
 
-from .triton_math import divergence_terms
+from .triton_math import divergence_terms, row_offset
 
 
 @triton.jit
@@ -27,9 +27,12 @@ def grad_kernel(
     weight_ptr,
     n_cols,
     n_sparse,
-    stride_s_row,
+    rows_inner,
+    stride_s_outer,
+    stride_s_inner,
     stride_s_col,
-    stride_t_row,
+    stride_t_outer,
+    stride_t_inner,
     stride_t_col,
     inv_temp,
     alpha,
@@ -42,8 +45,8 @@ def grad_kernel(
     ALPHA_KIND: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * stride_s_row
-    teacher_row = teacher_ptr + row * stride_t_row
+    student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
+    teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
     grad_row = grad_ptr + row * n_cols
     out_ty = grad_ptr.dtype.element_ty
     g = tl.load(grad_loss_ptr + row).to(tl.float32) * inv_temp

@@ -8,7 +8,7 @@ LSEs are needed before any term of the generalised JSD) for D and Σ ∂D/∂a.
 import triton
 import triton.language as tl
 
-from .triton_math import divergence_terms, importance_weight, online_lse_step
+from .triton_math import divergence_terms, importance_weight, online_lse_step, row_offset
 
 
 @triton.jit
@@ -25,9 +25,12 @@ def lse_forward_kernel(
     lse_teacher_ptr,
     weight_ptr,
     n_cols,
-    stride_s_row,
+    rows_inner,
+    stride_s_outer,
+    stride_s_inner,
     stride_s_col,
-    stride_t_row,
+    stride_t_outer,
+    stride_t_inner,
     stride_t_col,
     inv_temp,
     alpha,
@@ -40,8 +43,8 @@ def lse_forward_kernel(
     HAS_IS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * stride_s_row
-    teacher_row = teacher_ptr + row * stride_t_row
+    student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
+    teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
     neg_inf = float("-inf")
     block = tl.arange(0, BLOCK_V)
     m_z = tl.full([], neg_inf, tl.float32)

@@ -62,6 +62,12 @@ def decode_key(key):
 
 
 @triton.jit
+def row_offset(row, rows_inner, stride_outer, stride_inner):
+    """Element offset of token row `row` in a [B, T, V] view (T = rows_inner): no copies of sliced logits."""
+    return (row // rows_inner) * stride_outer + (row % rows_inner) * stride_inner
+
+
+@triton.jit
 def online_lse_step(m, s, x):
     """One block of a streaming log-sum-exp.
 

@@ -17,7 +17,7 @@ the row statistics for the backward pass (see `stats.py`). Extra memory: O(K) pe
 import triton
 import triton.language as tl
 
-from .triton_math import decode_key, divergence_terms, importance_weight, online_lse_step, order_key
+from .triton_math import decode_key, divergence_terms, importance_weight, online_lse_step, order_key, row_offset
 
 
 @triton.jit
@@ -32,9 +32,12 @@ def topk_forward_kernel(
     index_ptr,
     coef_ptr,
     n_cols,
-    stride_s_row,
+    rows_inner,
+    stride_s_outer,
+    stride_s_inner,
     stride_s_col,
-    stride_t_row,
+    stride_t_outer,
+    stride_t_inner,
     stride_t_col,
     topk,
     inv_temp,
@@ -50,8 +53,8 @@ def topk_forward_kernel(
     HAS_IS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    student_row = student_ptr + row * stride_s_row
-    teacher_row = teacher_ptr + row * stride_t_row
+    student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
+    teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
     neg_inf = float("-inf")
     low32 = (tl.full([], 1, tl.int64) << 32) - 1
     # Padding key: (-inf, index 2**32 - 1) sorts below every real key, decodes to an index >= V.
