@@ -161,5 +161,8 @@ def check_completion_ids(
         )
     if completion_ids.device != device:
         raise ValueError(f"completion_ids must be on {device}, got {completion_ids.device}")
-    if completion_ids.numel() and (int(completion_ids.min()) < 0 or int(completion_ids.max()) >= vocab):
-        raise ValueError(f"completion_ids must lie in [0, {vocab}), got values outside")
+    if completion_ids.numel():
+        # One host sync per call: an out-of-range id would otherwise read outside the logits row.
+        lo, hi = (int(v) for v in torch.aminmax(completion_ids))
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"completion_ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
