@@ -254,7 +254,9 @@ def test_linear_fwd_bwd(benchmark, case: LinearCase, impl: str):
         step()  # warm-up round, also sizes the number of rounds
         first_s = time.perf_counter() - t0
     rounds = _rounds(case, first_s)
+    load_before = os.getloadavg()[0]
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=0)
+    load_after = os.getloadavg()[0]
     # Memory after timing, in one separate step (the CPU method runs the profiler).
     peak = harness.peak_extra_bytes(step, case.device)
     fp32_nv = case.n * case.v * 4
@@ -276,6 +278,7 @@ def test_linear_fwd_bwd(benchmark, case: LinearCase, impl: str):
             "peak_mem_nv": peak / case.nv_bytes,
             "peak_mem_nv_fp32": peak / fp32_nv,
             "weight_grad_nv_fp32": case.v * case.d * x.w.element_size() / fp32_nv,
-            "loadavg_1min": os.getloadavg()[0],
+            # 1-minute load average around the timed rounds: other work on the machine shows up here.
+            "loadavg_1min": [load_before, load_after],
         }
     )
