@@ -40,16 +40,24 @@ Teacher and tied weights
     weight gets exactly the student's gradient.
 
 Sharded lm_head (DeepSpeed ZeRO-3, FSDP)
-    The fused call needs the full [V, D] weight on every rank (each rank computes its own token
-    rows against the whole vocabulary). Gather it around the call, e.g.
-    `with deepspeed.zero.GatheredParameters([lm_head.weight], modifier_rank=None): ...` for ZeRO-3
-    (the gathered parameter is the one autograd accumulates into, and ZeRO re-partitions its
-    gradient), or FSDP1's `FullyShardedDataParallel.summon_full_params(lm_head, with_grads=False)`
-    / FSDP2's `lm_head.unshard()` (or running the loss inside the FSDP module's forward, where
-    the weight is already unsharded). Call *the module's parameter* (not a detached copy) so the
-    weight gradient reaches the sharded optimizer state; pass the gathered weight as
-    `teacher_weight` too when the teacher shares it. Vocabulary-parallel (tensor-parallel)
-    heads are not supported: top-K and LSE need the whole vocabulary row.
+    The fused call reads the [V, D] weight directly (it never calls the lm_head module), and needs
+    all of it on every rank: each rank computes its own token rows against the whole vocabulary.
+    So the trainer gathers the weight around the call and passes *the module's parameter* (not a
+    detached copy), so that the weight gradient reaches the sharded optimizer state:
+    - DeepSpeed ZeRO-3: `with deepspeed.zero.GatheredParameters([lm_head.weight, lm_head.bias]):`
+      (TRL's `trl.trainer.utils.maybe_gather_lm_head_ctx(lm_head.weight, lm_head.bias)` does this
+      and is a no-op without ZeRO-3 or when the weight is already available, e.g. tied embeddings).
+      The gradients are computed during the forward and only scaled in the backward, so the
+      backward needs no gathered weight; but ZeRO-3 reduces gradients through hooks armed by the
+      model's forward, so run the loss inside the wrapped model's forward (TRL's
+      `trl.models.utils._ForwardRedirection`, as TRL does for Liger's fused losses).
+    - FSDP (1 and 2): call the loss inside the root FSDP module's forward (the same forward
+      redirection), where the parameters are unsharded and gradient reduce-scatter is armed.
+      `FullyShardedDataParallel.summon_full_params` is for evaluation only (gradients computed
+      inside it do not reach the shards).
+    Pass the gathered weight as `teacher_weight` too when the teacher shares it (tied weights are
+    supported: the teacher side never produces a gradient). Vocabulary-parallel
+    (tensor-parallel) heads are not supported: top-K and LSE need the whole vocabulary row.
 
 Hybrid (policy) term
     `policy=dict(advantages=[N], epsilon_low=, epsilon_high=, weights=[N])` adds
