@@ -1,6 +1,6 @@
 """`sdpo` command line: `sdpo train --config cfg.yaml` (TRL-style) and `sdpo demo`.
 
-sdpo train --config examples/sdpo_tiny.yaml          # or flags: --model_name_or_path ... --dataset_name ...
+sdpo train --config examples/sdpo_config.yaml          # or flags: --model_name_or_path ... --dataset_name ...
 sdpo demo --out demo_out
 """
 
