@@ -1,13 +1,30 @@
 """Offline demo: SDPO vs a GRPO baseline on a tiny char-level model, on CPU, in a few minutes.
 
-Task (verifiable, with textual environment feedback): reverse a 3-letter string over "abcde",
-e.g. prompt "abd>" -> completion "dba". Reward 1 for an exact answer, else 0. The environment's
-feedback (the dataset's `privileged_context`) is what a unit test prints on failure: "expected dba".
+Task (verifiable, with textual environment feedback): reverse a 3-letter string over "abcdef",
+e.g. prompt "abd>" -> completion "dba" (216 strings: 100 for training, 116 held out). Reward 1 for an exact
+answer, else 0. The environment's feedback (the dataset's `privileged_context`) is what a unit test prints on
+failure: "expected dba". This is the most informative feedback possible; it is what makes the teacher good.
 
-Steps: (1) build a char tokenizer and a tiny Llama in code; (2) a short supervised warm-up that teaches
-the direct task on a *part* of the training strings, and teaches the model to use a demonstration or
-feedback placed in its context; (3) from the same weights and seed, SDPO and GRPO runs; held-out
-(never-seen) strings measure generalisation. Writes metrics JSONL, a PNG, and prints a one-line verdict.
+Regime. SDPO's claim is about *sparse* reward with *rich* feedback: when no rollout of a group succeeds, GRPO's
+group-relative advantage is zero and it learns nothing from that group, while SDPO's teacher (the same model
+re-prompted with the feedback and/or a successful sibling) still gives token-level credit. The warm-up is built
+to land there: it shows direct answers for only `direct_fraction` (8%) of the training strings, so the policy
+starts at ~10-20% sampled success on training prompts (logged as `train_sampled_success`; most groups are
+all-fail or all-success, see `frac_reward_zero_std`), yet it copies an answer shown in its context perfectly
+(`train_accuracy_with_feedback` = 1.0), i.e. the self-teacher is good.
+
+Steps, repeated for `num_seeds` seeds (each seed: its own train/held-out split, init and warm-up):
+(1) char tokenizer + tiny Llama built in code; (2) supervised warm-up (above); (3) from the same weights and
+seed, an SDPO run and a GRPO run with identical lr, steps, batch (4 prompts x 8 generations), temperature and
+loss aggregation. SDPO uses the library defaults (distillation_only, sampled-token reverse KL, EMA teacher at
+the default rate, successful siblings as demonstrations) plus `include_environment_feedback=True` and
+task-sized templates; nothing is tuned per method. Held-out (never-trained) strings measure generalisation.
+Writes `metrics.jsonl` (one row per step and per eval, with `seed`), `curves.png` (held-out accuracy and
+reward vs step, per-seed thin lines and seed means) and prints a verdict computed from the data (`verdict`).
+
+The gap is modest and varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and
+held-out accuracy is a noisy 116-string greedy eval), which is why several seeds are run and the verdict
+only names a winner that is ahead on the mean AND in most seeds.
 """
 
 from __future__ import annotations
@@ -17,12 +34,12 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
-ALPHABET = "abcde"
+ALPHABET = "abcdef"
 REPROMPT = "{solution}{feedback}{prompt}"  # hint first: the completion directly follows the question
 SOLUTION = "ans {successful_previous_attempt};"
 FEEDBACK = "fb {feedback_raw};"
@@ -31,22 +48,25 @@ FEEDBACK = "fb {feedback_raw};"
 @dataclass
 class DemoSettings:
     out: str = "demo_out"
-    seed: int = 0
+    seed: int = 0  # first seed; the demo repeats the whole pipeline for seeds seed, seed+1, ...
+    num_seeds: int = 5
     hidden: int = 64
     layers: int = 2
     warmup_steps: int = 300
-    rl_steps: int = 60
+    rl_steps: int = 150
     eval_every: int = 10
     num_generations: int = 8
     prompts_per_step: int = 4
     learning_rate: float = 2e-3
-    direct_fraction: float = 0.4  # share of training strings whose direct answer the warm-up shows
+    direct_fraction: float = (
+        0.08  # share of training strings whose direct answer the warm-up shows (low: sparse reward)
+    )
 
 
 def _task(seed: int):
     strings = ["".join(p) for p in itertools.product(ALPHABET, repeat=3)]
     random.Random(seed).shuffle(strings)
-    return strings[:100], strings[100:]  # train, held-out
+    return strings[:100], strings[100:]  # train (100), held-out (116)
 
 
 def _prompt(s: str) -> str:
@@ -68,6 +88,7 @@ def _warmup(model, tok, train: list[str], s: DemoSettings) -> None:
         fb = FEEDBACK.format(feedback_raw=f"expected {x[::-1]}")
         examples.append((REPROMPT.format(solution=demo, feedback="", prompt=_prompt(x)), x[::-1]))
         examples.append((REPROMPT.format(solution="", feedback=fb, prompt=_prompt(x)), x[::-1]))
+        examples.append((REPROMPT.format(solution=demo, feedback=fb, prompt=_prompt(x)), x[::-1]))
     opt = torch.optim.AdamW(model.parameters(), lr=s.learning_rate)
     model.train()
     bar = tqdm(range(s.warmup_steps), desc="warm-up (supervised)", leave=False)
@@ -97,6 +118,8 @@ def accuracy(model, tok, strings: list[str], hint: str | None = None) -> float:
     prompts = [_prompt(x) for x in strings]
     if hint == "demo":
         prompts = [SOLUTION.format(successful_previous_attempt=x[::-1]) + p for x, p in zip(strings, prompts)]
+    elif hint == "feedback":
+        prompts = [FEEDBACK.format(feedback_raw=f"expected {x[::-1]}") + p for x, p in zip(strings, prompts)]
     was_training = model.training
     model.eval()
     enc = tok(prompts, return_tensors="pt", padding=True)
@@ -106,9 +129,23 @@ def accuracy(model, tok, strings: list[str], hint: str | None = None) -> float:
     return sum(t.strip() == x[::-1] for t, x in zip(texts, strings)) / len(strings)
 
 
+@torch.no_grad()
+def sampled_success(model, tok, strings: list[str], n: int = 8) -> float:
+    """Mean exact-match of `n` temperature-1 samples per prompt: the success rate RL rollouts start from."""
+    was_training = model.training
+    model.eval()
+    enc = tok([_prompt(x) for x in strings], return_tensors="pt", padding=True)
+    out = model.generate(
+        **enc, max_new_tokens=4, do_sample=True, temperature=1.0, num_return_sequences=n, pad_token_id=tok.pad_token_id
+    )
+    texts = tok.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
+    model.train(was_training)
+    return sum(t.strip() == strings[i // n][::-1] for i, t in enumerate(texts)) / len(texts)
+
+
 def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings, log) -> None:
     from datasets import Dataset
-    from transformers import ProgressCallback, TrainerCallback
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
     from sdpo import SDPOConfig, SDPOTrainer
@@ -142,13 +179,10 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
     if method == "sdpo":
         args = SDPOConfig(
             **common,
-            sdpo_policy_loss_mode="distillation_only",
-            include_environment_feedback=True,
-            environment_feedback_only_without_solution=True,
+            include_environment_feedback=True,  # the task's feedback column; every other SDPO knob at its default
             reprompt_template=REPROMPT,
             solution_template=SOLUTION,
             feedback_template=FEEDBACK,
-            teacher_update_rate=0.1,
             diagnostics_warning_interval=0,
         )
         trainer_cls = SDPOTrainer
@@ -160,7 +194,9 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
         def on_log(self, args_, state, control, logs=None, model=None, **kw):
             if logs is None or "reward" not in logs:
                 return
-            row = {"method": method, "step": state.global_step, "reward": logs["reward"]}
+            row = {"method": method, "seed": s.seed, "step": state.global_step, "reward": logs["reward"]}
+            if "frac_reward_zero_std" in logs:  # share of groups whose rewards are all equal (no GRPO signal)
+                row["frac_reward_zero_std"] = logs["frac_reward_zero_std"]
             if state.global_step % s.eval_every == 0 or state.global_step == s.rl_steps:
                 row["heldout_accuracy"] = accuracy(model, tok, heldout)
                 row["train_accuracy"] = accuracy(model, tok, train)
@@ -169,18 +205,27 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
                     row[k] = logs[k]
             log(row)
 
-    class QuietProgress(ProgressCallback):
-        def on_log(self, *a, **kw):  # keep the bar, drop the per-step metric dicts (they go to the JSONL)
-            pass
+    class Progress(TrainerCallback):  # one bar per run; per-step metric dicts go to the JSONL, not stdout
+        def on_train_begin(self, args_, state, control, **kw):
+            self.bar = tqdm(total=state.max_steps, desc=f"{method.upper()} seed {s.seed}", leave=False)
+
+        def on_step_end(self, args_, state, control, **kw):
+            self.bar.update(1)
+
+        def on_train_end(self, args_, state, control, **kw):
+            self.bar.close()
 
     trainer = trainer_cls(
         model=model, reward_funcs=reward_exact, args=args, train_dataset=ds, processing_class=tok, callbacks=[Eval()]
     )
+    # With transformers' verbosity at "error", Trainer picks PrinterCallback (prints every log dict) over its bar.
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(QuietProgress())
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(Progress())
     log(
         {
             "method": method,
+            "seed": s.seed,
             "step": 0,
             "heldout_accuracy": accuracy(model, tok, heldout),
             "train_accuracy": accuracy(model, tok, train),
@@ -189,32 +234,58 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
     trainer.train()
 
 
+def _series(rows: list[dict], method: str, key: str) -> dict[int, dict[int, float]]:
+    """{seed: {step: value}} for one method and metric."""
+    out: dict[int, dict[int, float]] = {}
+    for r in rows:
+        if r.get("method") == method and key in r:
+            out.setdefault(r.get("seed", 0), {})[r["step"]] = r[key]
+    return out
+
+
+def _mean_curve(per_seed: dict[int, dict[int, float]]) -> tuple[list[int], list[float]]:
+    """Mean over seeds at the steps every seed has."""
+    if not per_seed:
+        return [], []
+    steps = sorted(set.intersection(*(set(v) for v in per_seed.values())))
+    return steps, [sum(v[t] for v in per_seed.values()) / len(per_seed) for t in steps]
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for method, color in (("sdpo", "tab:blue"), ("grpo", "tab:orange")):
-        acc = [
-            (r["step"], r["heldout_accuracy"]) for r in rows if r.get("method") == method and "heldout_accuracy" in r
-        ]
-        rew = [(r["step"], r["reward"]) for r in rows if r.get("method") == method and "reward" in r]
-        if acc:
-            axes[0].plot(*zip(*acc), marker="o", color=color, label=method.upper())
-        if rew:
-            steps, vals = zip(*rew)
+        acc = _series(rows, method, "heldout_accuracy")
+        for curve in acc.values():  # one thin line per seed
+            axes[0].plot(*zip(*sorted(curve.items())), color=color, alpha=0.3, lw=1)
+        steps, mean = _mean_curve(acc)
+        if steps:
+            axes[0].plot(steps, mean, marker="o", color=color, lw=2.5, label=f"{method.upper()} (mean of {len(acc)})")
+        steps, vals = _mean_curve(_series(rows, method, "reward"))
+        if steps:
             k = 5  # moving average: per-step rewards over 32 rollouts are noisy
             smooth = [
                 sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1]) for i in range(len(vals))
             ]
-            axes[1].plot(steps, vals, color=color, alpha=0.25)
-            axes[1].plot(steps, smooth, color=color, label=f"{method.upper()} (5-step mean)")
-    axes[0].set(title="held-out accuracy (greedy)", xlabel="step", ylabel="exact match", ylim=(-0.02, 1.02))
-    axes[1].set(title="training reward (sampled rollouts)", xlabel="step", ylabel="mean reward", ylim=(-0.02, 1.02))
+            axes[1].plot(steps, vals, color=color, alpha=0.2)
+            axes[1].plot(steps, smooth, color=color, lw=2, label=f"{method.upper()} (seed mean, 5-step avg)")
+        steps, vals = _mean_curve(_series(rows, method, "frac_reward_zero_std"))
+        if steps:
+            smooth = [sum(vals[max(0, i - 9) : i + 1]) / len(vals[max(0, i - 9) : i + 1]) for i in range(len(vals))]
+            axes[2].plot(steps, smooth, color=color, lw=2, label=f"{method.upper()} (seed mean, 10-step avg)")
+    axes[0].set(
+        title="held-out accuracy (greedy, unseen strings)", xlabel="RL step", ylabel="exact match", ylim=(-0.02, 1.02)
+    )
+    axes[1].set(title="training reward (sampled rollouts)", xlabel="RL step", ylabel="mean reward", ylim=(-0.02, 1.02))
+    axes[2].set(
+        title="groups with equal rewards (GRPO advantage 0)", xlabel="RL step", ylabel="fraction", ylim=(-0.02, 1.02)
+    )
     for ax in axes:
-        ax.legend()
+        ax.legend(loc="lower left" if ax is axes[2] else "upper left")
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -222,19 +293,36 @@ def _plot(rows: list[dict], path: str) -> None:
 
 
 def verdict(rows: list[dict]) -> str:
-    """One line summarising what the curves show (final held-out accuracy and late reward per method)."""
+    """One line summarising what the curves show: final held-out accuracy (mean over seeds) and late reward.
+
+    A method is called ahead only when its mean final held-out accuracy is >= 0.05 higher AND it is strictly
+    ahead in a majority of seeds; otherwise the line says there is no clear difference.
+    """
     parts, finals = [], {}
     for method in ("sdpo", "grpo"):
-        acc = [r["heldout_accuracy"] for r in rows if r.get("method") == method and "heldout_accuracy" in r]
-        rew = [r["reward"] for r in rows if r.get("method") == method and "reward" in r]
-        late = sum(rew[-10:]) / max(len(rew[-10:]), 1)
-        finals[method] = acc[-1] if acc else float("nan")
-        parts.append(f"{method.upper()} held-out acc {acc[0]:.2f}->{acc[-1]:.2f}, last-10-step reward {late:.2f}")
-    diff = finals["sdpo"] - finals["grpo"]
-    if abs(diff) < 0.05:
-        call = "no clear difference in held-out accuracy"
+        acc = _series(rows, method, "heldout_accuracy")
+        finals[method] = {seed: v[max(v)] for seed, v in acc.items()}
+        first = sum(v[min(v)] for v in acc.values()) / max(len(acc), 1)
+        last = sum(finals[method].values()) / max(len(acc), 1)
+        rew = [
+            sum(list(v.values())[-10:]) / len(list(v.values())[-10:]) for v in _series(rows, method, "reward").values()
+        ]
+        late = sum(rew) / max(len(rew), 1)
+        tr = [v[max(v)] for v in _series(rows, method, "train_accuracy").values()]
+        train = f", train acc {sum(tr) / len(tr):.2f}" if tr else ""
+        parts.append(f"{method.upper()} held-out acc {first:.2f}->{last:.2f}{train}, last-10-step reward {late:.2f}")
+    seeds = sorted(set(finals["sdpo"]) & set(finals["grpo"]))
+    diffs = [finals["sdpo"][k] - finals["grpo"][k] for k in seeds]
+    diff = sum(diffs) / max(len(diffs), 1)
+    leader = "SDPO" if diff > 0 else "GRPO"
+    wins = sum((d > 0) if diff > 0 else (d < 0) for d in diffs)
+    if abs(diff) >= 0.05 and wins > len(diffs) / 2:
+        call = f"{leader} ahead by {abs(diff):.2f} mean held-out accuracy, ahead in {wins}/{len(diffs)} seeds"
     else:
-        call = f"{'SDPO' if diff > 0 else 'GRPO'} ahead by {abs(diff):.2f} held-out accuracy"
+        call = (
+            f"no clear difference in held-out accuracy (mean gap {diff:+.2f} SDPO-GRPO, "
+            f"SDPO ahead in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)"
+        )
     return f"VERDICT: {call} ({'; '.join(parts)})."
 
 
@@ -244,45 +332,55 @@ def run_demo(settings: DemoSettings | None = None) -> str:
 
     from .tiny import build_char_tokenizer, build_tiny_model
 
-    s = settings or DemoSettings()
-    os.makedirs(s.out, exist_ok=True)
+    base = settings or DemoSettings()
+    os.makedirs(base.out, exist_ok=True)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     hf_logging.set_verbosity_error()
-    torch.manual_seed(s.seed)
     start = time.time()
     tok = build_char_tokenizer(ALPHABET + " >;:" + "nsxpectdf")
-
-    def build():
-        return build_tiny_model(tok, hidden_size=s.hidden, num_layers=s.layers, seed=s.seed)
-
-    train, heldout = _task(s.seed)
-    model = build()
-    _warmup(model, tok, train, s)
-    init_state = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics_path = os.path.join(s.out, "metrics.jsonl")
+    metrics_path = os.path.join(base.out, "metrics.jsonl")
     rows: list[dict] = []
     with open(metrics_path, "w") as f:
-        warm = {
-            "method": "warmup",
-            "step": 0,
-            "heldout_accuracy": accuracy(model, tok, heldout),
-            "train_accuracy": accuracy(model, tok, train),
-            "train_accuracy_with_demonstration": accuracy(model, tok, train, hint="demo"),
-            "warmup_seconds": round(time.time() - start, 1),
-        }
-        f.write(json.dumps(warm) + "\n")
-        print(f"after warm-up: {warm}")
 
         def log(row):
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        for method in ("sdpo", "grpo"):
-            _run_rl(method, init_state, tok, build, train, heldout, s, log)
+        for seed in range(base.seed, base.seed + base.num_seeds):
+            s = replace(base, seed=seed)
+            torch.manual_seed(seed)
+
+            def build(seed=seed):
+                return build_tiny_model(tok, hidden_size=base.hidden, num_layers=base.layers, seed=seed)
+
+            train, heldout = _task(seed)
+            model = build()
+            _warmup(model, tok, train, s)
+            init_state = {k: v.clone() for k, v in model.state_dict().items()}
+            warm = {
+                "method": "warmup",
+                "seed": seed,
+                "step": 0,
+                "heldout_accuracy": accuracy(model, tok, heldout),
+                "train_accuracy": accuracy(model, tok, train),
+                "train_sampled_success": sampled_success(model, tok, train),
+                "train_accuracy_with_demonstration": accuracy(model, tok, train, hint="demo"),
+                "train_accuracy_with_feedback": accuracy(model, tok, train, hint="feedback"),
+                "seconds": round(time.time() - start, 1),
+            }
+            log(warm)
+            tqdm.write(f"seed {seed} after warm-up: {warm}")
+            for method in ("sdpo", "grpo"):
+                _run_rl(method, init_state, tok, build, train, heldout, s, log)
         line = verdict(rows)
         f.write(json.dumps({"verdict": line, "seconds": round(time.time() - start, 1)}) + "\n")
-    _plot(rows, os.path.join(s.out, "curves.png"))
-    print(f"wrote {metrics_path} and {os.path.join(s.out, 'curves.png')} in {time.time() - start:.0f}s")
+    _plot(rows, os.path.join(base.out, "curves.png"))
+    print(f"wrote {metrics_path} and {os.path.join(base.out, 'curves.png')} in {time.time() - start:.0f}s")
+    per_seed = _series(rows, "sdpo", "heldout_accuracy"), _series(rows, "grpo", "heldout_accuracy")
+    finals = ", ".join(
+        f"seed {k}: {v[max(v)]:.2f}/{per_seed[1][k][max(per_seed[1][k])]:.2f}" for k, v in per_seed[0].items()
+    )
+    print(f"final held-out accuracy SDPO/GRPO per seed: {finals}")
     print(line)
     return line
