@@ -471,17 +471,23 @@ class SDPOTrainer(GRPOTrainer):
         w_pol = self._weights(mask, inputs.get("num_items_in_batch"), mode) if hybrid else None
         # IS clipping uses the rollout log-probs when the rollout produced them.
         old = inputs.get("old_per_token_logps", inputs.get("sampling_per_token_logps"))
-        has_teacher = bool(dist_mask.any()) and args.distillation_weight != 0.0
+        # Every process runs the teacher forward when several do: under ZeRO-3 / FSDP it holds
+        # collectives, and a per-rank decision would leave the others waiting.
+        has_teacher = args.distillation_weight != 0.0 and (self.accelerator.num_processes > 1 or bool(dist_mask.any()))
         fused = self.use_fused_linear and has_teacher
 
         teacher_out = None
         if has_teacher:
-            if fused:
-                teacher_out = self._teacher_head(
-                    model, inputs, lambda h, lm: (h, lm.get_output_embeddings().weight, lm.get_output_embeddings().bias)
-                )
-            else:
-                teacher_out = self._teacher_head(model, inputs, head_logits)
+            # Under autocast like the student: fp32 weights with bf16=True give bf16 logits on both sides.
+            with self.accelerator.autocast():
+                if fused:
+                    teacher_out = self._teacher_head(
+                        model,
+                        inputs,
+                        lambda h, lm: (h, lm.get_output_embeddings().weight, lm.get_output_embeddings().bias),
+                    )
+                else:
+                    teacher_out = self._teacher_head(model, inputs, head_logits)
 
         def student_head(hidden: torch.Tensor, lm: nn.Module) -> dict[str, torch.Tensor]:
             if fused:
@@ -506,7 +512,11 @@ class SDPOTrainer(GRPOTrainer):
         out: dict[str, torch.Tensor] = {}
         if teacher_logits is not None:
             per_token = self_distillation_loss(
-                logits, teacher_logits, completion_ids, old, **distillation_loss_kwargs(self.args, self.temperature)
+                logits,
+                teacher_logits.to(logits.dtype),  # no copy when the dtypes already agree
+                completion_ids,
+                old,
+                **distillation_loss_kwargs(self.args, self.temperature),
             )
             loss = (per_token * w_dist).sum()
             out["distillation_per_token"] = per_token.detach()
@@ -550,11 +560,13 @@ class SDPOTrainer(GRPOTrainer):
         if w_pol is not None:
             adv = inputs["advantages"]
             adv = adv.unsqueeze(1).expand_as(w_pol) if adv.dim() == 1 else adv
+            ratio_old = inputs.get("old_per_token_logps")  # the ratio's (None: 1), as on the logits path
             policy = dict(
                 advantages=adv.reshape(-1)[flat],
                 epsilon_low=self.epsilon_low,
                 epsilon_high=self.epsilon_high,
                 weights=w_pol.reshape(-1)[flat],
+                old_logps=None if ratio_old is None else ratio_old.reshape(-1)[flat],
             )
         with maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None]):
             loss, per_token = sdpo_kernels.linear_self_distillation_loss(

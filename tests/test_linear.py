@@ -395,6 +395,21 @@ def test_policy_only_gradient_matches_trl():
     assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("policy_old", ["none", "own"])
+def test_policy_ratio_can_use_its_own_old_logps(policy_old):
+    """IS clipping with one set of old log-probs (e.g. vLLM's sampling ones), the ratio with another."""
+    inp = make_inputs(n=10)
+    pol = _policy(10)
+    own = None if policy_old == "none" else inp["old"] + 0.3 * torch.randn_like(inp["old"])
+    pol["old_logps"] = own
+    setting = dict(mode="topk_logits", topk=4, alpha=0.5, add_tail=True, temperature=0.9)
+    out = fused(inp, policy=pol, is_clip=1.5, **setting)
+    ls = inp["hs"] @ inp["W"].t() + inp["bs"]
+    want = materialised(inp, is_clip=1.5, **setting)[0]  # distillation term: IS with inp["old"]
+    want = want + (pol["weights"] * trl_policy_loss(ls, inp["ids"], own, pol["advantages"], 0.2, 0.28, 0.9)).sum()
+    assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # argument validation
 

@@ -261,7 +261,21 @@ def test_auto_uses_fused_linear_for_a_plain_linear_head(tmp_path):
     assert trainer.use_fused_linear and trainer._fused_linear_reason is None
 
 
-def test_fused_linear_path_equals_logits_path(tmp_path):
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_bf16_autocast_with_fp32_weights(tmp_path, fused):
+    # The teacher forward runs under the same autocast as the student: both give bf16 logits.
+    trainer = make_trainer(
+        tmp_path, bf16=True, distillation_fused_linear=fused, full_logit_distillation=True, distillation_topk=5
+    )
+    trainer.current_gradient_accumulation_steps = 1
+    trainer.model.train()
+    loss = trainer._compute_loss(trainer.model, manual_batch(trainer))
+    assert torch.isfinite(loss)
+    loss.backward()
+
+
+@pytest.mark.parametrize("rollout_logps", ["old_per_token_logps", "sampling_per_token_logps"])
+def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps):
     kw = dict(
         full_logit_distillation=True,
         distillation_topk=5,
@@ -281,7 +295,10 @@ def test_fused_linear_path_equals_logits_path(tmp_path):
             torch.manual_seed(3)
             for p in trainer.teacher.pairs()[0]:
                 p.add_(0.05 * torch.randn_like(p))
-        loss = trainer._compute_loss(trainer.model, manual_batch(trainer))
+        batch = manual_batch(trainer)
+        # vLLM rollouts may carry only sampling log-probs: IS clipping uses them, the policy ratio is 1.
+        batch[rollout_logps] = batch.pop("old_per_token_logps")
+        loss = trainer._compute_loss(trainer.model, batch)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)

@@ -118,6 +118,9 @@ __all__ = [
 DEFAULT_CHUNK_DIVISOR = 16
 REFERENCE_CHUNK_DIVISOR = 32
 POLICY_KEYS = ("advantages", "epsilon_low", "epsilon_high", "weights")
+# Optional: the policy ratio's own old log-probs (None: ratio 1), when they differ from the
+# `old_logps` used for IS clipping (e.g. a trainer clips with vLLM's sampling log-probs).
+POLICY_OPTIONAL_KEYS = ("old_logps",)
 
 
 def default_chunk_rows(n_rows: int, reference_backend: bool = False) -> int:
@@ -223,14 +226,21 @@ def _check_rows(x, name: str, rows_shape: torch.Size, device: torch.device) -> t
 def _check_policy(policy, rows_shape: torch.Size, device: torch.device, completion_ids) -> tuple:
     if not isinstance(policy, dict):
         raise ValueError(f"policy must be None or a dict with keys {POLICY_KEYS}, got {type(policy).__name__}")
-    unknown = sorted(set(policy) - set(POLICY_KEYS))
+    unknown = sorted(set(policy) - set(POLICY_KEYS) - set(POLICY_OPTIONAL_KEYS))
     missing = [k for k in POLICY_KEYS if k not in policy]
     if unknown or missing:
-        raise ValueError(f"policy must have exactly the keys {POLICY_KEYS}; missing {missing}, unknown {unknown}")
+        raise ValueError(
+            f"policy must have the keys {POLICY_KEYS} (optionally {POLICY_OPTIONAL_KEYS}); "
+            f"missing {missing}, unknown {unknown}"
+        )
     if completion_ids is None:
         raise ValueError("completion_ids is required when policy is given (the policy term needs log p(y))")
     adv = _check_rows(policy["advantages"], "policy['advantages']", rows_shape, device)
     pw = _check_rows(policy["weights"], "policy['weights']", rows_shape, device)
+    if policy.get("old_logps") is not None:
+        policy_old = _check_rows(policy["old_logps"], "policy['old_logps']", rows_shape, device)
+        if not policy_old.is_floating_point():
+            raise ValueError("policy['old_logps'] must be a floating-point tensor")
     eps = []
     for key in ("epsilon_low", "epsilon_high"):
         v = policy[key]
@@ -330,7 +340,7 @@ def _add_policy_dense(grad, logits, lse, policy_coef, config: LossConfig) -> Non
         grad[lo:hi] = (grad[lo:hi].to(work) - upd).to(grad.dtype)
 
 
-def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: _Plan):
+def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy_old, plan: _Plan):
     """Loss, per-token losses, policy per-token losses and (if planned) the parameter gradients."""
     config, backend = plan.config, plan.backend
     n = h_s.shape[0]
@@ -362,7 +372,7 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: 
         if plan.has_policy:
             y = c_ids.long()
             z_y = logits_s.gather(1, y[:, None]).squeeze(1).to(stats.lse_student.dtype) * config.inv_temperature
-            p_old = None if old is None else old[lo:hi]
+            p_old = None if policy_old is None else policy_old[lo:hi]
             p_loss, policy_coef = _policy_rows(
                 z_y, stats.lse_student, p_old, adv[lo:hi], pw[lo:hi], plan.epsilon_low, plan.epsilon_high
             )
@@ -404,9 +414,9 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: 
 
 class _LinearSelfDistillationFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan: _Plan):
+    def forward(ctx, h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy_old, plan: _Plan):
         total, per_token, policy_tok, grads = _fused_pass(
-            h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, plan
+            h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy_old, plan
         )
         ctx.grads = grads
         if policy_tok is None:
@@ -427,7 +437,7 @@ class _LinearSelfDistillationFunction(torch.autograd.Function):
             for t in (grad_h, grad_w, grad_b):
                 if t is not None:
                     t.mul_(grad_total.to(t.dtype))
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, *([None] * 10)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -473,7 +483,9 @@ def linear_self_distillation_loss(
         student_bias, teacher_bias: optional [V] lm_head biases (student: gradient flows).
         mode, topk, alpha, add_tail, is_clip, temperature: as in `self_distillation_loss`.
         policy: optional GRPO term for hybrid mode, `dict(advantages=[...], epsilon_low=float,
-            epsilon_high=float, weights=[...])`; adds Σ policy_weights · policy_loss.
+            epsilon_high=float, weights=[...])`; adds Σ policy_weights · policy_loss. An optional
+            `old_logps` key ([...] or None: ratio 1) gives the ratio its own old log-probs;
+            without it the ratio uses `old_logps`.
         chunk_size: rows per chunk (default `max(1, N // 16)`, `N // 32` with the reference backend).
         backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
     Returns:
@@ -562,10 +574,11 @@ def linear_self_distillation_loss(
     flat = lambda t: None if t is None else t.detach().reshape(n)
     ids = flat(completion_ids)
     old, weights, adv, pw = flat(old_logps), flat(weights), flat(adv), flat(pw)
+    policy_old = flat(policy.get("old_logps")) if policy is not None and "old_logps" in policy else old
 
     if plan.needs_grad:
         total, per_token, policy_tok = _LinearSelfDistillationFunction.apply(
-            h_s, student_weight, student_bias, h_t, w_t, b_t, ids, old, weights, adv, pw, plan
+            h_s, student_weight, student_bias, h_t, w_t, b_t, ids, old, weights, adv, pw, policy_old, plan
         )
         policy_tok = policy_tok if plan.has_policy else None
     else:
@@ -582,6 +595,7 @@ def linear_self_distillation_loss(
                 weights,
                 adv,
                 pw,
+                policy_old,
                 plan,
             )
     return LinearLossOutput(
