@@ -9,18 +9,19 @@ Regime. SDPO's claim is about *sparse* reward with *rich* feedback: when no roll
 group-relative advantage is zero and it learns nothing from that group, while SDPO's teacher (the same model
 re-prompted with the feedback and/or a successful sibling) still gives token-level credit. The warm-up is built
 to land there: it shows direct answers for only `direct_fraction` (8%) of the training strings, so the policy
-starts at ~10-20% sampled success on training prompts (logged as `train_sampled_success`; most groups are
+starts at ~5-20% sampled success on training prompts (logged as `train_sampled_success`; most groups are
 all-fail or all-success, see `frac_reward_zero_std`), yet it copies an answer shown in its context perfectly
 (`train_accuracy_with_feedback` = 1.0), i.e. the self-teacher is good.
 
 Steps, repeated for `num_seeds` seeds (each seed: its own train/held-out split, init and warm-up):
-(1) char tokenizer + tiny Llama built in code; (2) supervised warm-up (above); (3) from the same weights and
-seed, an SDPO run and a GRPO run with identical lr, steps, batch (4 prompts x 8 generations), temperature and
-loss aggregation. SDPO uses the library defaults (distillation_only, sampled-token reverse KL, EMA teacher at
-the default rate, successful siblings as demonstrations) plus `include_environment_feedback=True` and
-task-sized templates; nothing is tuned per method. Held-out (never-trained) strings measure generalisation.
-Writes `metrics.jsonl` (one row per step and per eval, with `seed`), `curves.png` (held-out accuracy and
-reward vs step, per-seed thin lines and seed means) and prints a verdict computed from the data (`verdict`).
+(1) char tokenizer + tiny Llama built in code; (2) supervised warm-up (above; it shows demonstration-only,
+feedback-only and both-in-context prompts); (3) from the same weights and seed, an SDPO run and a GRPO run with
+identical lr, steps, batch (4 prompts x 8 generations), temperature and loss aggregation. SDPO uses the library
+defaults (distillation_only, sampled-token reverse KL, EMA teacher at the default rate, successful siblings as
+demonstrations) plus `include_environment_feedback=True` and task-sized templates; nothing is tuned per method.
+Held-out (never-trained) strings measure generalisation. Writes `metrics.jsonl` (one row per step and per eval,
+with `seed`), `curves.png` (held-out accuracy, reward and share of equal-reward groups vs step; per-seed thin
+lines and seed means) and prints a verdict computed from the data (`verdict`).
 
 The gap is modest and varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and
 held-out accuracy is a noisy 116-string greedy eval), which is why several seeds are run and the verdict
