@@ -490,6 +490,12 @@ class SDPOTrainer(GRPOTrainer):
                     teacher_out = self._teacher_head(model, inputs, head_logits)
 
         def student_head(hidden: torch.Tensor, lm: nn.Module) -> dict[str, torch.Tensor]:
+            if teacher_out is None and w_pol is None:
+                # Nothing to learn from this batch: skip the output head, but keep every parameter in
+                # the graph (a zero loss) so that backward and DDP's gradient sync still run.
+                return {
+                    "loss": hidden.sum() * 0.0 + sum(p.sum() for p in lm.get_output_embeddings().parameters()) * 0.0
+                }
             if fused:
                 return self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
             return self._logits_losses(head_logits(hidden, lm), teacher_out, inputs, old, w_dist, w_pol)
@@ -569,7 +575,7 @@ class SDPOTrainer(GRPOTrainer):
                 old_logps=None if ratio_old is None else ratio_old.reshape(-1)[flat],
             )
         with maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None]):
-            loss, per_token = sdpo_kernels.linear_self_distillation_loss(
+            result = sdpo_kernels.linear_self_distillation_loss(
                 hidden.reshape(-1, d)[flat],
                 head.weight,
                 t_hidden.reshape(-1, d)[flat],
@@ -582,11 +588,15 @@ class SDPOTrainer(GRPOTrainer):
                 policy=policy,
                 **distillation_loss_kwargs(self.args, self.temperature),
             )
+        loss, per_token = result
         dist_tokens = torch.zeros_like(w_dist)
         dist_tokens.view(-1)[flat] = per_token.detach().to(dist_tokens.dtype)
         out = {"loss": loss, "distillation_per_token": dist_tokens}
         if w_pol is not None:
-            out["policy_loss"] = loss.detach() - (dist_tokens * w_dist).sum()
+            # The kernel's per-token policy losses (a difference of totals would cancel in float32).
+            policy_tokens = torch.zeros_like(w_pol)
+            policy_tokens.view(-1)[flat] = result.policy_per_token.to(policy_tokens.dtype)
+            out["policy_loss"] = (policy_tokens * w_pol).sum()
         return out
 
     def _log_loss_metrics(self, mode: str, out: dict[str, torch.Tensor], dist_mask, mask) -> None:
