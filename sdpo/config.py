@@ -13,6 +13,7 @@ from trl import GRPOConfig
 
 POLICY_LOSS_MODES = ("distillation_only", "hybrid")
 TEACHER_REGULARIZATIONS = ("ema", "none")
+DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 FUSED_LINEAR_CHOICES = ("auto", "always", "never")
 # Aggregations with a defined meaning for the distillation term (same normalisers as TRL's GRPO policy loss).
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -34,6 +35,10 @@ class SDPOConfig(GRPOConfig):
         distillation_is_clip: clip of the IS weight exp(logp - rollout logp); None disables.
         distillation_add_tail: top-K only: add a bucket for the non-top-K mass.
         distillation_weight: weight of the self-distillation loss.
+        distillation_mode, teacher_model_kind, teacher_sync_steps: TRL 1.16's spellings, accepted so that
+            switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none';
+            TRL's 'base' teacher is not supported). Note `distillation_weight` keeps this API's meaning
+            (distillation_only: w·SD; hybrid: policy + w·SD), not TRL 1.16's convex blend.
         distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
             (hidden states × head weight, never materialising logits) when available and the head is a plain linear.
         diagnostics_warning_interval: warn every N consecutive degenerate steps (0 disables).
@@ -68,6 +73,24 @@ class SDPOConfig(GRPOConfig):
         default=False, metadata={"help": "Top-K only: add a tail bucket for the non-top-K probability mass."}
     )
     distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the self-distillation loss."})
+    # TRL 1.16 spellings, accepted so that switching from `trl.experimental.sdpo` is an import change.
+    distillation_mode: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL 1.16 spelling: 'sampled_token' | 'full_logits' | 'topk_logits'; sets "
+            "`full_logit_distillation`. After construction it always holds the resolved loss mode."
+        },
+    )
+    teacher_model_kind: str | None = field(
+        default=None,
+        metadata={
+            "help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none'); 'base' is unsupported."
+        },
+    )
+    teacher_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Update the EMA teacher every N optimizer steps (TRL 1.16)."},
+    )
     distillation_fused_linear: str = field(
         default="auto",
         metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
@@ -124,6 +147,7 @@ class SDPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._resolve_trl_116_spellings()
         # Validate the SDPO fields first: their errors are the actionable ones.
         if self.distillation_topk is not None and not self.full_logit_distillation:
             raise ValueError(
@@ -176,6 +200,11 @@ class SDPOConfig(GRPOConfig):
             raise ValueError(f"`teacher_update_rate` must be in [0, 1], got {self.effective_teacher_update_rate}.")
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {SUPPORTED_LOSS_TYPES} for SDPO, got {self.loss_type!r}.")
+        # After construction `distillation_mode` always names the sdpo_kernels loss mode.
+        if not self.full_logit_distillation:
+            self.distillation_mode = "sampled_token"
+        else:
+            self.distillation_mode = "topk_logits" if self.distillation_topk is not None else "full_logits"
         super().__post_init__()
 
     @property
@@ -183,9 +212,36 @@ class SDPOConfig(GRPOConfig):
         """The EMA rate r actually used: `teacher_update_rate`, else the deprecated `ema_update_rate`."""
         return self.ema_update_rate if self.teacher_update_rate is None else self.teacher_update_rate
 
-    @property
-    def distillation_mode(self) -> str:
-        """The `sdpo_kernels` loss mode: "topk_logits" | "full_logits" | "sampled_token"."""
-        if not self.full_logit_distillation:
-            return "sampled_token"
-        return "topk_logits" if self.distillation_topk is not None else "full_logits"
+    def _resolve_trl_116_spellings(self) -> None:
+        """Map TRL 1.16's `distillation_mode` / `teacher_model_kind` onto the documented fields."""
+        if self.distillation_mode is not None:
+            if self.distillation_mode not in DISTILLATION_MODES:
+                raise ValueError(
+                    f"`distillation_mode` must be one of {DISTILLATION_MODES} or None, got {self.distillation_mode!r}."
+                )
+            full = self.distillation_mode != "sampled_token"
+            if self.full_logit_distillation and not full:
+                raise ValueError(
+                    "`distillation_mode='sampled_token'` contradicts `full_logit_distillation=True`; set only one."
+                )
+            if self.distillation_mode == "topk_logits" and self.distillation_topk is None:
+                raise ValueError("`distillation_mode='topk_logits'` requires `distillation_topk`.")
+            if self.distillation_mode == "full_logits" and self.distillation_topk is not None:
+                raise ValueError("`distillation_mode='full_logits'` requires `distillation_topk=None`.")
+            self.full_logit_distillation = full
+        if self.teacher_model_kind is not None:
+            kinds = {"ema": "ema", "live": "none"}
+            if self.teacher_model_kind not in kinds:
+                raise ValueError(
+                    f"`teacher_model_kind` must be 'ema' or 'live' (TRL's 'base' teacher is not supported), "
+                    f"got {self.teacher_model_kind!r}."
+                )
+            wanted = kinds[self.teacher_model_kind]
+            if self.teacher_regularization not in ("ema", wanted):  # "ema" is also the default
+                raise ValueError(
+                    f"`teacher_model_kind={self.teacher_model_kind!r}` contradicts "
+                    f"`teacher_regularization={self.teacher_regularization!r}`; set only one."
+                )
+            self.teacher_regularization = wanted
+        if self.teacher_sync_steps < 1:
+            raise ValueError(f"`teacher_sync_steps` must be >= 1, got {self.teacher_sync_steps}.")

@@ -150,13 +150,16 @@ class SDPOTeacher:
 
 
 class EMATeacherCallback(TrainerCallback):
-    """Runs one EMA step after every optimizer step (`on_step_end` fires after `optimizer.step()`)."""
+    """Runs one EMA step after every `sync_steps`-th optimizer step (`on_step_end` fires after `optimizer.step()`)."""
 
-    def __init__(self, teacher: SDPOTeacher, accelerator=None):
+    def __init__(self, teacher: SDPOTeacher, accelerator=None, sync_steps: int = 1):
         self.teacher = teacher
         self.accelerator = accelerator
+        self.sync_steps = sync_steps
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.sync_steps != 0:
+            return
         student = model
         if student is not None and self.accelerator is not None:
             student = self.accelerator.unwrap_model(student)

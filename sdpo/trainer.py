@@ -218,7 +218,7 @@ class SDPOTrainer(GRPOTrainer):
             else:
                 self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
         if args.teacher_regularization == "ema":
-            self.add_callback(EMATeacherCallback(self.teacher, self.accelerator))
+            self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
 
     def _why_not_fused_linear(self) -> str | None:
         """None when `linear_self_distillation_loss` can serve this run, else the reason it cannot."""

@@ -98,3 +98,53 @@ def test_ema_update_rate_is_a_deprecated_alias():
 def test_grpo_options_still_validated():
     with pytest.raises(ValueError):
         make(per_device_train_batch_size=3, num_generations=2)  # 3 not divisible by 2
+
+
+@pytest.mark.parametrize(
+    "trl_kw, expected",
+    [
+        (dict(distillation_mode="sampled_token"), dict(full_logit_distillation=False)),
+        (dict(distillation_mode="full_logits", distillation_alpha=0.5), dict(full_logit_distillation=True)),
+        (
+            dict(distillation_mode="topk_logits", distillation_topk=20, distillation_alpha=0.5),
+            dict(full_logit_distillation=True, distillation_topk=20),
+        ),
+        (dict(teacher_model_kind="live"), dict(teacher_regularization="none")),
+        (dict(teacher_model_kind="ema"), dict(teacher_regularization="ema")),
+        (dict(teacher_sync_steps=4), dict(teacher_sync_steps=4)),
+    ],
+)
+def test_trl_116_spellings_are_accepted(trl_kw, expected):
+    c = make(**trl_kw)
+    for key, value in expected.items():
+        assert getattr(c, key) == value
+    assert c.distillation_mode == trl_kw.get("distillation_mode", "sampled_token")
+
+
+@pytest.mark.parametrize(
+    "kw, name",
+    [
+        (dict(distillation_mode="topk"), "distillation_mode"),
+        (dict(distillation_mode="topk_logits"), "distillation_topk"),
+        (dict(distillation_mode="full_logits", distillation_topk=5), "distillation_topk"),
+        (dict(distillation_mode="sampled_token", full_logit_distillation=True), "full_logit_distillation"),
+        (dict(teacher_model_kind="base"), "teacher_model_kind"),
+        (dict(teacher_model_kind="ema", teacher_regularization="none"), "teacher_regularization"),
+        (dict(teacher_sync_steps=0), "teacher_sync_steps"),
+    ],
+)
+def test_trl_116_spellings_are_validated(kw, name):
+    with pytest.raises(ValueError, match=name):
+        make(**kw)
+
+
+def test_resolved_mode_round_trips():
+    c = make(full_logit_distillation=True, distillation_topk=7, distillation_alpha=0.5)
+    assert c.distillation_mode == "topk_logits"
+    again = make(
+        full_logit_distillation=c.full_logit_distillation,
+        distillation_topk=c.distillation_topk,
+        distillation_alpha=0.5,
+        distillation_mode=c.distillation_mode,
+    )
+    assert again.distillation_mode == "topk_logits"

@@ -10,7 +10,7 @@ from trl.trainer.utils import selective_log_softmax
 
 import sdpo_kernels
 from sdpo import SDPOConfig, SDPOTrainer
-from sdpo.teacher import SDPOTeacher, ema_update_
+from sdpo.teacher import EMATeacherCallback, SDPOTeacher, ema_update_
 from sdpo.tiny import build_char_tokenizer, build_tiny_model
 from sdpo.trainer import aggregation_weights, clipped_policy_per_token
 
@@ -237,6 +237,22 @@ def test_ema_update_math():
     torch.testing.assert_close(a[0], torch.full((2,), 0.9))
     with pytest.raises(ValueError, match="shape"):
         ema_update_([torch.ones(2)], [torch.ones(3)], 0.1)
+
+
+def test_ema_callback_updates_every_sync_steps():
+    from types import SimpleNamespace
+
+    student = torch.nn.Linear(2, 2).double()
+    teacher = SDPOTeacher(student, "ema", rate=0.5)
+    callback = EMATeacherCallback(teacher, sync_steps=3)
+    with torch.no_grad():
+        student.weight.add_(1.0)
+    before = teacher.model.weight.detach().clone()
+    for step in (1, 2):
+        callback.on_step_end(None, SimpleNamespace(global_step=step), None, model=student)
+        assert torch.equal(teacher.model.weight, before)
+    callback.on_step_end(None, SimpleNamespace(global_step=3), None, model=student)
+    torch.testing.assert_close(teacher.model.weight, before + 0.5, rtol=0, atol=1e-15)
 
 
 def test_teacher_none_is_the_student():
