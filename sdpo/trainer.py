@@ -178,6 +178,8 @@ class SDPOTrainer(GRPOTrainer):
         add_head_fn_forward(lm)
         self._setup_teacher()
         self._fused_linear_reason = self._why_not_fused_linear()
+        if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
+            raise ValueError("`use_bias_correction_kl=True` is not supported by SDPOTrainer's hybrid loss yet")
         if args.distillation_fused_linear == "always" and self._fused_linear_reason is not None:
             raise ValueError(
                 f"`distillation_fused_linear='always'` but the fused-linear loss cannot be used: "
@@ -474,7 +476,9 @@ class SDPOTrainer(GRPOTrainer):
         # Every process runs the teacher forward when several do: under ZeRO-3 / FSDP it holds
         # collectives, and a per-rank decision would leave the others waiting.
         has_teacher = args.distillation_weight != 0.0 and (self.accelerator.num_processes > 1 or bool(dist_mask.any()))
-        fused = self.use_fused_linear and has_teacher
+        # Hybrid batches without a teacher row still take the fused path (policy term only): the
+        # logits path would hold the [B, T, V] logits, the peak a fused-linear run is sized without.
+        fused = self.use_fused_linear and (has_teacher or hybrid)
 
         teacher_out = None
         if has_teacher:
@@ -557,8 +561,10 @@ class SDPOTrainer(GRPOTrainer):
         """Fused-linear path: hidden [B, T, D] × head weight [V, D] straight into the kernel (no logits)."""
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
-        t_hidden, t_weight, t_bias = teacher_out
         head = lm.get_output_embeddings()
+        if teacher_out is None:  # no teacher row: w_dist is all zero, the student stands in as a teacher
+            teacher_out = (hidden.detach(), head.weight, head.bias)
+        t_hidden, t_weight, t_bias = teacher_out
         rows = (w_dist > 0) if w_pol is None else (w_dist > 0) | (w_pol > 0)
         flat = rows.reshape(-1)
         d = hidden.size(-1)

@@ -290,8 +290,9 @@ def test_bf16_autocast_with_fp32_weights(tmp_path, fused):
     loss.backward()
 
 
+@pytest.mark.parametrize("teacher_rows", ["some", "none"])
 @pytest.mark.parametrize("rollout_logps", ["old_per_token_logps", "sampling_per_token_logps"])
-def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps):
+def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps, teacher_rows):
     kw = dict(
         full_logit_distillation=True,
         distillation_topk=5,
@@ -314,6 +315,9 @@ def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps):
         batch = manual_batch(trainer)
         # vLLM rollouts may carry only sampling log-probs: IS clipping uses them, the policy ratio is 1.
         batch[rollout_logps] = batch.pop("old_per_token_logps")
+        if teacher_rows == "none":  # hybrid still learns from the policy term, on the fused path too
+            batch["self_distillation_mask"] = torch.zeros(4)
+            batch["num_distillation_items_in_batch"] = torch.tensor(0)
         loss = trainer._compute_loss(trainer.model, batch)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
