@@ -46,7 +46,11 @@ def _compare(device, z, u, y, old, upstream, rtol=1e-5, atol=1e-5, grad_rtol=Non
 def _inputs(rows, vocab, dtype=torch.float32, scale=3.0):
     z = (torch.randn(rows, vocab) * scale).to(dtype)
     u = (torch.randn(rows, vocab) * scale).to(dtype)
-    return z, u, torch.randint(0, vocab, (rows,)), torch.randn(rows) - 4.0, torch.rand(rows)
+    y = torch.randint(0, vocab, (rows,))
+    # Rollout log-probs near the current ones: IS weights of order 1, some clipped at 2. (Far-off
+    # values would scale every loss and gradient by a tiny weight and hide errors below atol.)
+    old = torch.log_softmax(z.float(), -1).gather(-1, y[:, None]).squeeze(-1) + 0.7 * torch.randn(rows)
+    return z, u, y, old, torch.rand(rows)
 
 
 BROAD = (
@@ -184,7 +188,7 @@ def test_blocks_that_cannot_enter_the_top_k_skip_the_merge(device, order):
     z, u, y, old, g = _inputs(2, 2100)
     z = z.sort(-1, descending=order == "descending").values
     for add_tail in (True, False):
-        _compare(device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=2.0)
+        _compare(device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None)
 
 
 def test_sliced_logits_are_read_in_place(monkeypatch):
@@ -202,3 +206,24 @@ def test_sliced_logits_are_read_in_place(monkeypatch):
     )
     functional.self_distillation_loss(logits[:, :-1], logits[:, 1:], topk=3, backend="triton")
     assert seen == [(logits.data_ptr(), 3)]
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_every_merge_path(device, add_tail):
+    # Vocabulary blocks of 1024 (TOPK_BLOCK_V), K = 5 (K' = 8): block 0 fills the buffer through the
+    # full top-K' network; block 1 holds 3 keys above the buffer (compaction path, evicting 3); block 2
+    # none (skipped); block 3 holds 20 (more than K': the full network again), tied values included.
+    from sdpo_kernels import triton_backend
+
+    assert triton_backend.TOPK_BLOCK_V == 1024
+    z = torch.rand(2, 4000) - 1.0  # in [-1, 0)
+    z[:, 10:30] = 1.0 + torch.rand(2, 20)
+    z[:, [1100, 1500, 2000]] = torch.tensor([5.0, 4.0, 3.0])
+    z[:, 3100:3120] = 6.0 + torch.rand(2, 20)
+    z[1, 3105:3110] = 6.5  # ties across the support boundary
+    u = torch.randn(2, 4000)
+    y, old, g = torch.randint(0, 4000, (2,)), torch.randn(2) - 4.0, torch.rand(2)
+    _compare(
+        device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None
+    )  # IS off: a small IS weight would hide errors

@@ -25,6 +25,7 @@ ARG_TYPES = {
     "teacher_ptr": "*{dtype}",
     "grad_ptr": "*{dtype}",
     "ids_ptr": "*i64",
+    "scratch_ptr": "*i64",
     "index_ptr": "*i64",
     "n_cols": "i32",
     "n_sparse": "i32",

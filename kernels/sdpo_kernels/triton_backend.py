@@ -103,8 +103,9 @@ def forward(
         k_pow2 = max(2, triton.next_power_of_2(config.topk))
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
+        scratch = torch.empty(n, k_pow2, dtype=torch.int64, device=dev)  # candidate compaction, O(N·K)
         topk_forward_kernel[(n,)](
-            student, teacher, ids, old, loss, lse, dense, index, coef,
+            student, teacher, ids, old, loss, lse, dense, index, coef, scratch,
             topk=config.topk,
             tail_floor=TAIL_LOG_FLOOR,
             K_POW2=k_pow2,

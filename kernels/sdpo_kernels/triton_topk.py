@@ -5,8 +5,10 @@ One program per token row streams the vocabulary once, in blocks of BLOCK_V, and
 - the student's running top-K' (K' = next power of two >= K) as sorted int64 keys
   (`order_key`: value, then lowest index first), merged block by block: the block's top-K'
   (descending) against the buffer (ascending) gives, elementwise, the K' largest (max) and the
-  K' evicted (min) of their union (one bitonic half-cleaner), then one sort of K' keys; a block
-  whose largest key is below the buffer's smallest skips the merge;
+  K' evicted (min) of their union (one bitonic half-cleaner), then one sort of K' keys. Only
+  block keys above the buffer's smallest can enter: a block without any skips the merge, one
+  with at most K' compacts them (cumsum slots, a K'-slot scratch row) and sorts K' keys instead
+  of running the top-K' network over the whole block;
 - with the tail bucket, the exact mass outside the support, Σ_{not S} e^z and Σ_{not S} e^u:
   every element that leaves (or never enters) the buffer is added once, the teacher values of
   evicted keys re-read by index (cache hits). No 1 - Σp cancellation.
@@ -31,6 +33,7 @@ def topk_forward_kernel(
     dense_ptr,
     index_ptr,
     coef_ptr,
+    scratch_ptr,
     n_cols,
     rows_inner,
     stride_s_outer,
@@ -60,6 +63,8 @@ def topk_forward_kernel(
     # Padding key: (-inf, index 2**32 - 1) sorts below every real key, decodes to an index >= V.
     pad_key = order_key(tl.full([], neg_inf, tl.float32), low32)
     block = tl.arange(0, BLOCK_V)
+    k_pos = tl.arange(0, K_POW2)
+    scratch_row = scratch_ptr + row * K_POW2
 
     buf = tl.full([K_POW2], 0, tl.int64) + pad_key  # ascending
     m_z = tl.full([], neg_inf, tl.float32)
@@ -82,12 +87,25 @@ def topk_forward_kernel(
         if ADD_TAIL:
             tail_z = tail_z * rescale_z
             tail_u = tail_u * rescale_u
-        # Once the running top-K' is high, most blocks hold nothing above its smallest key:
-        # they skip the sorting network (the costly part) and only feed the tail sums.
-        if tl.max(keys, 0) > tl.min(buf, 0):
-            top = tl.topk(keys, K_POW2)  # descending
+        # Only keys above the buffer's smallest can enter it. Once the running top-K' is high that
+        # is a handful per block (about K'/b in block b of iid logits), or none: such blocks skip
+        # the sorting network over the whole block, the kernel's costly part.
+        enters = keys > tl.min(buf, 0)
+        n_enter = tl.sum(enters.to(tl.int32), 0)
+        if n_enter > 0:
+            if n_enter <= K_POW2:
+                # Compact the candidates into this row's K'-slot scratch (through L2) and sort K'.
+                slot = tl.cumsum(enters.to(tl.int32), 0) - 1
+                tl.store(scratch_row + slot, keys, mask=enters)
+                tl.debug_barrier()  # the stores land before any thread reads the scratch back
+                top = tl.load(scratch_row + k_pos, mask=k_pos < n_enter, other=pad_key)
+                tl.debug_barrier()  # and the next block's stores wait for these loads
+                top = tl.sort(top, descending=True)
+                below = ~enters  # block entries that never enter the buffer
+            else:
+                top = tl.topk(keys, K_POW2)  # descending
+                below = keys < tl.min(top, 0)
             if ADD_TAIL:
-                below = keys < tl.min(top, 0)  # block entries that never enter the buffer
                 tail_z += tl.sum(tl.where(below, e_z, 0.0), 0)
                 tail_u += tl.sum(tl.where(below, e_u, 0.0), 0)
                 evicted_val, evicted_idx = decode_key(tl.minimum(buf, top))
