@@ -400,19 +400,23 @@ class SDPOTrainer(GRPOTrainer):
         if valid.numel() == 0:
             valid = torch.zeros(1, device=rewards.device)
         std = valid.std() if valid.numel() > 1 else torch.zeros((), device=valid.device)
-        m = self._metrics[mode]
-        m["self_distillation/reward_mean"].append(valid.mean().item())
-        m["self_distillation/reward_std"].append(std.item())
-        m["self_distillation/reward_min"].append(valid.min().item())
-        m["self_distillation/reward_max"].append(valid.max().item())
         group_std = (
             torch.nan_to_num(rewards.view(-1, num_generations), nan=0.0).std(dim=1)
             if num_generations > 1
             else torch.zeros(rewards.numel(), device=rewards.device)
         )
-        tol = self.args.diagnostics_flat_tolerance
-        m["self_distillation/flat_group_fraction"].append((group_std <= tol).float().mean().item())
-        if bool((group_std <= tol).all()):
+        flat = (group_std <= self.args.diagnostics_flat_tolerance).float()
+        # One host sync for all reward statistics.
+        mean, std, lo, hi, flat_fraction, flat_min = torch.stack(
+            [valid.mean(), std, valid.min(), valid.max(), flat.mean(), flat.min()]
+        ).tolist()
+        m = self._metrics[mode]
+        m["self_distillation/reward_mean"].append(mean)
+        m["self_distillation/reward_std"].append(std)
+        m["self_distillation/reward_min"].append(lo)
+        m["self_distillation/reward_max"].append(hi)
+        m["self_distillation/flat_group_fraction"].append(flat_fraction)
+        if flat_min == 1.0:  # every group is flat
             self._warn_degenerate(
                 mode,
                 "flat_rewards",
@@ -530,8 +534,8 @@ class SDPOTrainer(GRPOTrainer):
             )
             loss = (per_token * w_dist).sum()
             out["distillation_per_token"] = per_token.detach()
-        else:
-            loss = logits.sum() * 0.0  # keep the graph attached: every rank must run backward
+        else:  # only reached in hybrid mode (see student_head): the policy term keeps the graph attached
+            loss = logits.new_zeros((), dtype=torch.float32)
         if w_pol is not None:
             mask = (w_pol > 0).to(torch.float32)
             logps = selective_log_softmax(logits / self.temperature, completion_ids)
@@ -612,7 +616,10 @@ class SDPOTrainer(GRPOTrainer):
             den = dist_mask.sum()
         else:
             num = den = torch.zeros((), device=mask.device)
-        totals = gather(torch.stack([num.float(), den.float()]).unsqueeze(0)).sum(0)
-        self._metrics[mode]["self_distillation/distillation_loss"].append((totals[0] / totals[1].clamp(min=1)).item())
+        policy = out.get("policy_loss", torch.zeros((), device=mask.device))
+        # One collective and one host sync per step for both metrics.
+        rows = gather(torch.stack([num.float(), den.float(), policy.float()]).unsqueeze(0))
+        num_total, den_total, policy_sum = rows.sum(0).tolist()
+        self._metrics[mode]["self_distillation/distillation_loss"].append(num_total / max(den_total, 1.0))
         if "policy_loss" in out:
-            self._metrics[mode]["self_distillation/policy_loss"].append(gather(out["policy_loss"]).mean().item())
+            self._metrics[mode]["self_distillation/policy_loss"].append(policy_sum / rows.shape[0])
