@@ -2,6 +2,9 @@
 
 θ_t ← (1 − r)·θ_t + r·θ_s after every optimizer step. The EMA state is part of training state, so it is
 written with every checkpoint and restored on resume (TRL's trainer rebuilds it from the initial weights).
+
+Under ZeRO-3 / FSDP2 the EMA runs on each rank's local shards (no gather) and the checkpoint holds whole
+tensors, gathered one at a time (see `sdpo.sharding`).
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 from transformers import TrainerCallback
+
+from .sharding import full_tensor, load_full_tensor_, local_shard
 
 TEACHER_STATE_FILE = "sdpo_teacher.pt"
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
@@ -90,7 +95,7 @@ class SDPOTeacher:
 
     # ---- teacher API ----------------------------------------------------------------------------------------
     def pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(teacher tensors, matching student tensors) that the EMA averages."""
+        """(teacher parameters, matching student parameters) that the EMA averages; possibly sharded."""
         if self.adapter_mode:
             return self._adapter_params(TEACHER_ADAPTER_NAME), self._adapter_params(self._student_adapter)
         teacher = [p for _, p in self.model.named_parameters()]
@@ -105,7 +110,8 @@ class SDPOTeacher:
         if student is not None and not self.adapter_mode:
             self.student = student
         teacher, student_params = self.pairs()
-        ema_update_(teacher, [p.detach() for p in student_params], self.rate)
+        # Elementwise, so shard by shard: teacher and student are partitioned alike.
+        ema_update_([local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], self.rate)
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[nn.Module]:
@@ -123,9 +129,10 @@ class SDPOTeacher:
                 p.requires_grad_(False)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Teacher tensors by position (names differ between adapter and full-model modes; order is stable)."""
+        """Whole teacher tensors on CPU, by position (names differ between adapter and full-model modes; the
+        order is stable). A collective under ZeRO-3 / FSDP2: every rank must call it."""
         teacher, _ = self.pairs()
-        return {str(i): t.detach().cpu().clone() for i, t in enumerate(teacher)}
+        return {str(i): full_tensor(t).cpu() for i, t in enumerate(teacher)}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -133,12 +140,16 @@ class SDPOTeacher:
         if len(state) != len(teacher):
             raise ValueError(f"teacher checkpoint has {len(state)} tensors, the teacher has {len(teacher)}.")
         for i, t in enumerate(teacher):
-            t.copy_(state[str(i)].to(device=t.device, dtype=t.dtype))
+            load_full_tensor_(t, state[str(i)])
 
-    def save(self, directory: str) -> None:
+    def save(self, directory: str, write: bool = True) -> None:
+        """Write the teacher to `directory`. Every rank calls it (the gather is a collective); the ranks with
+        `write=True` (`args.should_save`) write the file."""
         if self.kind != "ema":
             return
-        torch.save({"rate": self.rate, "tensors": self.state_dict()}, os.path.join(directory, TEACHER_STATE_FILE))
+        state = self.state_dict()
+        if write:
+            torch.save({"rate": self.rate, "tensors": state}, os.path.join(directory, TEACHER_STATE_FILE))
 
     def load(self, directory: str) -> bool:
         """Restore from `directory`; returns False when there is no teacher state there."""

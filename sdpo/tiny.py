@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import string
+from typing import Any
 
 from tokenizers import Tokenizer, decoders
 from tokenizers.models import BPE
@@ -64,3 +65,20 @@ def build_tiny_model(
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def tiny_run_args(output_dir: str, **overrides: Any) -> dict[str, Any]:
+    """`SDPOConfig` keyword arguments for a few-step CPU run of the tiny model (tests); `overrides` win."""
+    args: dict[str, Any] = dict(
+        output_dir=output_dir,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=6,
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    args.update(overrides)
+    return args

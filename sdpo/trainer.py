@@ -31,7 +31,7 @@ import sdpo_kernels
 from sdpo_kernels import self_distillation_loss
 
 from .config import SDPOConfig
-from .modeling import add_head_fn_forward, forward_with_head, head_logits, is_plain_linear_head
+from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head
 from .teacher import EMATeacherCallback, SDPOTeacher
 from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
 
@@ -208,6 +208,14 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_model = copy.deepcopy(self.model)
                 # Drop the instance-level forwards patched onto the student (they close over the student).
                 teacher_model.__dict__.pop("forward", None)
+            # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
+            add_head_fn_forward(teacher_model)
+            if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 1:
+                raise ValueError(
+                    "An EMA teacher under FSDP needs `fsdp_version=2` (its EMA and checkpoint work on DTensor "
+                    "shards); FSDP1 is not supported. Set fsdp_config={'fsdp_version': 2} or "
+                    "teacher_regularization='none'."
+                )
         self.teacher = SDPOTeacher(
             self.model, args.teacher_regularization, args.effective_teacher_update_rate, teacher_model
         )
@@ -261,10 +269,10 @@ class SDPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save:
-            folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
-            self.teacher.save(output_dir)
+        # Every rank gathers (a collective under ZeRO-3 / FSDP); the saving rank writes.
+        folder = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        output_dir = os.path.join(self._get_output_dir(trial=trial), folder)
+        self.teacher.save(output_dir, write=self.args.should_save)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -454,11 +462,32 @@ class SDPOTrainer(GRPOTrainer):
         ids, attn = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
         keep = inputs["completion_ids"].size(1)
         with torch.no_grad():
-            if self.teacher_model_wrapped is not None:  # separate EMA copy
-                teacher = self.accelerator.unwrap_model(self.teacher_model_wrapped)
-                return forward_with_head(teacher, ids, attn, keep, head_fn)
+            if self.teacher_model_wrapped is not None:  # separate EMA copy, through its (wrapped) root forward
+                return self.teacher_model_wrapped(
+                    input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep
+                )
             with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
                 return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
+
+    def _teacher_fused_head(self, hidden: torch.Tensor, lm: nn.Module) -> tuple:
+        """Teacher head_fn of the fused path: (hidden [B, T, D], head weight [V, D] or None, bias or None).
+
+        None means "read the head outside the forward" (see `_fused_linear_losses`). Only a separate teacher under
+        FSDP must hand its head out of the forward: it is unsharded just inside it, so it is copied ([V, D]).
+        """
+        if self.teacher_model_wrapped is not None and self.is_fsdp_enabled:
+            head = lm.get_output_embeddings()
+            return hidden, head.weight.detach().clone(), None if head.bias is None else head.bias.detach().clone()
+        return hidden, None, None
+
+    def _teacher_head_params(self, student_head: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The teacher's (weight, bias) read outside its forward: the student's head when the teacher shares it
+        (live student, EMA adapter), else the separate teacher's own parameters (ZeRO-3: gathered by the caller).
+        """
+        if self.teacher_model_wrapped is None:
+            return student_head.weight, student_head.bias
+        head = self.teacher.model.get_output_embeddings()
+        return head.weight, head.bias
 
     def _compute_loss(self, model, inputs):
         """distillation_only: w_d·SD; hybrid: GRPO clipped loss + w_d·SD, from one student forward.
@@ -489,11 +518,7 @@ class SDPOTrainer(GRPOTrainer):
             # Under autocast like the student: fp32 weights with bf16=True give bf16 logits on both sides.
             with self.accelerator.autocast():
                 if fused:
-                    teacher_out = self._teacher_head(
-                        model,
-                        inputs,
-                        lambda h, lm: (h, lm.get_output_embeddings().weight, lm.get_output_embeddings().bias),
-                    )
+                    teacher_out = self._teacher_head(model, inputs, self._teacher_fused_head)
                 else:
                     teacher_out = self._teacher_head(model, inputs, head_logits)
 
@@ -569,6 +594,8 @@ class SDPOTrainer(GRPOTrainer):
         if teacher_out is None:  # no teacher row: w_dist is all zero, the student stands in as a teacher
             teacher_out = (hidden.detach(), head.weight, head.bias)
         t_hidden, t_weight, t_bias = teacher_out
+        if t_weight is None:
+            t_weight, t_bias = self._teacher_head_params(head)
         rows = (w_dist > 0) if w_pol is None else (w_dist > 0) | (w_pol > 0)
         flat = rows.reshape(-1)
         d = hidden.size(-1)
@@ -584,7 +611,7 @@ class SDPOTrainer(GRPOTrainer):
                 weights=w_pol.reshape(-1)[flat],
                 old_logps=None if ratio_old is None else ratio_old.reshape(-1)[flat],
             )
-        with maybe_gather_lm_head_ctx(*[p for p in (head.weight, head.bias) if p is not None]):
+        with maybe_gather_lm_head_ctx(head.weight, head.bias, t_weight, t_bias):
             result = sdpo_kernels.linear_self_distillation_loss(
                 hidden.reshape(-1, d)[flat],
                 head.weight,

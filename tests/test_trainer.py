@@ -11,7 +11,7 @@ from trl.trainer.utils import selective_log_softmax
 import sdpo_kernels
 from sdpo import SDPOConfig, SDPOTrainer
 from sdpo.teacher import EMATeacherCallback, SDPOTeacher, ema_update_
-from sdpo.tiny import build_char_tokenizer, build_tiny_model
+from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 from sdpo.trainer import aggregation_weights, clipped_policy_per_token
 
 TEMPERATURE = 0.9
@@ -30,19 +30,7 @@ def make_trainer(tmp_path, **kw):
     with torch.no_grad():
         model.lm_head.weight.mul_(20.0)
     ds = Dataset.from_dict({"prompt": ["1+1=", "2+3=", "4+4=", "5+1="]})
-    defaults = dict(
-        output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-        temperature=TEMPERATURE,
-    )
+    defaults = tiny_run_args(str(tmp_path), max_steps=1, temperature=TEMPERATURE)
     defaults.update(kw)
     return SDPOTrainer(
         model=model,

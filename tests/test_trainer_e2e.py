@@ -8,7 +8,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from sdpo import SDPOConfig, SDPOTrainer
-from sdpo.tiny import build_char_tokenizer, build_tiny_model
+from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 
 
 def parity_reward(completions, **kwargs):
@@ -40,21 +40,7 @@ def run(
     if conversational:
         prompts = [[{"role": "system", "content": "add"}, {"role": "user", "content": p}] for p in prompts]
     ds = Dataset.from_dict({"prompt": prompts, "privileged_context": ["it is 2", "", "it is 8", None]})
-    args = dict(
-        output_dir=str(tmp_path),
-        bf16=False,
-        use_cpu=True,
-        report_to="none",
-        per_device_train_batch_size=4,
-        num_generations=4,
-        max_completion_length=6,
-        max_steps=2,
-        learning_rate=1e-2,
-        logging_steps=1,
-        save_strategy="no",
-        disable_tqdm=True,
-    )
-    args.update(kw)
+    args = tiny_run_args(str(tmp_path), **{"max_steps": 2, "learning_rate": 1e-2, "logging_steps": 1, **kw})
     trainer = SDPOTrainer(
         model=model,
         reward_funcs=reward,

@@ -56,7 +56,10 @@ Sharded lm_head (DeepSpeed ZeRO-3, FSDP)
       `FullyShardedDataParallel.summon_full_params` is for evaluation only (gradients computed
       inside it do not reach the shards).
     Pass the gathered weight as `teacher_weight` too when the teacher shares it (tied weights are
-    supported: the teacher side never produces a gradient). Vocabulary-parallel
+    supported: the teacher side never produces a gradient). A separate teacher model needs its own
+    head whole as well: under ZeRO-3 gather it in the same context; under FSDP its head is
+    unsharded only inside the teacher's forward, so copy it out there (`SDPOTrainer` does both;
+    `tests/test_distributed.py` checks them against DDP on 2 CPU processes). Vocabulary-parallel
     (tensor-parallel) heads are not supported: top-K and LSE need the whole vocabulary row.
 
 Hybrid (policy) term

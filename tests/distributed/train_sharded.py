@@ -1,0 +1,199 @@
+"""Two SDPO training steps under torchrun (2 CPU processes, gloo) with DDP, FSDP or DeepSpeed ZeRO-3.
+
+Writes the logged losses and the full (gathered) student and EMA-teacher weights to `--out` on rank 0, so that
+`tests/test_distributed.py` can compare a sharded run with a DDP run of the same seeds and data: the sharded
+code paths (the fused-linear head gathered for the kernel, the EMA on sharded parameters, the teacher
+checkpoint) must reproduce the replicated ones.
+
+    torchrun --nproc_per_node 2 tests/distributed/train_sharded.py --sharding fsdp2 --fused always --out r.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from datasets import Dataset
+from transformers import AutoTokenizer
+
+from sdpo import SDPOConfig, SDPOTrainer
+from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
+
+
+def length_parity_reward(completions, **kwargs):
+    return [1.0 if len(c) % 2 == 0 else 0.0 for c in completions]
+
+
+def save_tiny_model(directory: str) -> None:
+    """The model every run starts from: the tiny Llama with spread logits (no near-ties in the top-K)."""
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+
+
+def skip_deepspeed_shm_build() -> None:
+    """DeepSpeed's torch comm backend JIT-compiles a shared-memory op at start-up even on gloo (~40 s of g++);
+    the gloo collectives do not need it. (`import deepspeed.comm.torch as m` would bind torch: go through
+    sys.modules.)"""
+    import deepspeed.comm.torch  # noqa: F401
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+
+
+def allow_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on CPU processes (gloo).
+
+    accelerate enables FSDP only for accelerator devices and silently falls back to DDP on MULTI_CPU; FSDP2's
+    `fully_shard` itself runs on CPU with gloo. Only that gate is lifted here: wrapping, unsharding,
+    reduce-scatter and the DTensor parameters are torch's real code paths.
+    """
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # AcceleratorState re-reads PartialState's type on every construction: set both.
+            PartialState().distributed_type = self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = __init__
+
+
+def sharding_args(sharding: str) -> dict:
+    if sharding == "ddp":
+        return {}
+    if sharding in ("fsdp1", "fsdp2"):
+        return dict(
+            fsdp=True,
+            fsdp_config={
+                "fsdp_version": int(sharding[-1]),
+                "reshard_after_forward": True if sharding == "fsdp2" else "FULL_SHARD",
+                "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
+                "use_orig_params": True,
+            },
+        )
+    if sharding == "zero3":
+        return dict(
+            ddp_backend="gloo",
+            deepspeed={
+                # threshold 0: even the tiny model's head stays partitioned between forwards, as a large one does
+                "zero_optimization": {
+                    "stage": 3,
+                    "stage3_param_persistence_threshold": 0,
+                    "stage3_gather_16bit_weights_on_model_save": True,  # lets get_state_dict gather (fp32 here)
+                },
+                "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto",
+                "gradient_clipping": "auto",
+            },
+        )
+    raise ValueError(f"unknown --sharding {sharding!r}")
+
+
+def full_state(trainer: SDPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
+    """Gathered student and teacher weights by name (collective: every rank calls it)."""
+    student = trainer.accelerator.get_state_dict(trainer.model_wrapped)
+    teacher = {}
+    if trainer.teacher.kind == "ema":  # by position, in the teacher's parameter order: name them
+        names = [name for name, _ in trainer.teacher.model.named_parameters()]
+        teacher = {names[int(i)]: t for i, t in trainer.teacher.state_dict().items()}
+    return {"student": {k: v.detach().float().cpu() for k, v in (student or {}).items()}, "teacher": teacher}
+
+
+def teacher_checkpoint_roundtrip(trainer: SDPOTrainer, directory: str, expected: dict) -> dict[str, float]:
+    """Save the teacher (gathered), scramble every shard, load it back (re-sharded): max errors of both."""
+    from sdpo.sharding import local_shard
+    from sdpo.teacher import TEACHER_STATE_FILE
+
+    os.makedirs(directory, exist_ok=True)
+    trainer.teacher.save(directory, write=trainer.args.should_save)
+    trainer.accelerator.wait_for_everyone()
+    saved = torch.load(os.path.join(directory, TEACHER_STATE_FILE), weights_only=True)["tensors"]
+    with torch.no_grad():
+        for t in trainer.teacher.pairs()[0]:
+            local_shard(t).add_(1.0)
+    assert trainer.teacher.load(directory)
+    restored = trainer.teacher.state_dict()
+    return {
+        "saved_error": max((saved[k] - full).abs().max().item() for k, full in zip(saved, expected.values())),
+        "restored_error": max((restored[k] - full).abs().max().item() for k, full in zip(restored, expected.values())),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sharding", default="ddp")
+    parser.add_argument("--fused", default="always")
+    parser.add_argument("--mode", default="hybrid")
+    parser.add_argument("--teacher", default="ema", help="teacher_regularization: ema or none")
+    parser.add_argument("--model", required=True, help="a saved model + tokenizer (see save_tiny_model)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="after training, save the teacher there, scramble it, load it back, and record both errors",
+    )
+    cli = parser.parse_args()
+    if cli.sharding.startswith("fsdp"):
+        allow_fsdp_on_cpu()
+
+    if cli.sharding == "zero3":
+        skip_deepspeed_shm_build()
+    tok = AutoTokenizer.from_pretrained(cli.model)
+    prompts = ["1+1=", "2+3=", "4+4=", "5+1=", "3+3=", "6+2=", "7+0=", "1+8="]
+    ds = Dataset.from_dict({"prompt": prompts, "privileged_context": ["it is 2", "", "it is 8", None] * 2})
+    args = SDPOConfig(
+        **tiny_run_args(cli.checkpoint_dir or "sdpo-sharded-unused"),
+        max_steps=2,
+        learning_rate=5e-2,
+        logging_steps=1,
+        seed=0,
+        sdpo_policy_loss_mode=cli.mode,
+        full_logit_distillation=True,
+        distillation_topk=5,
+        distillation_add_tail=True,
+        teacher_regularization=cli.teacher,
+        teacher_update_rate=0.5,
+        distillation_fused_linear=cli.fused,
+        **sharding_args(cli.sharding),
+    )
+    if cli.sharding == "zero3":
+        import deepspeed
+
+        _ = args.device  # accelerate's process group first, then DeepSpeed's comm layer on top of it
+        deepspeed.init_distributed(dist_backend="gloo")
+    # A path, as real users pass: under ZeRO-3 the student and the EMA teacher load partitioned (zero.Init).
+    trainer = SDPOTrainer(
+        model=cli.model, reward_funcs=length_parity_reward, args=args, train_dataset=ds, processing_class=tok
+    )
+    trainer.train()
+    result = full_state(trainer)
+    if cli.checkpoint_dir:
+        result.update(teacher_checkpoint_roundtrip(trainer, cli.checkpoint_dir, result["teacher"]))
+    result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    result["distillation_loss"] = [
+        h["self_distillation/distillation_loss"] for h in trainer.state.log_history if "loss" in h
+    ]
+    result["fused"] = trainer.use_fused_linear
+    # What the run really sharded: the parameter types the EMA saw, and the student's wrapper.
+    teacher_params, _ = trainer.teacher.pairs()
+    kinds = {type(p).__name__ + ("/zero3" if hasattr(p, "ds_tensor") else "") for p in teacher_params}
+    result["teacher_param_types"] = sorted(kinds)
+    result["wrapper"] = type(trainer.model_wrapped).__name__
+    if trainer.accelerator.is_main_process:
+        torch.save(result, cli.out)
+    trainer.accelerator.wait_for_everyone()
+    # gloo aborts at interpreter exit when its process group is still alive.
+    torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
