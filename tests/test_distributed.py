@@ -54,10 +54,16 @@ def ddp(workdir) -> dict:
     return launch(workdir, "ddp", "--sharding", "ddp")
 
 
+@pytest.fixture(scope="module")
+def ddp_live_teacher(workdir) -> dict:
+    return launch(workdir, "ddp-live", "--sharding", "ddp", "--teacher", "none", "--mode", "distillation_only")
+
+
 def assert_same_run(run: dict, ref: dict, atol: float) -> None:
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(ref["losses"]), rtol=0, atol=atol)
+    assert len(ref["student"]) > 0
     for part in ("student", "teacher"):
-        assert sorted(run[part]) == sorted(ref[part]) and len(ref[part]) > 0
+        assert sorted(run[part]) == sorted(ref[part])
         for name, value in ref[part].items():
             torch.testing.assert_close(run[part][name], value, rtol=0, atol=atol, msg=f"{part} {name}")
 
@@ -93,3 +99,15 @@ def test_zero3_fused_linear_matches_ddp(ddp, workdir):
     assert run["fused"] and run["wrapper"] == "DeepSpeedEngine" and run["teacher_param_types"] == ["Parameter/zero3"]
     assert_same_run(run, ddp, atol=1e-4)  # DeepSpeed reduces gradients in its own buckets
     assert run["saved_error"] == 0.0 and run["restored_error"] == 0.0
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_live_student_teacher_matches_ddp(ddp_live_teacher, workdir, sharding):
+    """teacher_regularization='none': the teacher forward is the student's own sharded forward (no grad),
+    and the fused call uses the student's head for both sides."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs deepspeed (pip install deepspeed)")
+    live = ("--teacher", "none", "--mode", "distillation_only")
+    run = launch(workdir, f"{sharding}-live", "--sharding", sharding, *live)
+    assert run["fused"] and run["teacher"] == {} and ddp_live_teacher["losses"][0] > 0
+    assert_same_run(run, ddp_live_teacher, atol=1e-6 if sharding == "fsdp2" else 1e-4)
