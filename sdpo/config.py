@@ -39,6 +39,7 @@ class SDPOConfig(GRPOConfig):
             switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none';
             TRL's 'base' teacher is not supported). Note `distillation_weight` keeps this API's meaning
             (distillation_only: w·SD; hybrid: policy + w·SD), not TRL 1.16's convex blend.
+        teacher_ema_rounding: "stochastic" | "nearest": rounding of bf16 EMA teacher weights (see the field's help).
         distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
             (hidden states × head weight, never materialising logits) when available and the head is a plain linear.
         diagnostics_warning_interval: warn every N consecutive degenerate steps (0 disables).
@@ -90,6 +91,14 @@ class SDPOConfig(GRPOConfig):
     teacher_sync_steps: int = field(
         default=1,
         metadata={"help": "Update the EMA teacher every N optimizer steps (TRL 1.16)."},
+    )
+    teacher_ema_rounding: str = field(
+        default="stochastic",
+        metadata={
+            "help": "'stochastic' | 'nearest': rounding of bfloat16 EMA teacher weights after each update. "
+            "'nearest' (TRL's behaviour) loses every increment below half a bf16 ulp, so a slowly tracking "
+            "teacher freezes; 'stochastic' keeps the EMA unbiased. No effect on other dtypes."
+        },
     )
     distillation_fused_linear: str = field(
         default="auto",
@@ -184,6 +193,10 @@ class SDPOConfig(GRPOConfig):
             raise ValueError(f"`distillation_weight` must be >= 0, got {self.distillation_weight}.")
         if self.max_reprompt_len < 1:
             raise ValueError(f"`max_reprompt_len` must be >= 1, got {self.max_reprompt_len}.")
+        if self.teacher_ema_rounding not in ("stochastic", "nearest"):
+            raise ValueError(
+                f"`teacher_ema_rounding` must be 'stochastic' or 'nearest', got {self.teacher_ema_rounding!r}."
+            )
         if self.diagnostics_warning_interval < 0:
             raise ValueError(f"`diagnostics_warning_interval` must be >= 0, got {self.diagnostics_warning_interval}.")
         if self.teacher_update_rate is not None and self.ema_update_rate != _DEFAULT_EMA_UPDATE_RATE:

@@ -24,9 +24,33 @@ TEACHER_STATE_FILE = "sdpo_teacher.pt"
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
 
 
+EMA_ROUNDINGS = ("stochastic", "nearest")
+
+
+def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """float32 `x` rounded to bfloat16 up or down with probability proportional to proximity (unbiased).
+
+    bfloat16 is float32 with the low 16 bits dropped: add uniform noise in [0, 2^16) to those bits of the
+    magnitude (sign-magnitude format, so this works for negative values too), then truncate them.
+    """
+    noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
+    bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 = 0xFFFF0000 as int32
+    return bits.view(torch.float32).to(torch.bfloat16)
+
+
 @torch.no_grad()
-def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], rate: float) -> None:
-    """In place: t ← (1 − rate)·t + rate·s for each pair (student cast to the teacher's dtype/device)."""
+def ema_update_(
+    teacher: list[torch.Tensor],
+    student: list[torch.Tensor],
+    rate: float,
+    generator: torch.Generator | None = None,
+) -> None:
+    """In place: t ← (1 − rate)·t + rate·s for each pair (student cast to the teacher's dtype/device).
+
+    With `generator`, bfloat16 teachers are updated in float32 and stochastically rounded: with nearest
+    rounding an increment below half a bf16 ulp (rate·|s − t| < 2^-9·|t|, e.g. a 7% gap at rate 0.05) is
+    lost, so a slowly tracking teacher freezes. Other dtypes round to nearest.
+    """
     if len(teacher) != len(student):
         raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}: they must match.")
     if rate == 0.0:
@@ -34,7 +58,11 @@ def ema_update_(teacher: list[torch.Tensor], student: list[torch.Tensor], rate: 
     for t, s in zip(teacher, student, strict=True):
         if t.shape != s.shape:
             raise ValueError(f"EMA shape mismatch: teacher {tuple(t.shape)} vs student {tuple(s.shape)}.")
-        t.mul_(1.0 - rate).add_(s.to(device=t.device, dtype=t.dtype), alpha=rate)
+        if generator is not None and t.dtype == torch.bfloat16:
+            mixed = t.float().mul_(1.0 - rate).add_(s.to(device=t.device, dtype=torch.float32), alpha=rate)
+            t.copy_(stochastic_round_to_bf16(mixed, generator))
+        else:
+            t.mul_(1.0 - rate).add_(s.to(device=t.device, dtype=t.dtype), alpha=rate)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -54,11 +82,25 @@ class SDPOTeacher:
             `sdpo_teacher` on the same base model: only adapter weights are averaged, the base stays shared.
     """
 
-    def __init__(self, student: nn.Module, kind: str, rate: float, teacher_model: nn.Module | None = None):
+    def __init__(
+        self,
+        student: nn.Module,
+        kind: str,
+        rate: float,
+        teacher_model: nn.Module | None = None,
+        rounding: str = "stochastic",
+        seed: int = 0,
+    ):
         if kind not in ("ema", "none"):
             raise ValueError(f"teacher kind must be 'ema' or 'none', got {kind!r}.")
+        if rounding not in EMA_ROUNDINGS:
+            raise ValueError(f"EMA rounding must be one of {EMA_ROUNDINGS}, got {rounding!r}.")
         self.kind = kind
         self.rate = float(rate)
+        self.rounding = rounding
+        # Seeded alike on every rank: under DDP each rank holds the whole teacher and must round it the same way.
+        self.seed = seed
+        self._generator: torch.Generator | None = None
         self.student = student
         self.adapter_mode = kind == "ema" and _is_peft(student)
         self.model: nn.Module | None = None
@@ -110,8 +152,17 @@ class SDPOTeacher:
         if student is not None and not self.adapter_mode:
             self.student = student
         teacher, student_params = self.pairs()
-        # Elementwise, so shard by shard: teacher and student are partitioned alike.
-        ema_update_([local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], self.rate)
+        teacher = [local_shard(t) for t in teacher]  # elementwise, so shard by shard: partitioned alike
+        student_params = [local_shard(s).detach() for s in student_params]
+        ema_update_(teacher, student_params, self.rate, self.generator(teacher[0].device) if teacher else None)
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        """The stochastic-rounding generator (None for nearest rounding), created on first use."""
+        if self.rounding != "stochastic":
+            return None
+        if self._generator is None:
+            self._generator = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generator
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[nn.Module]:
@@ -147,16 +198,24 @@ class SDPOTeacher:
         `write=True` (`args.should_save`) write the file."""
         if self.kind != "ema":
             return
-        state = self.state_dict()
+        state = {"rate": self.rate, "tensors": self.state_dict()}
+        # The saving rank's generator: a resumed run then rounds exactly as an uninterrupted one wherever the
+        # teacher is replicated (DDP, one process); sharded ranks draw per-shard streams, resumed from rank 0's.
+        if self._generator is not None:
+            state["rounding_generator"] = self._generator.get_state()
         if write:
-            torch.save({"rate": self.rate, "tensors": state}, os.path.join(directory, TEACHER_STATE_FILE))
+            torch.save(state, os.path.join(directory, TEACHER_STATE_FILE))
 
     def load(self, directory: str) -> bool:
         """Restore from `directory`; returns False when there is no teacher state there."""
         path = os.path.join(directory, TEACHER_STATE_FILE)
         if self.kind != "ema" or not os.path.isfile(path):
             return False
-        self.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["tensors"])
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.load_state_dict(state["tensors"])
+        if "rounding_generator" in state and self.rounding == "stochastic":
+            device = local_shard(self.pairs()[0][0]).device
+            self.generator(device).set_state(state["rounding_generator"])
         return True
 
 

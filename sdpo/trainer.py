@@ -217,7 +217,12 @@ class SDPOTrainer(GRPOTrainer):
                     "teacher_regularization='none'."
                 )
         self.teacher = SDPOTeacher(
-            self.model, args.teacher_regularization, args.effective_teacher_update_rate, teacher_model
+            self.model,
+            args.teacher_regularization,
+            args.effective_teacher_update_rate,
+            teacher_model,
+            rounding=args.teacher_ema_rounding,
+            seed=args.seed,
         )
         self.teacher_model_wrapped = None
         if separate:

@@ -227,6 +227,61 @@ def test_ema_update_math():
         ema_update_([torch.ones(2)], [torch.ones(3)], 0.1)
 
 
+def test_bf16_ema_nearest_freezes_stochastic_tracks_float32():
+    """rate·|s − t| below half a bf16 ulp: nearest rounding never moves the teacher, stochastic rounding
+    follows the float32 EMA in expectation (mean over 20000 elements)."""
+    n, rate, steps = 20000, 0.05, 20
+    student = [torch.full((n,), 1.01)]
+    expected = 1.01 - 0.01 * (1 - rate) ** steps  # float32 EMA from 1.0 towards 1.01
+    nearest = [torch.ones(n, dtype=torch.bfloat16)]
+    stochastic = [torch.ones(n, dtype=torch.bfloat16)]
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        ema_update_(nearest, student, rate)
+        ema_update_(stochastic, student, rate, generator=gen)
+    assert torch.equal(nearest[0], torch.ones(n, dtype=torch.bfloat16))
+    mean = stochastic[0].double().mean().item()
+    assert abs(mean - expected) < 3e-4, (mean, expected)  # ± ~4 standard errors of the mean
+    assert set(stochastic[0].float().unique().tolist()) <= {1.0, 1.0078125, 1.015625}  # bf16 neighbours only
+    # negative values and a zero mix: unbiased too
+    neg = [torch.full((n,), -1.0, dtype=torch.bfloat16)]
+    ema_update_(neg, [torch.full((n,), -1.03)], 0.1, generator=torch.Generator().manual_seed(1))
+    assert abs(neg[0].double().mean().item() - (-1.003)) < 2e-4
+
+
+def test_stochastic_ema_is_seeded_and_resumes_exactly(tmp_path):
+    def make(seed=0):
+        torch.manual_seed(0)
+        student = torch.nn.Linear(64, 64).to(torch.bfloat16)
+        return student, SDPOTeacher(student, "ema", rate=0.05, seed=seed)
+
+    runs = []
+    for seed in (0, 0, 1):
+        student, teacher = make(seed)
+        with torch.no_grad():
+            student.weight.add_(0.01)
+        for _ in range(3):
+            teacher.update()
+        runs.append(teacher.model.weight.detach().clone())
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+
+    # save after 1 update, restore into a fresh teacher, do 2 more: same as 3 uninterrupted updates
+    student, teacher = make()
+    with torch.no_grad():
+        student.weight.add_(0.01)
+    teacher.update()
+    teacher.save(str(tmp_path))
+    student2, resumed = make()
+    with torch.no_grad():
+        student2.weight.add_(0.01)
+    assert resumed.load(str(tmp_path))
+    resumed.update()
+    resumed.update()
+    assert torch.equal(resumed.model.weight, runs[0])
+    with pytest.raises(ValueError, match="rounding"):
+        SDPOTeacher(student, "ema", rate=0.5, rounding="up")
+
+
 def test_ema_callback_updates_every_sync_steps():
     from types import SimpleNamespace
 
