@@ -227,3 +227,32 @@ def test_every_merge_path(device, add_tail):
     _compare(
         device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None
     )  # IS off: a small IS weight would hide errors
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("setting", [BROAD[3], BROAD[-2]], ids=str)  # top-K with tail, full_logits
+def test_backward_into_out_and_over_the_logits(device, setting):
+    """`out=`: a given buffer, or the student logits themselves (the fused-linear path overwrites its chunk's
+    logits with their gradient), gives exactly the freshly allocated result, on both backends."""
+    from sdpo_kernels import reference, triton_backend
+    from sdpo_kernels.config import LossConfig
+
+    torch.manual_seed(0)
+    z, u, y, old, g = (t.to(device) for t in _inputs(5, 3000))  # > one streaming block of the gradient kernel
+    kw = {"topk": None, "add_tail": False, "is_clip": 2.0, "temperature": 0.8, **setting}
+    config = LossConfig.from_args(z, u, y, old, **kw)
+    for backend in (reference, triton_backend):
+        _, stats = backend.forward(z, u, y, old, config)
+        fresh = backend.backward(z, u, stats, g, config)
+        buffer = torch.full_like(z, float("nan"))
+        assert backend.backward(z, u, stats, g, config, out=buffer) is buffer
+        assert torch.equal(buffer, fresh)
+        overwritten = z.clone()
+        assert backend.backward(overwritten, u, stats, g, config, out=overwritten) is overwritten
+        assert torch.equal(overwritten, fresh), backend.__name__
+        with pytest.raises(ValueError, match="out"):
+            backend.backward(z, u, stats, g, config, out=z[:, :-1].clone())
+        shifted = torch.empty(6, 3000, dtype=z.dtype, device=device)
+        shifted[:5] = z
+        with pytest.raises(ValueError, match="no other view"):  # rows shifted by one: would read overwritten data
+            backend.backward(shifted[:5], u, stats, g, config, out=shifted[1:])

@@ -15,19 +15,22 @@ and the chunk buffers are dropped. The autograd backward only scales these preco
 gradients by the incoming scalar gradient (in place; skipped when it is exactly 1).
 
 Memory (default chunking)
-    Chunk rows `c = max(1, N // 16)` (`DEFAULT_CHUNK_DIVISOR`). At most three [c, V] buffers in
-    the logits dtype are alive at once (student and teacher logits during the loss forward;
-    student logits and their gradient during the loss backward, plus the teacher logits in
-    "full_logits" mode, whose backward needs them), i.e. ≤ 3/16 < 1/4 of one [N, V] logits
-    tensor (for N ≥ 16; a chunk has at least one row). The backend's own temporaries come on
-    top: the Triton backend has none of vocabulary size; the reference backend's float32/int64
-    work tensors are several times its input chunk (up to 2^22 elements each), so with it the
-    default is `N // 32` (`REFERENCE_CHUNK_DIVISOR`). Everything else is the gradient of the
-    weight (accumulated in float32 for 16-bit weights, then cast, as Liger does; in place in the
-    weight's dtype for float32/float64), of the bias and of the hidden states. `chunk_size`
-    overrides the row count. Measured on CPU (reference backend, fp32, profiler allocation trace):
-    N = 2048, V = 151936, D = 16 peaks at 0.19 [N, V] fp32 tensors of extra memory with
-    divisor 16, i.e. ≈ 0.94 at D = 1536, where the weight gradient alone is 0.75.
+    Chunk rows `c = max(1, N // 8)` (`DEFAULT_CHUNK_DIVISOR`). At most two [c, V] buffers in the
+    logits dtype are alive at once: student and teacher logits during the loss forward; during the
+    loss backward the student logits are overwritten by their gradient (backends' `out=`), next
+    to the teacher logits only in "full_logits" mode, whose backward needs them. That is ≤ 2/8 =
+    1/4 of one [N, V] logits tensor (for N ≥ 8; a chunk has at least one row). Why 8 and not more
+    chunks: the weight gradient is accumulated chunk by chunk into a float32 [V, D] buffer, and each
+    accumulation reads and writes it whole, 8·V·D bytes against 2·c·V·D flops, so the GEMM is
+    compute-bound only for c of about a thousand rows or more on an H100 (a roofline estimate, not
+    a measurement). The backend's own temporaries come on top: the Triton backend has none of
+    vocabulary size; the reference backend's float32/int64 work tensors are several times its input
+    chunk (up to 2^22 elements each), so with it the default is `N // 32` (`REFERENCE_CHUNK_DIVISOR`).
+    Everything else is the gradient of the weight (accumulated in float32 for 16-bit weights, then
+    cast, as Liger does; in place in the weight's dtype for float32/float64), of the bias and of the
+    hidden states. `chunk_size` overrides the row count. Measured on CPU (reference backend, fp32,
+    profiler allocation trace): N = 2048, V = 151936, D = 1536 peaks at 0.85 [N, V] fp32 tensors of
+    extra memory, where the weight gradient alone is 0.75.
 
 No gradient work
     Under `torch.no_grad()` / `torch.inference_mode()`, or when none of `student_hidden`,
@@ -115,10 +118,11 @@ __all__ = [
     "linear_self_distillation_loss",
 ]
 
-# Default chunking: N // 16 rows per chunk (at least 1), so that the (at most three) [rows, V] chunk
-# buffers stay ≤ 3/16 of one [N, V] logits tensor. The reference backend's own temporaries are
-# several times its input chunk (float32 and int64 [rows, V] work tensors), so it gets N // 32.
-DEFAULT_CHUNK_DIVISOR = 16
+# Default chunking: N // 8 rows per chunk (at least 1), so that the (at most two) [rows, V] chunk
+# buffers stay ≤ 1/4 of one [N, V] logits tensor, with chunks as large as that allows (see "Memory"
+# above). The reference backend's own temporaries are several times its input chunk (float32 and
+# int64 [rows, V] work tensors), so it gets N // 32.
+DEFAULT_CHUNK_DIVISOR = 8
 REFERENCE_CHUNK_DIVISOR = 32
 POLICY_KEYS = ("advantages", "epsilon_low", "epsilon_high", "weights")
 # Optional: the policy ratio's own old log-probs (None: ratio 1), when they differ from the
@@ -127,7 +131,7 @@ POLICY_OPTIONAL_KEYS = ("old_logps",)
 
 
 def default_chunk_rows(n_rows: int, reference_backend: bool = False) -> int:
-    """Rows per chunk at default chunking: n_rows // 16 (n_rows // 32 for the reference backend),
+    """Rows per chunk at default chunking: n_rows // 8 (n_rows // 32 for the reference backend),
     at least 1."""
     return max(1, n_rows // (REFERENCE_CHUNK_DIVISOR if reference_backend else DEFAULT_CHUNK_DIVISOR))
 
@@ -331,16 +335,30 @@ def _fold(stats: RowStats, g: torch.Tensor, policy_coef: torch.Tensor, logits: t
     return folded, upstream
 
 
-def _add_policy_dense(grad, logits, lse, policy_coef, config: LossConfig) -> None:
-    """grad -= policy_coef · p / T in place, p = softmax(logits / T), in row slices of ≤ 2^22 elements."""
-    work = torch.promote_types(grad.dtype, torch.float32)
+def _renormalised_policy_grad_(logits, stats: RowStats, g, policy_coef, config: LossConfig) -> torch.Tensor:
+    """Logits gradient of renormalised top-K (`add_tail=False`) plus the policy term, written over `logits`.
+
+    The distillation part has no dense term (backends skip it): `g/T · sparse_coef` at the support
+    indices, 0 elsewhere. The policy adds `−policy_coef · p / T` everywhere (p = softmax(logits / T)),
+    computed here in row slices of ≤ 2^22 elements before each slice is overwritten.
+    """
+    work = torch.promote_types(logits.dtype, torch.float32)
+    inv_t = config.inv_temperature
+    live = g != 0
+    idx = stats.sparse_index
+    # The support entries' final values, while their logits are still there.
+    p_k = torch.exp(logits.gather(1, idx).to(work) * inv_t - stats.lse_student[:, None].to(work))
+    c = (policy_coef * inv_t).to(work)
+    dist_k = torch.where(live[:, None], stats.sparse_coef.to(work) * (g.to(work) * inv_t)[:, None], 0.0)
+    support = dist_k - torch.where(c[:, None] != 0, c[:, None] * p_k, 0.0)
     step = max(1, (1 << 22) // max(logits.shape[1], 1))
     for lo in range(0, logits.shape[0], step):
         hi = min(logits.shape[0], lo + step)
-        c = (policy_coef[lo:hi] * config.inv_temperature).to(work)
-        p = torch.exp(logits[lo:hi].to(work) * config.inv_temperature - lse[lo:hi, None].to(work))
-        upd = torch.where(c[:, None] != 0, p * c[:, None], torch.zeros((), dtype=work, device=grad.device))
-        grad[lo:hi] = (grad[lo:hi].to(work) - upd).to(grad.dtype)
+        cc = c[lo:hi, None]
+        p = torch.exp(logits[lo:hi].to(work) * inv_t - stats.lse_student[lo:hi, None].to(work))
+        logits[lo:hi] = torch.where(cc != 0, -cc * p, 0.0).to(logits.dtype)
+    logits.scatter_(1, idx, support.to(logits.dtype))
+    return logits
 
 
 def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy_old, plan: _Plan):
@@ -385,16 +403,16 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy
 
         if not plan.needs_grad:
             continue
+        # The logits gradient overwrites the student logits: no third [rows, V] buffer.
         if policy_coef is None:
-            grad_logits = backend.backward(logits_s, logits_t, stats, g, config)
+            grad_logits = backend.backward(logits_s, logits_t, stats, g, config, out=logits_s)
         elif config.mode == "topk_logits" and not config.add_tail:
-            # Renormalised top-K: the dense coefficient is structurally zero and backends may skip
-            # the dense term, so the policy's -coef·p_j part is added here (bounded sub-chunks).
-            grad_logits = backend.backward(logits_s, logits_t, stats, g, config)
-            _add_policy_dense(grad_logits, logits_s, stats.lse_student, policy_coef, config)
+            # Renormalised top-K: the dense coefficient is structurally zero and backends skip the
+            # dense term, so the policy's dense part cannot be folded into it (see `_fold`).
+            grad_logits = _renormalised_policy_grad_(logits_s, stats, g, policy_coef, config)
         else:
             folded, upstream = _fold(stats, g, policy_coef, logits_s, config)
-            grad_logits = backend.backward(logits_s, logits_t, folded, upstream, config)
+            grad_logits = backend.backward(logits_s, logits_t, folded, upstream, config, out=logits_s)
         if policy_coef is not None:
             # the δ_jy part of the policy gradient: one entry per row
             delta = (policy_coef * config.inv_temperature).to(grad_logits.dtype)

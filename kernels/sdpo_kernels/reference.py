@@ -14,7 +14,7 @@ import math
 import torch
 
 from .config import IS_LOG_RATIO_CLAMP, TAIL_LOG_FLOOR, LossConfig
-from .stats import RowStats
+from .stats import RowStats, check_grad_out
 
 # Elements per [rows, V] float32 temporary in one chunk (16 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -241,9 +241,13 @@ def backward(
     stats: RowStats,
     grad_loss: torch.Tensor,
     config: LossConfig,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous."""
-    out = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous.
+
+    `out` (optional) receives it and may be `student` itself: each row is read before it is written.
+    """
+    out = check_grad_out(out, student)
     student = student.reshape(-1, student.shape[-1])
     teacher = None if teacher is None else teacher.reshape(-1, teacher.shape[-1])
     n, vocab = student.shape

@@ -54,3 +54,24 @@ class RowStats:
     @staticmethod
     def from_tensors(tensors: list[torch.Tensor | None]) -> RowStats:
         return RowStats(*tensors)
+
+
+def check_grad_out(out: torch.Tensor | None, student: torch.Tensor) -> torch.Tensor:
+    """The buffer a backend's `backward` writes the logits gradient into: a new one when `out` is None.
+
+    A given `out` must be contiguous with the student logits' shape, dtype and device; it may be the
+    student logits themselves (the backends read each entry before writing it), but no other view of them.
+    """
+    if out is None:
+        return torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    if out.shape != student.shape or out.dtype != student.dtype or out.device != student.device:
+        raise ValueError(
+            f"out must match the student logits: got {tuple(out.shape)} {out.dtype} on {out.device}, "
+            f"expected {tuple(student.shape)} {student.dtype} on {student.device}."
+        )
+    if not out.is_contiguous():
+        raise ValueError("out must be contiguous.")
+    same_storage = out.untyped_storage().data_ptr() == student.untyped_storage().data_ptr()
+    if same_storage and not (out.data_ptr() == student.data_ptr() and student.is_contiguous()):
+        raise ValueError("out may be the (contiguous) student logits themselves, but no other view of them.")
+    return out

@@ -13,7 +13,7 @@ import torch
 import triton
 
 from .config import TAIL_LOG_FLOOR, LossConfig
-from .stats import RowStats
+from .stats import RowStats, check_grad_out
 from .triton_grad import grad_kernel
 from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
@@ -140,11 +140,16 @@ def backward(
     stats: RowStats,
     grad_loss: torch.Tensor,
     config: LossConfig,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous."""
+    """Gradient w.r.t. the student logits (shape of `student`), student dtype, contiguous.
+
+    `out` (optional) receives it and may be `student` itself: each program reads a block of its row
+    before it writes that block, and the sparse entries it writes last need no logits.
+    """
     vocab = student.shape[-1]
     n = student.numel() // vocab
-    grad = torch.empty(student.shape, dtype=student.dtype, device=student.device)
+    grad = check_grad_out(out, student)
     if n == 0:
         return grad
     full = config.mode == "full_logits"
