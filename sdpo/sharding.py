@@ -3,7 +3,7 @@
 The EMA teacher and its checkpoint touch every parameter outside any forward, where ZeRO-3 and FSDP hold
 only this rank's shard. The EMA is elementwise, so it runs on the local shards (teacher and student are
 partitioned alike: same shapes, same world size) and needs no gather; the checkpoint gathers one tensor at a
-time so that rank 0 writes full, world-size-independent tensors.
+time so that the saving rank writes full, world-size-independent tensors.
 """
 
 from __future__ import annotations
@@ -55,3 +55,18 @@ def load_full_tensor_(p: torch.Tensor, full: torch.Tensor) -> None:
         p.to_local().copy_(shard.to_local())
         return
     p.copy_(full.to(device=p.device, dtype=p.dtype))
+
+
+def is_sharded(p: torch.Tensor) -> bool:
+    """True when this rank holds only part of `p` (ZeRO-3 or FSDP2), False for a replicated tensor."""
+    return is_zero3_param(p) or isinstance(p, DTensor)
+
+
+def release_stale_gathered_(params: list[torch.Tensor]) -> None:
+    """After an in-place update of ZeRO-3 shards (`local_shard`): drop the whole copies some parameters keep
+    between forwards (those under `stage3_param_persistence_threshold`, by default every tensor of ≤ 1e5
+    elements: norms, biases). They would go on serving the old values; the next forward gathers the new ones.
+    """
+    stale = [p for p in params if is_zero3_param(p) and p.data.numel() == p.ds_numel and p.ds_numel > 0]
+    if stale:
+        stale[0].partition(param_list=stale)

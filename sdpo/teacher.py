@@ -18,24 +18,33 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .sharding import full_tensor, load_full_tensor_, local_shard
+from .sharding import full_tensor, is_sharded, load_full_tensor_, local_shard, release_stale_gathered_
 
 TEACHER_STATE_FILE = "sdpo_teacher.pt"
 TEACHER_ADAPTER_NAME = "sdpo_teacher"
 
 
 EMA_ROUNDINGS = ("stochastic", "nearest")
+_ROUNDING_CHUNK = 1 << 24  # elements per float32 work slice: bounded temporaries for [V, D] embeddings
 
 
 def stochastic_round_to_bf16(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """float32 `x` rounded to bfloat16 up or down with probability proportional to proximity (unbiased).
 
     bfloat16 is float32 with the low 16 bits dropped: add uniform noise in [0, 2^16) to those bits of the
-    magnitude (sign-magnitude format, so this works for negative values too), then truncate them.
+    magnitude (sign-magnitude format, so this works for negative values too), then truncate them. NaNs are
+    kept as they are (their payload could otherwise carry into the sign bit).
     """
     noise = torch.randint(0, 1 << 16, x.shape, dtype=torch.int32, device=x.device, generator=generator)
     bits = (x.contiguous().view(torch.int32) + noise) & -65536  # -65536 = 0xFFFF0000 as int32
-    return bits.view(torch.float32).to(torch.bfloat16)
+    return torch.where(x.isnan(), x, bits.view(torch.float32)).to(torch.bfloat16)
+
+
+def rounding_seed(seed: int, update: int, index: int, rank: int) -> int:
+    """The seed of one tensor's rounding noise in one EMA update: a pure function, so nothing needs saving and
+    a resumed run rounds exactly as an uninterrupted one. `rank` tells shards apart (0 for replicated
+    tensors, which every DDP rank must round alike)."""
+    return (((seed * 1_000_003 + update) * 1_000_033 + index) * 10_007 + rank) % (1 << 62)
 
 
 @torch.no_grad()
@@ -43,26 +52,31 @@ def ema_update_(
     teacher: list[torch.Tensor],
     student: list[torch.Tensor],
     rate: float,
-    generator: torch.Generator | None = None,
+    seeds: list[int] | None = None,
 ) -> None:
     """In place: t ← (1 − rate)·t + rate·s for each pair (student cast to the teacher's dtype/device).
 
-    With `generator`, bfloat16 teachers are updated in float32 and stochastically rounded: with nearest
-    rounding an increment below half a bf16 ulp (rate·|s − t| < 2^-9·|t|, e.g. a 7% gap at rate 0.05) is
-    lost, so a slowly tracking teacher freezes. Other dtypes round to nearest.
+    With `seeds` (one per pair), bfloat16 teachers are updated in float32 and stochastically rounded: with
+    nearest rounding an increment below half a bf16 ulp (rate·|s − t| < 2^-9·|t|, e.g. a 7% gap at rate
+    0.05) is lost, so a slowly tracking teacher freezes. Other dtypes round to nearest.
     """
-    if len(teacher) != len(student):
+    if len(teacher) != len(student) or (seeds is not None and len(seeds) != len(teacher)):
         raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}: they must match.")
     if rate == 0.0:
         return
-    for t, s in zip(teacher, student, strict=True):
+    for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
         if t.shape != s.shape:
             raise ValueError(f"EMA shape mismatch: teacher {tuple(t.shape)} vs student {tuple(s.shape)}.")
-        if generator is not None and t.dtype == torch.bfloat16:
-            mixed = t.float().mul_(1.0 - rate).add_(s.to(device=t.device, dtype=torch.float32), alpha=rate)
-            t.copy_(stochastic_round_to_bf16(mixed, generator))
-        else:
+        if seeds is None or t.dtype != torch.bfloat16 or not t.is_contiguous():
             t.mul_(1.0 - rate).add_(s.to(device=t.device, dtype=t.dtype), alpha=rate)
+            continue
+        generator = torch.Generator(device=t.device).manual_seed(seeds[i])
+        flat_t, flat_s = t.view(-1), s.reshape(-1)
+        for lo in range(0, flat_t.numel(), _ROUNDING_CHUNK):
+            hi = min(flat_t.numel(), lo + _ROUNDING_CHUNK)
+            mixed = flat_t[lo:hi].float().mul_(1.0 - rate)
+            mixed.add_(flat_s[lo:hi].to(device=t.device, dtype=torch.float32), alpha=rate)
+            flat_t[lo:hi] = stochastic_round_to_bf16(mixed, generator)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -98,9 +112,11 @@ class SDPOTeacher:
         self.kind = kind
         self.rate = float(rate)
         self.rounding = rounding
-        # Seeded alike on every rank: under DDP each rank holds the whole teacher and must round it the same way.
         self.seed = seed
-        self._generator: torch.Generator | None = None
+        self.updates = 0  # EMA steps taken: part of the rounding seeds, saved with the teacher
+        # Set by the trainer when the teacher was not built as a copy of the student (ZeRO-3 loads it from the
+        # checkpoint path): copy the student into it when training starts, unless a checkpoint restored it.
+        self.sync_at_train_begin = False
         self.student = student
         self.adapter_mode = kind == "ema" and _is_peft(student)
         self.model: nn.Module | None = None
@@ -152,17 +168,27 @@ class SDPOTeacher:
         if student is not None and not self.adapter_mode:
             self.student = student
         teacher, student_params = self.pairs()
-        teacher = [local_shard(t) for t in teacher]  # elementwise, so shard by shard: partitioned alike
-        student_params = [local_shard(s).detach() for s in student_params]
-        ema_update_(teacher, student_params, self.rate, self.generator(teacher[0].device) if teacher else None)
+        seeds = None
+        if self.rounding == "stochastic":
+            rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+            seeds = [
+                rounding_seed(self.seed, self.updates, i, rank if is_sharded(t) else 0) for i, t in enumerate(teacher)
+            ]
+        # Elementwise, so shard by shard: teacher and student are partitioned alike.
+        ema_update_(
+            [local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], self.rate, seeds
+        )
+        release_stale_gathered_(teacher)
+        self.updates += 1
 
-    def generator(self, device: torch.device) -> torch.Generator | None:
-        """The stochastic-rounding generator (None for nearest rounding), created on first use."""
-        if self.rounding != "stochastic":
-            return None
-        if self._generator is None:
-            self._generator = torch.Generator(device=device).manual_seed(self.seed)
-        return self._generator
+    @torch.no_grad()
+    def copy_from_student(self, student: nn.Module | None = None) -> None:
+        """θ_t ← θ_s, shard by shard (an EMA step at rate 1, exact in every dtype)."""
+        if student is not None and not self.adapter_mode:
+            self.student = student
+        teacher, student_params = self.pairs()
+        ema_update_([local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], 1.0)
+        release_stale_gathered_(teacher)
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[nn.Module]:
@@ -179,11 +205,17 @@ class SDPOTeacher:
             for p in self._adapter_params(TEACHER_ADAPTER_NAME):
                 p.requires_grad_(False)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, keep: bool = True) -> dict[str, torch.Tensor]:
         """Whole teacher tensors on CPU, by position (names differ between adapter and full-model modes; the
-        order is stable). A collective under ZeRO-3 / FSDP2: every rank must call it."""
+        order is stable). A collective under ZeRO-3 / FSDP2: every rank must call it; ranks with
+        `keep=False` take part in the gathers and keep nothing (an empty dict)."""
         teacher, _ = self.pairs()
-        return {str(i): full_tensor(t).cpu() for i, t in enumerate(teacher)}
+        state = {}
+        for i, t in enumerate(teacher):
+            whole = full_tensor(t)  # one tensor at a time: the gather's peak is the largest tensor
+            if keep:
+                state[str(i)] = whole.cpu()
+        return state
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
@@ -198,24 +230,20 @@ class SDPOTeacher:
         `write=True` (`args.should_save`) write the file."""
         if self.kind != "ema":
             return
-        state = {"rate": self.rate, "tensors": self.state_dict()}
-        # The saving rank's generator: a resumed run then rounds exactly as an uninterrupted one wherever the
-        # teacher is replicated (DDP, one process); sharded ranks draw per-shard streams, resumed from rank 0's.
-        if self._generator is not None:
-            state["rounding_generator"] = self._generator.get_state()
+        state = {"rate": self.rate, "updates": self.updates, "tensors": self.state_dict(keep=write)}
         if write:
             torch.save(state, os.path.join(directory, TEACHER_STATE_FILE))
 
     def load(self, directory: str) -> bool:
-        """Restore from `directory`; returns False when there is no teacher state there."""
+        """Restore from `directory`; returns False when there is no teacher state there. Every rank reads the
+        file (a shared filesystem, as for the rest of the checkpoint)."""
         path = os.path.join(directory, TEACHER_STATE_FILE)
         if self.kind != "ema" or not os.path.isfile(path):
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         self.load_state_dict(state["tensors"])
-        if "rounding_generator" in state and self.rounding == "stochastic":
-            device = local_shard(self.pairs()[0][0]).device
-            self.generator(device).set_state(state["rounding_generator"])
+        self.updates = int(state.get("updates", 0))
+        self.sync_at_train_begin = False
         return True
 
 
@@ -227,10 +255,15 @@ class EMATeacherCallback(TrainerCallback):
         self.accelerator = accelerator
         self.sync_steps = sync_steps
 
+    def _unwrapped(self, model):
+        return self.accelerator.unwrap_model(model) if model is not None and self.accelerator is not None else model
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.teacher.sync_at_train_begin:  # after the student is wrapped (partitioned) and any resume
+            self.teacher.copy_from_student(self._unwrapped(model))
+            self.teacher.sync_at_train_begin = False
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step % self.sync_steps != 0:
             return
-        student = model
-        if student is not None and self.accelerator is not None:
-            student = self.accelerator.unwrap_model(student)
-        self.teacher.update(student)
+        self.teacher.update(self._unwrapped(model))

@@ -210,12 +210,16 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_model.__dict__.pop("forward", None)
             # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
             add_head_fn_forward(teacher_model)
-            if self.is_fsdp_enabled and self.accelerator.state.fsdp_plugin.fsdp_version == 1:
-                raise ValueError(
-                    "An EMA teacher under FSDP needs `fsdp_version=2` (its EMA and checkpoint work on DTensor "
-                    "shards); FSDP1 is not supported. Set fsdp_config={'fsdp_version': 2} or "
-                    "teacher_regularization='none'."
-                )
+        if (
+            args.teacher_regularization == "ema"
+            and self.is_fsdp_enabled
+            and self.accelerator.state.fsdp_plugin.fsdp_version == 1
+        ):
+            raise ValueError(
+                "An EMA teacher under FSDP needs `fsdp_version=2` (its EMA and checkpoint work on DTensor "
+                "shards); FSDP1's flat parameters are not supported. Set fsdp_config={'fsdp_version': 2} or "
+                "teacher_regularization='none'."
+            )
         self.teacher = SDPOTeacher(
             self.model,
             args.teacher_regularization,
@@ -228,12 +232,37 @@ class SDPOTrainer(GRPOTrainer):
         if separate:
             if self.is_deepspeed_enabled:
                 self.teacher_model_wrapped = prepare_deepspeed(self.teacher.model, self.accelerator)
+                # Built from the checkpoint path, not from the student's current weights: copy them at train
+                # start (shard by shard), unless a resumed run restores the teacher first.
+                self.teacher.sync_at_train_begin = is_deepspeed_zero3_enabled()
             elif self.is_fsdp_enabled:
-                self.teacher_model_wrapped = prepare_fsdp(self.teacher.model, self.accelerator)
+                self.teacher_model_wrapped = self._prepare_fsdp2_teacher(self.teacher.model)
             else:
                 self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
         if args.teacher_regularization == "ema":
             self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
+
+    def _prepare_fsdp2_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Shard the EMA teacher like the student: each block of the FSDP auto-wrap policy (the decoder layers)
+        in its own group, resharded after its forward, then the root (TRL's `prepare_fsdp`, which alone would
+        make the whole teacher one group, unsharded at once in every forward)."""
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+        from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+        plugin = self.accelerator.state.fsdp_plugin
+        mesh = getattr(self.accelerator, "torch_device_mesh", None)
+        kwargs = dict(
+            reshard_after_forward=True,  # no backward follows a teacher forward
+            offload_policy=plugin.cpu_offload,
+            mp_policy=plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+            mesh=mesh[tuple(self.accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+        )
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, teacher)
+        if policy is not None:
+            for module in reversed(list(teacher.modules())[1:]):  # children before parents
+                if policy(module) and not isinstance(module, FSDPModule):
+                    fully_shard(module, **kwargs)
+        return prepare_fsdp(teacher, self.accelerator)
 
     def _why_not_fused_linear(self) -> str | None:
         """None when `linear_self_distillation_loss` can serve this run, else the reason it cannot."""
@@ -468,9 +497,14 @@ class SDPOTrainer(GRPOTrainer):
         keep = inputs["completion_ids"].size(1)
         with torch.no_grad():
             if self.teacher_model_wrapped is not None:  # separate EMA copy, through its (wrapped) root forward
-                return self.teacher_model_wrapped(
+                out = self.teacher_model_wrapped(
                     input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep
                 )
+                if self.is_fsdp_enabled:
+                    # FSDP2 leaves the root group (embeddings, norm, head) unsharded after a forward; the EMA
+                    # and the checkpoint need the shards back, and so does the memory.
+                    self.teacher_model_wrapped.reshard()
+                return out
             with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
                 return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
 

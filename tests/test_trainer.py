@@ -227,26 +227,43 @@ def test_ema_update_math():
         ema_update_([torch.ones(2)], [torch.ones(3)], 0.1)
 
 
-def test_bf16_ema_nearest_freezes_stochastic_tracks_float32():
+@pytest.mark.parametrize("chunk", [None, 999])
+def test_bf16_ema_nearest_freezes_stochastic_tracks_float32(monkeypatch, chunk):
     """rate·|s − t| below half a bf16 ulp: nearest rounding never moves the teacher, stochastic rounding
-    follows the float32 EMA in expectation (mean over 20000 elements)."""
+    follows the float32 EMA in expectation (mean over 20000 elements), also in bounded work slices."""
+    if chunk is not None:
+        monkeypatch.setattr("sdpo.teacher._ROUNDING_CHUNK", chunk)
     n, rate, steps = 20000, 0.05, 20
     student = [torch.full((n,), 1.01)]
     expected = 1.01 - 0.01 * (1 - rate) ** steps  # float32 EMA from 1.0 towards 1.01
     nearest = [torch.ones(n, dtype=torch.bfloat16)]
     stochastic = [torch.ones(n, dtype=torch.bfloat16)]
-    gen = torch.Generator().manual_seed(0)
-    for _ in range(steps):
+    for step in range(steps):
         ema_update_(nearest, student, rate)
-        ema_update_(stochastic, student, rate, generator=gen)
+        ema_update_(stochastic, student, rate, seeds=[step])
     assert torch.equal(nearest[0], torch.ones(n, dtype=torch.bfloat16))
     mean = stochastic[0].double().mean().item()
     assert abs(mean - expected) < 3e-4, (mean, expected)  # ± ~4 standard errors of the mean
     assert set(stochastic[0].float().unique().tolist()) <= {1.0, 1.0078125, 1.015625}  # bf16 neighbours only
     # negative values and a zero mix: unbiased too
     neg = [torch.full((n,), -1.0, dtype=torch.bfloat16)]
-    ema_update_(neg, [torch.full((n,), -1.03)], 0.1, generator=torch.Generator().manual_seed(1))
+    ema_update_(neg, [torch.full((n,), -1.03)], 0.1, seeds=[1])
     assert abs(neg[0].double().mean().item() - (-1.003)) < 2e-4
+
+
+def test_stochastic_rounding_edge_values():
+    from sdpo.teacher import stochastic_round_to_bf16
+
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.tensor([0x7FFFFFFF, -1, 0x7F800001, 0x7FC00000], dtype=torch.int32)  # NaNs with payloads
+    specials = torch.cat([bits.view(torch.float32), torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])])
+    for _ in range(20):
+        out = stochastic_round_to_bf16(specials, gen).float()
+        assert out[:4].isnan().all()
+        assert out[4:].tolist() == [float("inf"), -float("inf"), 0.0, -0.0]
+    # a carry into the exponent: just below 1 rounds to its bf16 neighbours 0.99609375 or 1.0 only
+    x = torch.full((4096,), 0.99999994)
+    assert set(stochastic_round_to_bf16(x, gen).float().unique().tolist()) <= {0.99609375, 1.0}
 
 
 def test_stochastic_ema_is_seeded_and_resumes_exactly(tmp_path):

@@ -19,6 +19,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 
 from sdpo import SDPOConfig, SDPOTrainer
+from sdpo.sharding import local_shard
 from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 
 
@@ -67,7 +68,7 @@ def allow_fsdp_on_cpu() -> None:
     AcceleratorState.__init__ = __init__
 
 
-def sharding_args(sharding: str) -> dict:
+def sharding_args(sharding: str, reshard_after_forward: bool = True) -> dict:
     if sharding == "ddp":
         return {}
     if sharding in ("fsdp1", "fsdp2"):
@@ -75,7 +76,7 @@ def sharding_args(sharding: str) -> dict:
             fsdp=True,
             fsdp_config={
                 "fsdp_version": int(sharding[-1]),
-                "reshard_after_forward": True if sharding == "fsdp2" else "FULL_SHARD",
+                "reshard_after_forward": reshard_after_forward if sharding == "fsdp2" else "FULL_SHARD",
                 "transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"],
                 "use_orig_params": True,
             },
@@ -84,10 +85,11 @@ def sharding_args(sharding: str) -> dict:
         return dict(
             ddp_backend="gloo",
             deepspeed={
-                # threshold 0: even the tiny model's head stays partitioned between forwards, as a large one does
+                # threshold 100: the head (53 x 32) stays partitioned between forwards, as a large one does, and
+                # the norms (32) persist gathered, as every small tensor does by default (1e5 elements)
                 "zero_optimization": {
                     "stage": 3,
-                    "stage3_param_persistence_threshold": 0,
+                    "stage3_param_persistence_threshold": 100,
                     "stage3_gather_16bit_weights_on_model_save": True,  # lets get_state_dict gather (fp32 here)
                 },
                 "train_micro_batch_size_per_gpu": "auto",
@@ -98,19 +100,32 @@ def sharding_args(sharding: str) -> dict:
     raise ValueError(f"unknown --sharding {sharding!r}")
 
 
+def teacher_names(trainer: SDPOTrainer) -> list[str]:
+    """The teacher's parameter names in `SDPOTeacher.state_dict` order (its keys are positions)."""
+    return [name for name, _ in trainer.teacher.model.named_parameters()]
+
+
 def full_state(trainer: SDPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
     """Gathered student and teacher weights by name (collective: every rank calls it)."""
     student = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     teacher = {}
-    if trainer.teacher.kind == "ema":  # by position, in the teacher's parameter order: name them
-        names = [name for name, _ in trainer.teacher.model.named_parameters()]
+    if trainer.teacher.kind == "ema":
+        names = teacher_names(trainer)
         teacher = {names[int(i)]: t for i, t in trainer.teacher.state_dict().items()}
     return {"student": {k: v.detach().float().cpu() for k, v in (student or {}).items()}, "teacher": teacher}
 
 
-def teacher_checkpoint_roundtrip(trainer: SDPOTrainer, directory: str, expected: dict) -> dict[str, float]:
-    """Save the teacher (gathered), scramble every shard, load it back (re-sharded): max errors of both."""
-    from sdpo.sharding import local_shard
+def replicas_identical(trainer: SDPOTrainer) -> bool:
+    """True when every rank holds bit-identical teacher tensors (meaningful where the teacher is replicated)."""
+    digest = [local_shard(t).detach().float().cpu().double().sum().item() for t in trainer.teacher.pairs()[0]]
+    digests = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(digests, digest)
+    return all(d == digests[0] for d in digests)
+
+
+def teacher_checkpoint_roundtrip(trainer: SDPOTrainer, directory: str) -> dict[str, dict[str, torch.Tensor]]:
+    """Save the teacher (gathered), scramble every shard, load it back (re-sharded): the saved and the restored
+    teacher, by name, for the test to compare with the DDP run's teacher."""
     from sdpo.teacher import TEACHER_STATE_FILE
 
     os.makedirs(directory, exist_ok=True)
@@ -122,9 +137,10 @@ def teacher_checkpoint_roundtrip(trainer: SDPOTrainer, directory: str, expected:
             local_shard(t).add_(1.0)
     assert trainer.teacher.load(directory)
     restored = trainer.teacher.state_dict()
+    names = teacher_names(trainer)
     return {
-        "saved_error": max((saved[k] - full).abs().max().item() for k, full in zip(saved, expected.values())),
-        "restored_error": max((restored[k] - full).abs().max().item() for k, full in zip(restored, expected.values())),
+        "saved_teacher": {names[int(i)]: t.float() for i, t in saved.items()},
+        "restored_teacher": {names[int(i)]: t.float() for i, t in restored.items()},
     }
 
 
@@ -134,6 +150,8 @@ def main() -> None:
     parser.add_argument("--fused", default="always")
     parser.add_argument("--mode", default="hybrid")
     parser.add_argument("--teacher", default="ema", help="teacher_regularization: ema or none")
+    parser.add_argument("--no-reshard-after-forward", action="store_true", help="FSDP2 keeps gathered weights")
+    parser.add_argument("--dtype", default="float32", help="the weights' dtype (bfloat16: pure bf16 training)")
     parser.add_argument("--model", required=True, help="a saved model + tokenizer (see save_tiny_model)")
     parser.add_argument("--out", required=True)
     parser.add_argument(
@@ -152,7 +170,7 @@ def main() -> None:
     ds = Dataset.from_dict({"prompt": prompts, "privileged_context": ["it is 2", "", "it is 8", None] * 2})
     args = SDPOConfig(
         **tiny_run_args(cli.checkpoint_dir or "sdpo-sharded-unused"),
-        max_steps=2,
+        max_steps=3,  # the third step's teacher forward runs on EMA-updated weights twice over
         learning_rate=5e-2,
         logging_steps=1,
         seed=0,
@@ -163,7 +181,8 @@ def main() -> None:
         teacher_regularization=cli.teacher,
         teacher_update_rate=0.5,
         distillation_fused_linear=cli.fused,
-        **sharding_args(cli.sharding),
+        model_init_kwargs={"dtype": cli.dtype},
+        **sharding_args(cli.sharding, reshard_after_forward=not cli.no_reshard_after_forward),
     )
     if cli.sharding == "zero3":
         import deepspeed
@@ -177,12 +196,14 @@ def main() -> None:
     trainer.train()
     result = full_state(trainer)
     if cli.checkpoint_dir:
-        result.update(teacher_checkpoint_roundtrip(trainer, cli.checkpoint_dir, result["teacher"]))
+        result.update(teacher_checkpoint_roundtrip(trainer, cli.checkpoint_dir))
     result["losses"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     result["distillation_loss"] = [
         h["self_distillation/distillation_loss"] for h in trainer.state.log_history if "loss" in h
     ]
     result["fused"] = trainer.use_fused_linear
+    if trainer.teacher.kind == "ema":
+        result["teacher_replicas_identical"] = replicas_identical(trainer)
     # What the run really sharded: the parameter types the EMA saw, and the student's wrapper.
     teacher_params, _ = trainer.teacher.pairs()
     kinds = {type(p).__name__ + ("/zero3" if hasattr(p, "ds_tensor") else "") for p in teacher_params}
