@@ -123,3 +123,14 @@ def test_bf16_stochastic_ema_keeps_ddp_replicas_identical(workdir):
     assert run["teacher_replicas_identical"] and len(run["losses"]) == 3
     lag = max((run["teacher"][k] - run["student"][k]).abs().max().item() for k in run["teacher"])
     assert lag > 1e-3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs deepspeed (pip install deepspeed)")
+@pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft")
+def test_zero3_peft_adapter_teacher_matches_ddp(workdir):
+    """LoRA: the EMA teacher is a second adapter inside the (partitioned) student engine: its EMA runs on the
+    adapter shards, its checkpoint gathers them."""
+    ref = launch(workdir, "ddp-peft", "--sharding", "ddp", "--peft")
+    run = launch(workdir, "zero3-peft", "--sharding", "zero3", "--peft", "--checkpoint-dir", str(workdir / "ck-peft"))
+    assert ref["teacher_replicas_identical"] and len(ref["teacher"]) == 8  # A and B of q, v in 2 layers
+    assert_same_run(run, ref, atol=1e-4)

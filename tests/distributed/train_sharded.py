@@ -20,6 +20,7 @@ from transformers import AutoTokenizer
 
 from sdpo import SDPOConfig, SDPOTrainer
 from sdpo.sharding import local_shard
+from sdpo.teacher import TEACHER_ADAPTER_NAME, TEACHER_STATE_FILE
 from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 
 
@@ -102,6 +103,8 @@ def sharding_args(sharding: str, reshard_after_forward: bool = True) -> dict:
 
 def teacher_names(trainer: SDPOTrainer) -> list[str]:
     """The teacher's parameter names in `SDPOTeacher.state_dict` order (its keys are positions)."""
+    if trainer.teacher.adapter_mode:  # the EMA adapter's parameters inside the student
+        return [name for name, _ in trainer.model.named_parameters() if f".{TEACHER_ADAPTER_NAME}." in name]
     return [name for name, _ in trainer.teacher.model.named_parameters()]
 
 
@@ -126,8 +129,6 @@ def replicas_identical(trainer: SDPOTrainer) -> bool:
 def teacher_checkpoint_roundtrip(trainer: SDPOTrainer, directory: str) -> dict[str, dict[str, torch.Tensor]]:
     """Save the teacher (gathered), scramble every shard, load it back (re-sharded): the saved and the restored
     teacher, by name, for the test to compare with the DDP run's teacher."""
-    from sdpo.teacher import TEACHER_STATE_FILE
-
     os.makedirs(directory, exist_ok=True)
     trainer.teacher.save(directory, write=trainer.args.should_save)
     trainer.accelerator.wait_for_everyone()
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--mode", default="hybrid")
     parser.add_argument("--teacher", default="ema", help="teacher_regularization: ema or none")
     parser.add_argument("--no-reshard-after-forward", action="store_true", help="FSDP2 keeps gathered weights")
+    parser.add_argument("--peft", action="store_true", help="LoRA: the EMA teacher is a second adapter")
     parser.add_argument("--dtype", default="float32", help="the weights' dtype (bfloat16: pure bf16 training)")
     parser.add_argument("--model", required=True, help="a saved model + tokenizer (see save_tiny_model)")
     parser.add_argument("--out", required=True)
@@ -190,8 +192,19 @@ def main() -> None:
         _ = args.device  # accelerate's process group first, then DeepSpeed's comm layer on top of it
         deepspeed.init_distributed(dist_backend="gloo")
     # A path, as real users pass: under ZeRO-3 the student and the EMA teacher load partitioned (zero.Init).
+    peft_config = None
+    if cli.peft:
+        from peft import LoraConfig
+
+        # Random A and B: the adapters change the outputs from the first step on.
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     trainer = SDPOTrainer(
-        model=cli.model, reward_funcs=length_parity_reward, args=args, train_dataset=ds, processing_class=tok
+        model=cli.model,
+        reward_funcs=length_parity_reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        peft_config=peft_config,
     )
     trainer.train()
     result = full_state(trainer)
