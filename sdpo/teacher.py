@@ -238,7 +238,19 @@ class SDPOTeacher:
         """Restore from `directory`; returns False when there is no teacher state there. Every rank reads the
         file (a shared filesystem, as for the rest of the checkpoint)."""
         path = os.path.join(directory, TEACHER_STATE_FILE)
-        if self.kind != "ema" or not os.path.isfile(path):
+        if self.kind != "ema":
+            return False
+        exists = os.path.isfile(path)
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Loading is a collective under sharding: ranks that disagree on the file would hang, so fail loudly.
+            seen: list[bool | None] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(seen, exists)
+            if any(seen) and not all(seen):
+                raise RuntimeError(
+                    f"{path} is visible to some ranks only ({seen}): resuming the SDPO teacher needs the "
+                    "checkpoint on a filesystem every rank reads, as for the rest of the checkpoint."
+                )
+        if not exists:
             return False
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         self.load_state_dict(state["tensors"])
