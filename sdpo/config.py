@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig
 
 POLICY_LOSS_MODES = ("distillation_only", "hybrid")
-TEACHER_REGULARIZATIONS = ("ema", "none")
+TEACHER_REGULARIZATIONS = ("ema", "none", "base")
 DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 FUSED_LINEAR_CHOICES = ("auto", "always", "never")
 # Aggregations with a defined meaning for the distillation term (same normalisers as TRL's GRPO policy loss).
@@ -36,8 +36,8 @@ class SDPOConfig(GRPOConfig):
         distillation_add_tail: top-K only: add a bucket for the non-top-K mass.
         distillation_weight: weight of the self-distillation loss.
         distillation_mode, teacher_model_kind, teacher_sync_steps: TRL 1.16's spellings, accepted so that
-            switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none';
-            TRL's 'base' teacher is not supported). Note `distillation_weight` keeps this API's meaning
+            switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none',
+            'base' = 'base'). Note `distillation_weight` keeps this API's meaning
             (distillation_only: w·SD; hybrid: policy + w·SD), not TRL 1.16's convex blend.
         teacher_ema_rounding: "stochastic" | "nearest": rounding of bf16 EMA teacher weights (see the field's help).
         distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
@@ -46,7 +46,8 @@ class SDPOConfig(GRPOConfig):
         diagnostics_flat_tolerance: tolerance for "flat rewards" / "no reprompt" diagnostics.
         dont_reprompt_on_self_success: a rollout is never its own demonstration.
         sdpo_policy_loss_mode: "distillation_only" or "hybrid" (GRPO clipped policy loss + distillation).
-        teacher_regularization: "ema" (EMA copy of the student) or "none" (current student, no grad).
+        teacher_regularization: "ema" (EMA copy of the student), "none" (current student, no grad) or "base"
+            (the initial student, frozen; under PEFT the base model with the adapters disabled).
         teacher_update_rate: EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
         ema_update_rate: deprecated alias of `teacher_update_rate`.
         max_reprompt_len: teacher prompts keep their last `max_reprompt_len` tokens.
@@ -85,7 +86,7 @@ class SDPOConfig(GRPOConfig):
     teacher_model_kind: str | None = field(
         default=None,
         metadata={
-            "help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none'); 'base' is unsupported."
+            "help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."
         },
     )
     teacher_sync_steps: int = field(
@@ -118,7 +119,11 @@ class SDPOConfig(GRPOConfig):
         metadata={"help": "'distillation_only' or 'hybrid' (GRPO clipped policy loss + distillation)."},
     )
     teacher_regularization: str = field(
-        default="ema", metadata={"help": "'ema' (EMA copy of the student) or 'none' (the current student)."}
+        default="ema",
+        metadata={
+            "help": "'ema' (EMA copy of the student), 'none' (the current student) or 'base' (the initial student, "
+            "frozen; under PEFT the base model with the adapters disabled)."
+        },
     )
     teacher_update_rate: float | None = field(
         default=None, metadata={"help": "EMA teacher update rate; defaults to `ema_update_rate`."}
@@ -243,11 +248,10 @@ class SDPOConfig(GRPOConfig):
                 raise ValueError("`distillation_mode='full_logits'` requires `distillation_topk=None`.")
             self.full_logit_distillation = full
         if self.teacher_model_kind is not None:
-            kinds = {"ema": "ema", "live": "none"}
+            kinds = {"ema": "ema", "live": "none", "base": "base"}
             if self.teacher_model_kind not in kinds:
                 raise ValueError(
-                    f"`teacher_model_kind` must be 'ema' or 'live' (TRL's 'base' teacher is not supported), "
-                    f"got {self.teacher_model_kind!r}."
+                    f"`teacher_model_kind` must be 'ema', 'live' or 'base', got {self.teacher_model_kind!r}."
                 )
             wanted = kinds[self.teacher_model_kind]
             if self.teacher_regularization not in ("ema", wanted):  # "ema" is also the default

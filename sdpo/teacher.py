@@ -94,6 +94,8 @@ class SDPOTeacher:
         "none": the teacher is the student (call it under `torch.no_grad()`).
         "ema": a frozen deep copy of the student (non-PEFT), or, under PEFT, a second adapter
             `sdpo_teacher` on the same base model: only adapter weights are averaged, the base stays shared.
+        "base": the initial student, never updated: a frozen copy (non-PEFT; saved with checkpoints, so a resumed
+            run keeps the initial weights), or, under PEFT, the student with its adapters disabled (TRL's 'base').
     """
 
     def __init__(
@@ -105,8 +107,8 @@ class SDPOTeacher:
         rounding: str = "stochastic",
         seed: int = 0,
     ):
-        if kind not in ("ema", "none"):
-            raise ValueError(f"teacher kind must be 'ema' or 'none', got {kind!r}.")
+        if kind not in ("ema", "none", "base"):
+            raise ValueError(f"teacher kind must be 'ema', 'none' or 'base', got {kind!r}.")
         if rounding not in EMA_ROUNDINGS:
             raise ValueError(f"EMA rounding must be one of {EMA_ROUNDINGS}, got {rounding!r}.")
         self.kind = kind
@@ -119,8 +121,9 @@ class SDPOTeacher:
         self.sync_at_train_begin = False
         self.student = student
         self.adapter_mode = kind == "ema" and _is_peft(student)
+        self.base_adapters_off = kind == "base" and _is_peft(student)
         self.model: nn.Module | None = None
-        if kind == "none":
+        if kind == "none" or self.base_adapters_off:
             self.model = student
         elif self.adapter_mode:
             self._init_adapter()
@@ -130,6 +133,12 @@ class SDPOTeacher:
             self.model = teacher_model if teacher_model is not None else copy.deepcopy(student)
             self.model.requires_grad_(False)
             self.model.eval()
+
+    @property
+    def has_own_weights(self) -> bool:
+        """True when the teacher holds weights of its own (an EMA copy or adapter, a frozen base copy): they are
+        checkpointed with the run."""
+        return self.kind == "ema" or (self.kind == "base" and not self.base_adapters_off)
 
     # ---- PEFT adapter teacher -------------------------------------------------------------------------------
     def _init_adapter(self) -> None:
@@ -192,7 +201,12 @@ class SDPOTeacher:
 
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[nn.Module]:
-        """Yield the module to run the teacher forward on (switches the active adapter under PEFT)."""
+        """Yield the module to run the teacher forward on (switches the active adapter, or disables the adapters
+        for the PEFT 'base' teacher)."""
+        if self.base_adapters_off:
+            with self.student.disable_adapter():
+                yield self.student
+            return
         if not self.adapter_mode:
             yield self.model
             return
@@ -228,7 +242,7 @@ class SDPOTeacher:
     def save(self, directory: str, write: bool = True) -> None:
         """Write the teacher to `directory`. Every rank calls it (the gather is a collective); the ranks with
         `write=True` (`args.should_save`) write the file."""
-        if self.kind != "ema":
+        if not self.has_own_weights:
             return
         state = {"rate": self.rate, "updates": self.updates, "tensors": self.state_dict(keep=write)}
         if write:
@@ -238,7 +252,7 @@ class SDPOTeacher:
         """Restore from `directory`; returns False when there is no teacher state there. Every rank reads the
         file (a shared filesystem, as for the rest of the checkpoint)."""
         path = os.path.join(directory, TEACHER_STATE_FILE)
-        if self.kind != "ema":
+        if not self.has_own_weights:
             return False
         exists = os.path.isfile(path)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -197,7 +197,7 @@ class SDPOTrainer(GRPOTrainer):
         """Build the teacher; register the EMA callback. A separate teacher model is prepared like TRL's ref model."""
         args = self.args
         teacher_model = None
-        separate = args.teacher_regularization == "ema" and not is_peft_model(self.model)
+        separate = args.teacher_regularization in ("ema", "base") and not is_peft_model(self.model)
         if separate:
             if is_deepspeed_zero3_enabled():
                 # Under ZeRO-3 the student's parameters are already partitioned: build from the path instead.
@@ -211,12 +211,12 @@ class SDPOTrainer(GRPOTrainer):
             # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
             add_head_fn_forward(teacher_model)
         if (
-            args.teacher_regularization == "ema"
+            args.teacher_regularization != "none"
             and self.is_fsdp_enabled
             and self.accelerator.state.fsdp_plugin.fsdp_version == 1
         ):
             raise ValueError(
-                "An EMA teacher under FSDP needs `fsdp_version=2` (its EMA and checkpoint work on DTensor "
+                "An EMA or base teacher under FSDP needs `fsdp_version=2` (its EMA and checkpoint work on DTensor "
                 "shards); FSDP1's flat parameters are not supported. Set fsdp_config={'fsdp_version': 2} or "
                 "teacher_regularization='none'."
             )
@@ -239,7 +239,7 @@ class SDPOTrainer(GRPOTrainer):
                 self.teacher_model_wrapped = self._prepare_fsdp2_teacher(self.teacher.model)
             else:
                 self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
-        if args.teacher_regularization == "ema":
+        if self.teacher.has_own_weights:  # EMA steps; a ZeRO-3 copy's start from the student
             self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
 
     def _prepare_fsdp2_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -311,7 +311,7 @@ class SDPOTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         # Called by `train(resume_from_checkpoint=...)` after the student weights are loaded.
-        if checkpoint is not None and self.teacher.kind == "ema" and not self.teacher.load(checkpoint):
+        if checkpoint is not None and self.teacher.has_own_weights and not self.teacher.load(checkpoint):
             logger.warning(
                 "No SDPO teacher state in %s: the EMA teacher restarts from the initial weights.", checkpoint
             )

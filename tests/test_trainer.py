@@ -22,7 +22,7 @@ def length_parity_reward(completions, **kwargs):
     return [1.0 if len(c) % 2 == 0 else 0.0 for c in completions]
 
 
-def make_trainer(tmp_path, **kw):
+def make_trainer(tmp_path, peft_config=None, **kw):
     tok = build_char_tokenizer()
     model = build_tiny_model(tok, seed=0)
     # Spread the logits: a fresh tiny model is near-uniform, and near-ties in the top-K support would make
@@ -38,6 +38,7 @@ def make_trainer(tmp_path, **kw):
         args=SDPOConfig(**defaults),
         train_dataset=ds,
         processing_class=tok,
+        peft_config=peft_config,
     )
 
 
@@ -321,7 +322,48 @@ def test_teacher_none_is_the_student():
     assert teacher.model is student
     teacher.update()  # no-op
     with pytest.raises(ValueError, match="kind"):
-        SDPOTeacher(student, "base", rate=0.5)
+        SDPOTeacher(student, "initial", rate=0.5)
+
+
+def test_base_teacher_is_the_frozen_initial_student(tmp_path):
+    """teacher_regularization='base' (TRL's teacher_model_kind='base'): a copy of the initial student that no
+    update moves, checkpointed so that a resumed run keeps it."""
+    trainer = make_trainer(tmp_path, teacher_model_kind="base", teacher_update_rate=0.5)
+    teacher = trainer.teacher
+    assert teacher.kind == "base" and teacher.model is not trainer.model and teacher.has_own_weights
+    initial = teacher.state_dict()
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    for callback in trainer.callback_handler.callbacks:  # the EMA callback runs, and leaves it alone
+        if isinstance(callback, EMATeacherCallback):
+            callback.on_step_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
+    assert all(torch.equal(initial[k], v) for k, v in teacher.state_dict().items())
+    teacher.save(str(tmp_path))
+    with torch.no_grad():
+        for p in teacher.pairs()[0]:
+            p.zero_()
+    assert teacher.load(str(tmp_path))
+    assert all(torch.equal(initial[k], v) for k, v in teacher.state_dict().items())
+
+
+def test_base_teacher_under_peft_disables_the_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = make_trainer(tmp_path, teacher_regularization="base", peft_config=config)
+    teacher = trainer.teacher
+    assert teacher.base_adapters_off and teacher.model is trainer.model and not teacher.has_own_weights
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        adapted = trainer.model(input_ids=ids).logits
+        base = trainer.model.get_base_model()
+        with teacher.forward_context() as t:
+            via_teacher = t(input_ids=ids).logits
+        with trainer.model.disable_adapter():
+            expected = base(input_ids=ids).logits
+    torch.testing.assert_close(via_teacher, expected, rtol=0, atol=0)
+    assert not torch.allclose(adapted, expected)  # the adapters do change the outputs
+    assert trainer.model(input_ids=ids).logits.equal(adapted)  # and are back on after the teacher forward
 
 
 def test_fused_linear_switch(tmp_path, monkeypatch):

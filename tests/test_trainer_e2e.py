@@ -51,7 +51,7 @@ def run(
         peft_config=peft_config,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    teacher_before = trainer.teacher.state_dict() if trainer.teacher.kind == "ema" else None
+    teacher_before = trainer.teacher.state_dict() if trainer.teacher.has_own_weights else None
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert trainer.state.global_step == 2 and len(logs) == 2
@@ -60,8 +60,9 @@ def run(
     assert changed == expect_change, "trainable parameters moved" if changed else "no trainable parameter moved"
     if teacher_before is not None:
         after = trainer.teacher.state_dict()
-        assert any(not torch.equal(teacher_before[k], after[k]) for k in after), "EMA teacher did not move"
-    else:
+        moved = any(not torch.equal(teacher_before[k], after[k]) for k in after)
+        assert moved == (trainer.teacher.kind == "ema"), "EMA teacher did not move" if not moved else "base moved"
+    elif trainer.teacher.kind == "none":
         assert trainer.teacher.model is trainer.model
     for key in (
         "self_distillation/success_group_fraction",
@@ -99,6 +100,9 @@ CASES = {
     "token_level_distill_only_ema_dapo": dict(loss_type="dapo", teacher_update_rate=0.5),
     "token_level_hybrid_ema_grpo_feedback": dict(
         sdpo_policy_loss_mode="hybrid", loss_type="grpo", include_environment_feedback=True
+    ),
+    "topk_hybrid_base_trl_spelling": dict(
+        full_logit_distillation=True, distillation_topk=4, sdpo_policy_loss_mode="hybrid", teacher_model_kind="base"
     ),
     "topk_distill_only_none_dr_grpo_chat": dict(
         full_logit_distillation=True,
