@@ -282,8 +282,6 @@ class SDPOTrainer(GRPOTrainer):
                 return "hybrid with sequence-level importance sampling needs the logits path"
             if self.args.delta is not None:
                 return "hybrid with two-sided clipping (delta) needs the logits path"
-            if self.use_vllm and self.vllm_importance_sampling_correction:
-                return "hybrid with vLLM importance-sampling correction needs the logits path"
         return None
 
     # ---- callbacks & checkpointing ----------------------------------------------------------------------------
@@ -643,6 +641,10 @@ class SDPOTrainer(GRPOTrainer):
             adv = inputs["advantages"]
             adv = adv.unsqueeze(1).expand_as(w_pol) if adv.dim() == 1 else adv
             ratio_old = inputs.get("old_per_token_logps")  # the ratio's (None: 1), as on the logits path
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                # TRL multiplies the per-token policy loss by the (detached) vLLM IS ratio, [B, T] or [B, 1]:
+                # a per-token weight, folded into the policy weights.
+                w_pol = w_pol * inputs["importance_sampling_ratio"].to(w_pol.dtype).expand_as(w_pol)
             policy = dict(
                 advantages=adv.reshape(-1)[flat],
                 epsilon_low=self.epsilon_low,

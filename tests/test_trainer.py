@@ -428,6 +428,38 @@ def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps, teacher_r
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("ratio_shape", ["token", "sequence"])
+def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
+    """TRL scales the hybrid policy loss per token by vLLM's IS ratio ([B, T] token modes, [B, 1] sequence
+    modes): the fused path folds it into the policy weights and must equal the logits path."""
+    kw = dict(
+        full_logit_distillation=True,
+        distillation_topk=5,
+        distillation_alpha=0.5,
+        sdpo_policy_loss_mode="hybrid",
+        distillation_weight=0.5,
+    )
+    g = torch.Generator().manual_seed(7)
+    ratio = 0.5 + torch.rand(4, 6 if ratio_shape == "token" else 1, generator=g)
+    losses, grads, metrics = [], [], []
+    for choice in ("always", "never"):
+        trainer = make_trainer(tmp_path, distillation_fused_linear=choice, **kw)
+        trainer.use_vllm = trainer.vllm_importance_sampling_correction = True  # as after a vLLM rollout
+        assert trainer._why_not_fused_linear() is None
+        trainer.current_gradient_accumulation_steps = 1
+        trainer.model.train()
+        batch = manual_batch(trainer)
+        batch["importance_sampling_ratio"] = ratio
+        loss = trainer._compute_loss(trainer.model, batch)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
+        metrics.append(trainer._metrics["train"]["self_distillation/policy_loss"][-1])
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert metrics[0] == pytest.approx(metrics[1], rel=1e-4, abs=1e-7)
+
+
 def test_checkpoint_saves_and_resume_restores_teacher_bit_exactly(tmp_path):
     from transformers import TrainerCallback
 
