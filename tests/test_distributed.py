@@ -85,6 +85,7 @@ def test_ddp_reference_learns_and_the_teacher_lags(ddp, workdir):
 def test_fsdp2_fused_linear_matches_ddp(ddp, workdir):
     run = launch(workdir, "fsdp2", "--sharding", "fsdp2", "--checkpoint-dir", str(workdir / "ckpt-fsdp2"))
     assert run["fused"] and run["wrapper"].startswith("FSDP") and run["teacher_param_types"] == ["DTensor"]
+    assert run["teacher_fsdp_groups"] == 3  # the 2 decoder layers and the root, as the student
     assert "saved_teacher" in run
     assert_same_run(run, ddp, atol=1e-6)
 

@@ -222,6 +222,10 @@ def main() -> None:
     kinds = {type(p).__name__ + ("/zero3" if hasattr(p, "ds_tensor") else "") for p in teacher_params}
     result["teacher_param_types"] = sorted(kinds)
     result["wrapper"] = type(trainer.model_wrapped).__name__
+    if trainer.teacher_model_wrapped is not None and cli.sharding == "fsdp2":
+        from torch.distributed.fsdp import FSDPModule
+
+        result["teacher_fsdp_groups"] = sum(isinstance(m, FSDPModule) for m in trainer.teacher.model.modules())
     if trainer.accelerator.is_main_process:
         torch.save(result, cli.out)
     trainer.accelerator.wait_for_everyone()
