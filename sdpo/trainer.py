@@ -280,8 +280,6 @@ class SDPOTrainer(GRPOTrainer):
                 return "hybrid with beta != 0 (KL to the reference model) needs the logits path"
             if self.importance_sampling_level != "token":
                 return "hybrid with sequence-level importance sampling needs the logits path"
-            if self.args.delta is not None:
-                return "hybrid with two-sided clipping (delta) needs the logits path"
         return None
 
     # ---- callbacks & checkpointing ----------------------------------------------------------------------------
@@ -651,6 +649,7 @@ class SDPOTrainer(GRPOTrainer):
                 epsilon_high=self.epsilon_high,
                 weights=w_pol.reshape(-1)[flat],
                 old_logps=None if ratio_old is None else ratio_old.reshape(-1)[flat],
+                delta=self.args.delta,
             )
         with maybe_gather_lm_head_ctx(head.weight, head.bias, t_weight, t_bias):
             result = sdpo_kernels.linear_self_distillation_loss(

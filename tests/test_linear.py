@@ -62,12 +62,17 @@ def make_inputs(n=12, vocab=40, dim=8, dtype=torch.float64, bias=True, device="c
     return inp
 
 
-def trl_policy_loss(student_logits, completion_ids, old_logps, advantages, eps_low, eps_high, temperature):
-    """TRL 1.16 `SDPOTrainer._compute_policy_loss` (= GRPO's token-level clipped surrogate) per token."""
+def trl_policy_loss(
+    student_logits, completion_ids, old_logps, advantages, eps_low, eps_high, temperature, delta=None
+):
+    """TRL 1.16 `SDPOTrainer._compute_policy_loss` (= GRPO's token-level clipped surrogate) per token;
+    `delta` as GRPOTrainer's two-sided clipping."""
     per_token_logps = selective_log_softmax(student_logits / temperature, completion_ids)
     old_per_token_logps = per_token_logps.detach() if old_logps is None else old_logps
     coef_1 = torch.exp(per_token_logps - old_per_token_logps)
     coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    if delta is not None:
+        coef_1 = torch.clamp(coef_1, max=delta)
     return -torch.min(coef_1 * advantages, coef_2 * advantages)
 
 
@@ -90,7 +95,7 @@ def materialised(inp, *, use_old=True, policy=None, backend="reference", **kw):
         z = ls if ls.dtype == torch.float64 else ls.float()
         pol = trl_policy_loss(
             z, inp["ids"], old, policy["advantages"], policy["epsilon_low"], policy["epsilon_high"],
-            kw.get("temperature", 1.0),
+            kw.get("temperature", 1.0), policy.get("delta"),
         )
         total = total + (policy["weights"] * pol).sum()
     return total, per, pol
@@ -372,6 +377,29 @@ def test_hybrid_policy_matches_trl(setting, old_kind):
     assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[6]], ids=str)
+def test_policy_two_sided_clipping_delta(setting):
+    """TRL's `delta`: ratios above delta cap the unclipped term (no gradient there); old log-probs far from
+    the current ones put rows on every branch (capped, clipped, live) for both signs of the advantage."""
+    inp = make_inputs(n=14)
+    with torch.no_grad():
+        ls = (inp["hs"] @ inp["W"].t() + inp["bs"]) / setting.get("temperature", 1.0)
+        logp = torch.log_softmax(ls, -1).gather(-1, inp["ids"][:, None]).squeeze(-1)
+    inp["old"] = logp + torch.linspace(-1.5, 1.5, 14, dtype=logp.dtype)  # ratios from e^-1.5 to e^1.5
+    pol = _policy(14)
+    pol["delta"] = 1.5
+    out = fused(inp, policy=pol, is_clip=2.0, chunk_size=4, **setting)
+    want, _, pol_want = materialised(inp, policy=pol, is_clip=2.0, **setting)
+    ratio = torch.exp(logp - inp["old"])
+    assert (ratio > 1.5).sum() >= 3 and (ratio < 0.8).sum() >= 3  # capped rows and clipped rows exist
+    torch.testing.assert_close(out.policy_per_token, pol_want.detach(), rtol=1e-10, atol=1e-12)
+    assert_same(inp, out.loss, want, rtol=1e-10, atol=1e-12)
+    without = fused(inp, policy={k: v for k, v in pol.items() if k != "delta"}, is_clip=2.0, **setting)
+    assert not torch.allclose(without.policy_per_token, out.policy_per_token)  # delta changed something
+    with pytest.raises(ValueError, match="delta"):
+        fused(inp, policy={**pol, "delta": 0.0}, **setting)
+
+
 def test_hybrid_policy_weights_independent_of_distillation_weights():
     """Rows with distillation weight 0 still get the policy gradient (and vice versa)."""
     inp = make_inputs(n=10)
@@ -454,7 +482,9 @@ def test_validation(change, match):
         (dict(policy=dict(advantages=torch.zeros(3), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12))),
          "advantages"),
         (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12),
-                          delta=3.0)), "delta"),
+                          delta=float("inf"))), "delta"),
+        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12),
+                          sequence_level=True)), "unknown"),
     ],
 )
 def test_validation_of_settings(kwargs, match):

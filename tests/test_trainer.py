@@ -428,7 +428,7 @@ def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps, teacher_r
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("ratio_shape", ["token", "sequence"])
+@pytest.mark.parametrize("ratio_shape", ["token", "sequence", "token+delta"])
 def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
     """TRL scales the hybrid policy loss per token by vLLM's IS ratio ([B, T] token modes, [B, 1] sequence
     modes): the fused path folds it into the policy weights and must equal the logits path."""
@@ -439,8 +439,10 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
         sdpo_policy_loss_mode="hybrid",
         distillation_weight=0.5,
     )
+    if ratio_shape.endswith("+delta"):  # two-sided clipping too (manual_batch's ratios are far from 1)
+        kw["delta"] = 1.5
     g = torch.Generator().manual_seed(7)
-    ratio = 0.5 + torch.rand(4, 6 if ratio_shape == "token" else 1, generator=g)
+    ratio = 0.5 + torch.rand(4, 1 if ratio_shape == "sequence" else 6, generator=g)
     losses, grads, metrics = [], [], []
     for choice in ("always", "never"):
         trainer = make_trainer(tmp_path, distillation_fused_linear=choice, **kw)
@@ -450,6 +452,8 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
         trainer.model.train()
         batch = manual_batch(trainer)
         batch["importance_sampling_ratio"] = ratio
+        if "delta" in kw:  # ratios far above delta in rows 0 (A > 0) and 1 (A < 0): the cap decides row 1
+            batch["old_per_token_logps"][:2] = -40.0
         loss = trainer._compute_loss(trainer.model, batch)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))

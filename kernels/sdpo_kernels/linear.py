@@ -74,13 +74,14 @@ Hybrid (policy) term
         ratio = exp(logp - old_logps)               (old_logps = logp.detach() when None: ratio = 1)
         policy_loss = -min(ratio · A, clamp(ratio, 1 - epsilon_low, 1 + epsilon_high) · A)
 
+    With an optional `delta` (TRL's two-sided clipping), the first term is `min(ratio, delta) · A`.
+
     Its logits gradient, `coef · (δ_jy − p_j) / T`, is folded into the backend's row statistics
     (the `p_j` part joins the dense coefficient and the K on-support entries, see `stats.py`)
     plus one entry per row at y, so it costs no extra pass over the vocabulary. Exception:
     renormalised top-K (`add_tail=False`), whose dense coefficient is structurally zero (backends
-    skip that term); there the `p_j` part is added to the chunk's logits gradient by a separate
-    elementwise pass.
-    Sequence-level importance sampling and TRL's `delta` (two-sided clipping) are not supported.
+    skip that term); there the whole gradient is written in place by `_renormalised_policy_grad_`.
+    Sequence-level importance sampling is not supported.
 
 Autocast
     Inside `torch.autocast`, float32 hidden states / weights / biases are cast to the autocast
@@ -127,7 +128,7 @@ REFERENCE_CHUNK_DIVISOR = 32
 POLICY_KEYS = ("advantages", "epsilon_low", "epsilon_high", "weights")
 # Optional: the policy ratio's own old log-probs (None: ratio 1), when they differ from the
 # `old_logps` used for IS clipping (e.g. a trainer clips with vLLM's sampling log-probs).
-POLICY_OPTIONAL_KEYS = ("old_logps",)
+POLICY_OPTIONAL_KEYS = ("old_logps", "delta")
 
 
 def default_chunk_rows(n_rows: int, reference_backend: bool = False) -> int:
@@ -160,6 +161,7 @@ class _Plan:
     chunk_rows: int
     epsilon_low: float | None  # None: no policy term
     epsilon_high: float | None
+    delta: float | None  # two-sided clipping of the ratio's unclipped term (None: off)
     need_hidden: bool
     need_weight: bool
     need_bias: bool
@@ -254,7 +256,12 @@ def _check_policy(policy, rows_shape: torch.Size, device: torch.device, completi
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
             raise ValueError(f"policy['{key}'] must be a finite number >= 0, got {v!r}")
         eps.append(float(v))
-    return adv, pw, eps[0], eps[1]
+    delta = policy.get("delta")
+    if delta is not None:
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta) or delta <= 0:
+            raise ValueError(f"policy['delta'] must be None or a finite number > 0, got {delta!r}")
+        delta = float(delta)
+    return adv, pw, eps[0], eps[1], delta
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,7 +291,7 @@ def _accumulate_weight_grad(acc: torch.Tensor, grad_logits: torch.Tensor, hidden
     acc.add_(torch.mm(grad_logits.t(), hidden))
 
 
-def _policy_rows(z_y, lse, old, adv, pw, eps_low: float, eps_high: float):
+def _policy_rows(z_y, lse, old, adv, pw, eps_low: float, eps_high: float, delta: float | None = None):
     """TRL's clipped surrogate per row and the coefficient of d logp/dz in the gradient.
 
     Returns (policy_loss [n], coef [n]) with d(Σ pw·policy_loss)/d logp = coef (0 where pw == 0).
@@ -293,14 +300,19 @@ def _policy_rows(z_y, lse, old, adv, pw, eps_low: float, eps_high: float):
     log_ratio = torch.zeros_like(logp) if old is None else logp - old.to(logp.dtype)
     ratio = torch.exp(log_ratio)
     a = adv.to(logp.dtype)
-    unclipped = ratio * a
     clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * a
+    # TRL clamps the unclipped term's ratio at delta after the clipped term took the raw ratio;
+    # d min(ratio, delta)/dlogp = ratio where ratio <= delta (torch.clamp passes the boundary), else 0.
+    capped = ratio if delta is None else ratio.clamp(max=delta)
+    unclipped = capped * a
     loss = -torch.minimum(unclipped, clipped)
-    # d(-min)/dlogp: -ratio·A where the unclipped term is the minimum (ties: both branches agree,
-    # or A = 0), 0 where the clipped (constant) term is.
+    # d(-min)/dlogp: -ratio·A where the unclipped term is the minimum and not capped (ties: both
+    # branches agree, or A = 0), 0 where a constant (clipped or capped) term is.
     w = pw.to(logp.dtype)
-    active = w != 0
-    coef = torch.where(active & (unclipped <= clipped), -unclipped * w, torch.zeros_like(w))
+    live = (w != 0) & (unclipped <= clipped)
+    if delta is not None:
+        live = live & (ratio <= delta)
+    coef = torch.where(live, -ratio * a * w, torch.zeros_like(w))
     return loss, coef
 
 
@@ -395,7 +407,7 @@ def _fused_pass(h_s, w_s, b_s, h_t, w_t, b_t, ids, old, weights, adv, pw, policy
             z_y = logits_s.gather(1, y[:, None]).squeeze(1).to(stats.lse_student.dtype) * config.inv_temperature
             p_old = None if policy_old is None else policy_old[lo:hi]
             p_loss, policy_coef = _policy_rows(
-                z_y, stats.lse_student, p_old, adv[lo:hi], pw[lo:hi], plan.epsilon_low, plan.epsilon_high
+                z_y, stats.lse_student, p_old, adv[lo:hi], pw[lo:hi], plan.epsilon_low, plan.epsilon_high, plan.delta
             )
             policy_tok[lo:hi] = p_loss
             p_w = pw[lo:hi].to(p_loss.dtype)
@@ -506,8 +518,9 @@ def linear_self_distillation_loss(
         policy: optional GRPO term for hybrid mode, `dict(advantages=[...], epsilon_low=float,
             epsilon_high=float, weights=[...])`; adds Σ policy_weights · policy_loss. An optional
             `old_logps` key ([...] or None: ratio 1) gives the ratio its own old log-probs;
-            without it the ratio uses `old_logps`.
-        chunk_size: rows per chunk (default `max(1, N // 16)`, `N // 32` with the reference backend).
+            without it the ratio uses `old_logps`. An optional `delta` (float > 0 or None) is TRL's
+            two-sided clipping.
+        chunk_size: rows per chunk (default `max(1, N // 8)`, `N // 32` with the reference backend).
         backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
     Returns:
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable scalar, `per_token`
@@ -570,9 +583,9 @@ def linear_self_distillation_loss(
         temperature=temperature,
     )
     adv = pw = None
-    eps_low = eps_high = None
+    eps_low = eps_high = delta = None
     if policy is not None:
-        adv, pw, eps_low, eps_high = _check_policy(policy, rows_shape, device, completion_ids)
+        adv, pw, eps_low, eps_high, delta = _check_policy(policy, rows_shape, device, completion_ids)
     impl = resolve_backend(backend, device)
 
     n = int(math.prod(rows_shape))
@@ -583,6 +596,7 @@ def linear_self_distillation_loss(
         chunk_rows=chunk_size or default_chunk_rows(n, reference_backend=impl is reference),
         epsilon_low=eps_low,
         epsilon_high=eps_high,
+        delta=delta,
         need_hidden=grad_on and student_hidden.requires_grad,
         need_weight=grad_on and student_weight.requires_grad,
         need_bias=grad_on and student_bias is not None and student_bias.requires_grad,
