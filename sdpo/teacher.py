@@ -94,8 +94,8 @@ class SDPOTeacher:
         "none": the teacher is the student (call it under `torch.no_grad()`).
         "ema": a frozen deep copy of the student (non-PEFT), or, under PEFT, a second adapter
             `sdpo_teacher` on the same base model: only adapter weights are averaged, the base stays shared.
-        "base": the initial student, never updated: a frozen copy (non-PEFT; saved with checkpoints, so a resumed
-            run keeps the initial weights), or, under PEFT, the student with its adapters disabled (TRL's 'base').
+        "base": the initial student, never updated: a frozen copy (non-PEFT), or, under PEFT, the student with its
+            adapters disabled (TRL's 'base').
     """
 
     def __init__(
@@ -135,10 +135,10 @@ class SDPOTeacher:
             self.model.eval()
 
     @property
-    def has_own_weights(self) -> bool:
-        """True when the teacher holds weights of its own (an EMA copy or adapter, a frozen base copy): they are
-        checkpointed with the run."""
-        return self.kind == "ema" or (self.kind == "base" and not self.base_adapters_off)
+    def checkpointed(self) -> bool:
+        """True for the EMA teacher, whose state is training state. A 'base' teacher is not saved: it is the
+        initial student, rebuilt as such on resume (the student's checkpoint is loaded after it is built)."""
+        return self.kind == "ema"
 
     # ---- PEFT adapter teacher -------------------------------------------------------------------------------
     def _init_adapter(self) -> None:
@@ -242,7 +242,7 @@ class SDPOTeacher:
     def save(self, directory: str, write: bool = True) -> None:
         """Write the teacher to `directory`. Every rank calls it (the gather is a collective); the ranks with
         `write=True` (`args.should_save`) write the file."""
-        if not self.has_own_weights:
+        if not self.checkpointed:
             return
         state = {"rate": self.rate, "updates": self.updates, "tensors": self.state_dict(keep=write)}
         if write:
@@ -252,7 +252,7 @@ class SDPOTeacher:
         """Restore from `directory`; returns False when there is no teacher state there. Every rank reads the
         file (a shared filesystem, as for the rest of the checkpoint)."""
         path = os.path.join(directory, TEACHER_STATE_FILE)
-        if not self.has_own_weights:
+        if not self.checkpointed:
             return False
         exists = os.path.isfile(path)
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:

@@ -211,7 +211,7 @@ class SDPOTrainer(GRPOTrainer):
             # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
             add_head_fn_forward(teacher_model)
         if (
-            args.teacher_regularization != "none"
+            (separate or args.teacher_regularization == "ema")
             and self.is_fsdp_enabled
             and self.accelerator.state.fsdp_plugin.fsdp_version == 1
         ):
@@ -239,7 +239,7 @@ class SDPOTrainer(GRPOTrainer):
                 self.teacher_model_wrapped = self._prepare_fsdp2_teacher(self.teacher.model)
             else:
                 self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
-        if self.teacher.has_own_weights:  # EMA steps; a ZeRO-3 copy's start from the student
+        if self.teacher.kind == "ema" or self.teacher.sync_at_train_begin:  # EMA steps; a ZeRO-3 copy's start
             self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
 
     def _prepare_fsdp2_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -307,7 +307,10 @@ class SDPOTrainer(GRPOTrainer):
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
         # Called by `train(resume_from_checkpoint=...)` after the student weights are loaded.
-        if checkpoint is not None and self.teacher.has_own_weights and not self.teacher.load(checkpoint):
+        if checkpoint is not None:
+            # A resumed student is not the initial one: never copy it into a ZeRO-3 teacher at train start.
+            self.teacher.sync_at_train_begin = False
+        if checkpoint is not None and self.teacher.checkpointed and not self.teacher.load(checkpoint):
             logger.warning(
                 "No SDPO teacher state in %s: the EMA teacher restarts from the initial weights.", checkpoint
             )
@@ -577,7 +580,9 @@ class SDPOTrainer(GRPOTrainer):
                 sdpo_head_fn=student_head,
                 sdpo_logits_to_keep=keep,
             )
-        self._log_loss_metrics(mode, out, dist_mask, mask)
+        # TRL logs the policy loss before the gradient-accumulation division (dapo's normalizer keeps it).
+        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        self._log_loss_metrics(mode, out, dist_mask, mask, policy_scale=1.0 if self.loss_type == "dapo" else ga)
         return out["loss"]
 
     def _logits_losses(self, logits, teacher_logits, inputs, old, w_dist, w_pol) -> dict[str, torch.Tensor]:
@@ -676,7 +681,9 @@ class SDPOTrainer(GRPOTrainer):
             out["policy_loss"] = (policy_tokens * w_pol).sum()
         return out
 
-    def _log_loss_metrics(self, mode: str, out: dict[str, torch.Tensor], dist_mask, mask) -> None:
+    def _log_loss_metrics(
+        self, mode: str, out: dict[str, torch.Tensor], dist_mask, mask, policy_scale: float = 1.0
+    ) -> None:
         gather = self.accelerator.gather
         if "distillation_per_token" in out:
             num = (out["distillation_per_token"] * dist_mask).sum()
@@ -689,4 +696,4 @@ class SDPOTrainer(GRPOTrainer):
         num_total, den_total, policy_sum = rows.sum(0).tolist()
         self._metrics[mode]["self_distillation/distillation_loss"].append(num_total / max(den_total, 1.0))
         if "policy_loss" in out:
-            self._metrics[mode]["self_distillation/policy_loss"].append(policy_sum / rows.shape[0])
+            self._metrics[mode]["self_distillation/policy_loss"].append(policy_scale * policy_sum / rows.shape[0])

@@ -327,10 +327,10 @@ def test_teacher_none_is_the_student():
 
 def test_base_teacher_is_the_frozen_initial_student(tmp_path):
     """teacher_regularization='base' (TRL's teacher_model_kind='base'): a copy of the initial student that no
-    update moves, checkpointed so that a resumed run keeps it."""
+    update moves, and that no checkpoint carries (a resumed run builds it from the initial model again)."""
     trainer = make_trainer(tmp_path, teacher_model_kind="base", teacher_update_rate=0.5)
     teacher = trainer.teacher
-    assert teacher.kind == "base" and teacher.model is not trainer.model and teacher.has_own_weights
+    assert teacher.kind == "base" and teacher.model is not trainer.model and not teacher.checkpointed
     initial = teacher.state_dict()
     with torch.no_grad():
         for p in trainer.model.parameters():
@@ -340,11 +340,7 @@ def test_base_teacher_is_the_frozen_initial_student(tmp_path):
             callback.on_step_end(trainer.args, trainer.state, trainer.control, model=trainer.model)
     assert all(torch.equal(initial[k], v) for k, v in teacher.state_dict().items())
     teacher.save(str(tmp_path))
-    with torch.no_grad():
-        for p in teacher.pairs()[0]:
-            p.zero_()
-    assert teacher.load(str(tmp_path))
-    assert all(torch.equal(initial[k], v) for k, v in teacher.state_dict().items())
+    assert not (tmp_path / "sdpo_teacher.pt").exists() and not teacher.load(str(tmp_path))
 
 
 def test_base_teacher_under_peft_disables_the_adapters(tmp_path):
@@ -352,7 +348,7 @@ def test_base_teacher_under_peft_disables_the_adapters(tmp_path):
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     trainer = make_trainer(tmp_path, teacher_regularization="base", peft_config=config)
     teacher = trainer.teacher
-    assert teacher.base_adapters_off and teacher.model is trainer.model and not teacher.has_own_weights
+    assert teacher.base_adapters_off and teacher.model is trainer.model and not teacher.checkpointed
     ids = torch.tensor([[3, 4, 5, 6]])
     with torch.no_grad():
         adapted = trainer.model(input_ids=ids).logits
@@ -462,6 +458,23 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert metrics[0] == pytest.approx(metrics[1], rel=1e-4, abs=1e-7)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_policy_loss_metric_does_not_depend_on_accumulation(tmp_path, loss_type):
+    """TRL logs `self_distillation/policy_loss` before dividing by the accumulation steps (grpo), or with its
+    window normaliser (dapo, whose value is the same for any steps count here)."""
+    logged = []
+    for ga in (1, 4):
+        trainer = make_trainer(
+            tmp_path, sdpo_policy_loss_mode="hybrid", loss_type=loss_type, steps_per_generation=ga,
+            gradient_accumulation_steps=ga,
+        )
+        trainer.current_gradient_accumulation_steps = ga
+        trainer.model.train()
+        trainer._compute_loss(trainer.model, manual_batch(trainer))
+        logged.append(trainer._metrics["train"]["self_distillation/policy_loss"][-1])
+    assert logged[0] != 0 and logged[0] == pytest.approx(logged[1], rel=1e-5)
 
 
 def test_checkpoint_saves_and_resume_restores_teacher_bit_exactly(tmp_path):

@@ -51,7 +51,8 @@ def run(
         peft_config=peft_config,
     )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
-    teacher_before = trainer.teacher.state_dict() if trainer.teacher.has_own_weights else None
+    separate = trainer.teacher.model is not trainer.model or trainer.teacher.adapter_mode  # weights of its own
+    teacher_before = trainer.teacher.state_dict() if separate else None
     trainer.train()
     logs = [h for h in trainer.state.log_history if "loss" in h]
     assert trainer.state.global_step == 2 and len(logs) == 2

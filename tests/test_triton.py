@@ -238,7 +238,7 @@ def test_backward_into_out_and_over_the_logits(device, setting):
     from sdpo_kernels.config import LossConfig
 
     torch.manual_seed(0)
-    z, u, y, old, g = (t.to(device) for t in _inputs(5, 3000))  # > one streaming block of the gradient kernel
+    z, u, y, old, g = (t.to(device) for t in _inputs(5, 9000))  # 3 streaming blocks of the gradient kernel
     kw = {"topk": None, "add_tail": False, "is_clip": 2.0, "temperature": 0.8, **setting}
     config = LossConfig.from_args(z, u, y, old, **kw)
     for backend in (reference, triton_backend):
@@ -252,7 +252,7 @@ def test_backward_into_out_and_over_the_logits(device, setting):
         assert torch.equal(overwritten, fresh), backend.__name__
         with pytest.raises(ValueError, match="out"):
             backend.backward(z, u, stats, g, config, out=z[:, :-1].clone())
-        shifted = torch.empty(6, 3000, dtype=z.dtype, device=device)
+        shifted = torch.empty(6, 9000, dtype=z.dtype, device=device)
         shifted[:5] = z
         with pytest.raises(ValueError, match="no other view"):  # rows shifted by one: would read overwritten data
             backend.backward(shifted[:5], u, stats, g, config, out=shifted[1:])
