@@ -118,7 +118,11 @@ def trl_reference_loss(trainer, inputs, hybrid):
         ratio = torch.exp(logps - inputs["old_per_token_logps"])
         adv = inputs["advantages"][:, None]
         clipped = torch.clamp(ratio, 1 - trainer.epsilon_low, 1 + trainer.epsilon_high)
+        if args.delta is not None:  # two-sided clipping, after the clipped term took the raw ratio
+            ratio = torch.clamp(ratio, max=args.delta)
         policy = -torch.min(ratio * adv, clipped * adv)
+        if "importance_sampling_ratio" in inputs:  # vLLM's correction, on the clipped loss only
+            policy = policy * inputs["importance_sampling_ratio"]
         loss = loss + ((policy * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
     return loss
 
@@ -434,6 +438,7 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
         distillation_alpha=0.5,
         sdpo_policy_loss_mode="hybrid",
         distillation_weight=0.5,
+        loss_type="grpo",
     )
     if ratio_shape.endswith("+delta"):  # two-sided clipping too (manual_batch's ratios are far from 1)
         kw["delta"] = 1.5
@@ -458,6 +463,12 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert metrics[0] == pytest.approx(metrics[1], rel=1e-4, abs=1e-7)
+    # and both are TRL's GRPO formula (IS ratio on the clipped term, delta) + the distillation term
+    expected = trl_reference_loss(trainer, batch, hybrid=True)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    torch.testing.assert_close(losses[1], expected, rtol=1e-4, atol=1e-6)
+    for a, b in zip(grads[0], torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
