@@ -38,6 +38,9 @@ def launch(tmp: Path, name: str, *args: str) -> dict:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(DRIVER), "--model", str(tmp / "model"), "--out", str(out), *args]
     proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0 and "terminate called without an active exception" in proc.stderr + proc.stdout:
+        # Seen once in ~30 launches (a C++ thread torn down in a rank's exit, not a wrong number): one rerun.
+        proc = subprocess.run(cmd, env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     return torch.load(out, weights_only=False)
 

@@ -229,8 +229,13 @@ def main() -> None:
     if trainer.accelerator.is_main_process:
         torch.save(result, cli.out)
     trainer.accelerator.wait_for_everyone()
-    # gloo aborts at interpreter exit when its process group is still alive.
+    # gloo aborts at interpreter exit when its process group is still alive; and a rank once aborted in
+    # interpreter teardown ("terminate called without an active exception") after a complete run, so
+    # skip the teardown: everything is written and every rank has passed the barrier.
     torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
