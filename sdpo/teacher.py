@@ -57,8 +57,9 @@ def ema_update_(
     """In place: t ← (1 − rate)·t + rate·s for each pair (student cast to the teacher's dtype/device).
 
     With `seeds` (one per pair), bfloat16 teachers are updated in float32 and stochastically rounded: with
-    nearest rounding an increment below half a bf16 ulp (rate·|s − t| < 2^-9·|t|, e.g. a 7% gap at rate
-    0.05) is lost, so a slowly tracking teacher freezes. Other dtypes round to nearest.
+    nearest rounding an increment below half a bf16 ulp (2^-9 to 2^-8 of |t|, by where t sits in its binade)
+    is lost: at rate 0.05 any gap |s − t| under 4 to 8 % of |t|, so a slowly tracking teacher freezes. Other
+    dtypes round to nearest.
     """
     if len(teacher) != len(student) or (seeds is not None and len(seeds) != len(teacher)):
         raise ValueError(f"teacher has {len(teacher)} tensors, student {len(student)}: they must match.")
@@ -67,16 +68,19 @@ def ema_update_(
     for i, (t, s) in enumerate(zip(teacher, student, strict=True)):
         if t.shape != s.shape:
             raise ValueError(f"EMA shape mismatch: teacher {tuple(t.shape)} vs student {tuple(s.shape)}.")
-        if seeds is None or t.dtype != torch.bfloat16 or not t.is_contiguous():
+        if seeds is None or t.dtype != torch.bfloat16:
             t.mul_(1.0 - rate).add_(s.to(device=t.device, dtype=t.dtype), alpha=rate)
             continue
         generator = torch.Generator(device=t.device).manual_seed(seeds[i])
-        flat_t, flat_s = t.view(-1), s.reshape(-1)
+        work = t if t.is_contiguous() else t.contiguous()  # a strided teacher is rounded in a copy
+        flat_t, flat_s = work.view(-1), s.reshape(-1)
         for lo in range(0, flat_t.numel(), _ROUNDING_CHUNK):
             hi = min(flat_t.numel(), lo + _ROUNDING_CHUNK)
             mixed = flat_t[lo:hi].float().mul_(1.0 - rate)
             mixed.add_(flat_s[lo:hi].to(device=t.device, dtype=torch.float32), alpha=rate)
             flat_t[lo:hi] = stochastic_round_to_bf16(mixed, generator)
+        if work is not t:
+            t.copy_(work)
 
 
 def _is_peft(model: nn.Module) -> bool:
@@ -176,18 +180,14 @@ class SDPOTeacher:
             return
         if student is not None and not self.adapter_mode:
             self.student = student
-        teacher, student_params = self.pairs()
         seeds = None
         if self.rounding == "stochastic":
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
             seeds = [
-                rounding_seed(self.seed, self.updates, i, rank if is_sharded(t) else 0) for i, t in enumerate(teacher)
+                rounding_seed(self.seed, self.updates, i, rank if is_sharded(t) else 0)
+                for i, t in enumerate(self.pairs()[0])
             ]
-        # Elementwise, so shard by shard: teacher and student are partitioned alike.
-        ema_update_(
-            [local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], self.rate, seeds
-        )
-        release_stale_gathered_(teacher)
+        self._shardwise_ema(self.rate, seeds)
         self.updates += 1
 
     @torch.no_grad()
@@ -195,8 +195,13 @@ class SDPOTeacher:
         """θ_t ← θ_s, shard by shard (an EMA step at rate 1, exact in every dtype)."""
         if student is not None and not self.adapter_mode:
             self.student = student
+        self._shardwise_ema(1.0, None)
+
+    def _shardwise_ema(self, rate: float, seeds: list[int] | None) -> None:
+        """`ema_update_` on the local shards (elementwise, and teacher and student are partitioned alike), then
+        drop ZeRO-3's stale whole copies of the updated teacher parameters."""
         teacher, student_params = self.pairs()
-        ema_update_([local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], 1.0)
+        ema_update_([local_shard(t) for t in teacher], [local_shard(s).detach() for s in student_params], rate, seeds)
         release_stale_gathered_(teacher)
 
     @contextlib.contextmanager

@@ -256,6 +256,13 @@ def test_bf16_ema_nearest_freezes_stochastic_tracks_float32(monkeypatch, chunk):
     assert abs(neg[0].double().mean().item() - (-1.003)) < 2e-4
 
 
+def test_bf16_ema_on_a_strided_teacher_rounds_stochastically():
+    teacher = [torch.ones(200, 100, dtype=torch.bfloat16).t()]  # non-contiguous view
+    for step in range(20):
+        ema_update_(teacher, [torch.full((100, 200), 1.01)], 0.05, seeds=[step])
+    assert abs(teacher[0].double().mean().item() - (1.01 - 0.01 * 0.95**20)) < 3e-4
+
+
 def test_stochastic_rounding_edge_values():
     from sdpo.teacher import stochastic_round_to_bf16
 
