@@ -327,6 +327,21 @@ def verdict(rows: list[dict]) -> str:
     return f"VERDICT: {call} ({'; '.join(parts)})."
 
 
+def versions() -> dict[str, str]:
+    """Versions of the packages the run's numbers depend on (written to metrics.jsonl and printed)."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers", "trl", "triton", "accelerate", "sdpo-kernels"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = "not installed"
+    out["torch_threads"] = f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op"
+    return out
+
+
 def run_demo(settings: DemoSettings | None = None) -> str:
     """Run the whole demo; returns the verdict line (also printed). Outputs go to `settings.out`."""
     from transformers import logging as hf_logging
@@ -341,12 +356,16 @@ def run_demo(settings: DemoSettings | None = None) -> str:
     tok = build_char_tokenizer(ALPHABET + " >;:" + "nsxpectdf")
     metrics_path = os.path.join(base.out, "metrics.jsonl")
     rows: list[dict] = []
+    env = versions()
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in env.items()))
     with open(metrics_path, "w") as f:
 
         def log(row):
             rows.append(row)
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+        log({"versions": env})
 
         for seed in range(base.seed, base.seed + base.num_seeds):
             s = replace(base, seed=seed)

@@ -47,4 +47,6 @@ def test_demo_runs_and_writes_outputs(tmp_path):
     warm = [r for r in rows if r.get("method") == "warmup"]
     assert all(0.0 <= r["train_sampled_success"] <= 1.0 for r in warm)
     assert rows[-1]["verdict"] == line
+    env = rows[0]["versions"]  # the run records what it ran with
+    assert {"torch", "transformers", "trl", "triton"} <= set(env) and env["torch"].startswith("2.")
     assert (out / "curves.png").stat().st_size > 1000
