@@ -21,6 +21,8 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 TAIL_LOG_FLOOR = math.log(-math.expm1(-1e-7))
 # IS ratio clamp of TRL's `apply_importance_sampling_clipping`.
 IS_LOG_RATIO_CLAMP = 20.0
+# Divergence kinds, the kernels' compile-time switch (the same numbers as in `triton_math`).
+FORWARD_KL, REVERSE_KL, GENERALISED_JSD = 0, 1, 2
 
 
 @dataclass(frozen=True)
@@ -45,9 +47,14 @@ class LossConfig:
     temperature: float
 
     @property
+    def divergence(self) -> int:
+        """FORWARD_KL (alpha 0), REVERSE_KL (alpha 1) or GENERALISED_JSD: a compile-time switch for kernels."""
+        return FORWARD_KL if self.alpha == 0.0 else REVERSE_KL if self.alpha == 1.0 else GENERALISED_JSD
+
+    @property
     def alpha_kind(self) -> int:
-        """0 forward KL, 1 reverse KL, 2 generalised JSD (a compile-time switch for kernels)."""
-        return 0 if self.alpha == 0.0 else 1 if self.alpha == 1.0 else 2
+        """Deprecated name of `divergence`."""
+        return self.divergence
 
     @property
     def inv_temperature(self) -> float:

@@ -3,11 +3,15 @@
 Module API identical to `reference.py`: `forward(...) -> (loss, RowStats)` and
 `backward(...) -> grad`, on [N, V] or [B, T, V] row views of any strides (no copies are made;
 `logits[:, :-1]` is read in place). CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+
+`forward_launches` / `backward_launches` return what `forward` / `backward` launch (kernel, grid,
+every argument by name) without launching it: the cost report compiles exactly that.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import triton
@@ -18,21 +22,41 @@ from .triton_grad import grad_kernel
 from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
 
-# Vocabulary block per iteration. The top-K kernel sorts a block per step: its block is kept
-# at a few K'; the LSE and gradient kernels are pure streams and take wider blocks.
-TOPK_BLOCK_V = 1024
+# Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread) and of the pure
+# streams (LSE, gradient; 8 warps). The top-K scratch walks its candidates in chunks of TOPK_CHUNK.
+TOPK_BLOCK_V = 2048
+TOPK_WARPS = 4
+TOPK_CHUNK = 1024
 STREAM_BLOCK_V = 4096
+# Persistent top-K programs per SM: each owns one candidate scratch.
+TOPK_PROGRAMS_PER_SM = 4
+
+
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel launch: `kernel[grid](**args, num_warps=num_warps)`; absent pointers are None."""
+
+    kernel: triton.runtime.JITFunction
+    grid: tuple[int, ...]
+    args: dict[str, object] = field(repr=False)
+    num_warps: int
+
+    def run(self) -> None:
+        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
 
 
 def _block(n_cols: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, triton.next_power_of_2(n_cols)))
 
 
-def _alpha_args(config: LossConfig) -> tuple[float, float, float]:
+def _divergence_args(config: LossConfig) -> dict:
     a = config.alpha
-    log_alpha = math.log(a) if a > 0 else 0.0
-    log1m_alpha = math.log1p(-a) if a < 1 else 0.0
-    return a, log_alpha, log1m_alpha
+    return dict(
+        alpha=a,
+        log_alpha=math.log(a) if a > 0 else 0.0,
+        log1m_alpha=math.log1p(-a) if a < 1 else 0.0,
+        DIVERGENCE=config.divergence,
+    )
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
@@ -64,14 +88,22 @@ def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     )
 
 
-def forward(
+def _topk_programs(n_rows: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter (or the cost report's meta tensors): an H100's 132 SMs
+        sms = 132 if device.type == "meta" else 1
+    return max(1, min(n_rows, sms * TOPK_PROGRAMS_PER_SM))
+
+
+def forward_launches(
     student: torch.Tensor,
     teacher: torch.Tensor,
     completion_ids: torch.Tensor | None,
     old_logps: torch.Tensor | None,
     config: LossConfig,
-) -> tuple[torch.Tensor, RowStats]:
-    """Per-token loss [N] float32 and the row stats; see `reference.forward`."""
+) -> tuple[list[KernelLaunch], torch.Tensor, RowStats]:
+    """The launches of `forward`, with the (empty) loss and row stats they will fill."""
     _check(student, teacher)
     vocab = student.shape[-1]
     n = student.numel() // vocab
@@ -80,58 +112,134 @@ def forward(
     loss = torch.empty(n, **f32)
     lse = torch.empty(n, **f32)
     dense = torch.empty(n, **f32)
-    has_is = config.is_clip is not None
-    ids = completion_ids.contiguous() if completion_ids is not None else lse  # dummy pointer when unused
-    old = old_logps.contiguous() if has_is else lse
-    alpha, log_alpha, log1m_alpha = _alpha_args(config)
+    use_is = config.is_clip is not None
     common = dict(
+        student_ptr=student,
+        teacher_ptr=teacher,
+        completion_ids_ptr=completion_ids.contiguous() if completion_ids is not None else None,
+        old_logps_ptr=old_logps.contiguous() if use_is else None,
+        loss_ptr=loss,
+        lse_ptr=lse,
+        dense_ptr=dense,
         n_cols=vocab,
         **_row_layout(student, teacher),
         inv_temp=config.inv_temperature,
-        alpha=alpha,
-        log_alpha=log_alpha,
-        log1m_alpha=log1m_alpha,
-        is_clip=config.is_clip if has_is else 1.0,
-        ALPHA_KIND=config.alpha_kind,
-        HAS_IS=has_is,
+        is_clip=config.is_clip if use_is else 1.0,
+        **_divergence_args(config),
     )
     if n == 0:
-        return loss, RowStats(lse, dense)
+        return [], loss, RowStats(lse, dense)
 
     if config.mode == "topk_logits":
-        # At least 2: Triton 3.6's tl.topk(x, 1) reduces to a scalar and fails to compile.
-        k_pow2 = max(2, triton.next_power_of_2(config.topk))
+        k_pow2 = triton.next_power_of_2(config.topk)
+        block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
+        scratch = block + 2 * k_pow2  # the tightened survivors (<= 2K') plus one block of candidates
+        programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
-        scratch = torch.empty(n, k_pow2, dtype=torch.int64, device=dev)  # candidate compaction, O(N·K)
-        topk_forward_kernel[(n,)](
-            student, teacher, ids, old, loss, lse, dense, index, coef, scratch,
-            topk=config.topk,
-            tail_floor=TAIL_LOG_FLOOR,
-            K_POW2=k_pow2,
-            BLOCK_V=max(k_pow2, _block(vocab, TOPK_BLOCK_V)),
-            ADD_TAIL=config.add_tail,
-            num_warps=8 if k_pow2 >= 64 else 4,
-            **common,
-        )  # fmt: skip
-        return loss, RowStats(lse, dense, index, coef)
+        launch = KernelLaunch(
+            kernel=topk_forward_kernel,
+            grid=(programs,),
+            args=dict(
+                common,
+                index_ptr=index,
+                coef_ptr=coef,
+                scratch_ptr=torch.empty(programs, 3, scratch, **f32),  # candidates: index bits, z, raw u
+                n_rows=n,
+                topk=config.topk,
+                tail_floor=TAIL_LOG_FLOOR,
+                K_POW2=k_pow2,
+                BLOCK_V=block,
+                SCRATCH=scratch,
+                CHUNK=min(TOPK_CHUNK, block),
+                ADD_TAIL=config.add_tail,
+            ),
+            num_warps=TOPK_WARPS,
+        )
+        return [launch], loss, RowStats(lse, dense, index, coef)
 
     full = config.mode == "full_logits"
-    index = torch.empty(n, 1, dtype=torch.int64, device=dev)
-    coef = torch.empty(n, 1, **f32)
+    index = None if full else torch.empty(n, 1, dtype=torch.int64, device=dev)
+    coef = None if full else torch.empty(n, 1, **f32)
     lse_teacher = torch.empty(n, **f32) if full else None
     weight = torch.empty(n, **f32) if full else None
-    lse_forward_kernel[(n,)](
-        student, teacher, ids, old, loss, lse, dense, index, coef,
-        lse_teacher if full else lse, weight if full else lse,
-        BLOCK_V=_block(vocab, STREAM_BLOCK_V),
-        FULL=full,
+    launch = KernelLaunch(
+        kernel=lse_forward_kernel,
+        grid=(n,),
+        args=dict(
+            common,
+            index_ptr=index,
+            coef_ptr=coef,
+            lse_teacher_ptr=lse_teacher,
+            weight_ptr=weight,
+            BLOCK_V=_block(vocab, STREAM_BLOCK_V),
+            FULL=full,
+        ),
         num_warps=8,
-        **common,
-    )  # fmt: skip
+    )
     if full:
-        return loss, RowStats(lse, dense, lse_teacher=lse_teacher, is_weight=weight)
-    return loss, RowStats(lse, dense, index, coef)
+        return [launch], loss, RowStats(lse, dense, lse_teacher=lse_teacher, is_weight=weight)
+    return [launch], loss, RowStats(lse, dense, index, coef)
+
+
+def forward(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    completion_ids: torch.Tensor | None,
+    old_logps: torch.Tensor | None,
+    config: LossConfig,
+) -> tuple[torch.Tensor, RowStats]:
+    """Per-token loss [N] float32 and the row stats; see `reference.forward`."""
+    launches, loss, stats = forward_launches(student, teacher, completion_ids, old_logps, config)
+    for launch in launches:
+        launch.run()
+    return loss, stats
+
+
+def backward_launches(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    stats: RowStats,
+    grad_loss: torch.Tensor,
+    config: LossConfig,
+    out: torch.Tensor | None = None,
+) -> tuple[list[KernelLaunch], torch.Tensor]:
+    """The launches of `backward`, with the gradient buffer they will fill."""
+    vocab = student.shape[-1]
+    n = student.numel() // vocab
+    grad = check_grad_out(out, student)
+    if n == 0:
+        return [], grad
+    full = config.mode == "full_logits"
+    if full and (teacher is None or teacher.shape != student.shape):
+        raise ValueError("full_logits backward needs the teacher logits")
+    n_sparse = 0 if stats.sparse_index is None else stats.sparse_index.shape[1]
+    launch = KernelLaunch(
+        kernel=grad_kernel,
+        grid=(n,),
+        args=dict(
+            student_ptr=student,
+            teacher_ptr=teacher if full else None,
+            grad_loss_ptr=grad_loss.float().contiguous(),
+            grad_ptr=grad,
+            lse_ptr=stats.lse_student,
+            dense_ptr=stats.dense_coef,
+            index_ptr=stats.sparse_index if n_sparse else None,
+            coef_ptr=stats.sparse_coef if n_sparse else None,
+            lse_teacher_ptr=stats.lse_teacher if full else None,
+            weight_ptr=stats.is_weight if full else None,
+            n_cols=vocab,
+            n_sparse=n_sparse,
+            **_row_layout(student, teacher if full else student),
+            inv_temp=config.inv_temperature,
+            **_divergence_args(config),
+            BLOCK_V=_block(vocab, STREAM_BLOCK_V),
+            SPARSE_POW2=triton.next_power_of_2(n_sparse) if n_sparse else 0,
+            HAS_DENSE=not (config.mode == "topk_logits" and not config.add_tail),
+        ),
+        num_warps=8,
+    )
+    return [launch], grad
 
 
 def backward(
@@ -147,36 +255,7 @@ def backward(
     `out` (optional) receives it and may be `student` itself: each program reads a block of its row
     before it writes that block, and the sparse entries it writes last need no logits.
     """
-    vocab = student.shape[-1]
-    n = student.numel() // vocab
-    grad = check_grad_out(out, student)
-    if n == 0:
-        return grad
-    full = config.mode == "full_logits"
-    if full and (teacher is None or teacher.shape != student.shape):
-        raise ValueError("full_logits backward needs the teacher logits")
-    teacher_arg = teacher if full else student
-    n_sparse = 0 if stats.sparse_index is None else stats.sparse_index.shape[1]
-    alpha, log_alpha, log1m_alpha = _alpha_args(config)
-    grad_kernel[(n,)](
-        student, teacher_arg, grad_loss.float().contiguous(), grad,
-        stats.lse_student, stats.dense_coef,
-        stats.sparse_index if n_sparse else stats.lse_student,
-        stats.sparse_coef if n_sparse else stats.lse_student,
-        stats.lse_teacher if full else stats.lse_student,
-        stats.is_weight if full else stats.lse_student,
-        n_cols=vocab,
-        n_sparse=n_sparse,
-        **_row_layout(student, teacher_arg),
-        inv_temp=config.inv_temperature,
-        alpha=alpha,
-        log_alpha=log_alpha,
-        log1m_alpha=log1m_alpha,
-        BLOCK_V=_block(vocab, STREAM_BLOCK_V),
-        SPARSE_POW2=triton.next_power_of_2(n_sparse) if n_sparse else 0,
-        HAS_DENSE=not (config.mode == "topk_logits" and not config.add_tail),
-        FULL=full,
-        ALPHA_KIND=config.alpha_kind,
-        num_warps=8,
-    )  # fmt: skip
+    launches, grad = backward_launches(student, teacher, stats, grad_loss, config, out)
+    for launch in launches:
+        launch.run()
     return grad

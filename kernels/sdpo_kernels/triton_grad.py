@@ -5,6 +5,9 @@ p = softmax(logits / T) (see `stats.py`). One program per row: a dense streaming
 logits (skipped entirely when dense is identically zero: renormalised top-K) and writes the
 gradient, then, after a barrier, the K sparse entries are overwritten with their saved value.
 Only full_logits reads the teacher again. Rows whose upstream gradient is 0 get exact zeros.
+Absent inputs are None: `index_ptr`/`coef_ptr` without sparse entries (full_logits), `teacher_ptr`,
+`lse_teacher_ptr`, `weight_ptr` outside full_logits (the full-vocabulary term is compiled in iff
+the teacher LSE is given).
 """
 
 import triton
@@ -41,18 +44,17 @@ def grad_kernel(
     BLOCK_V: tl.constexpr,
     SPARSE_POW2: tl.constexpr,
     HAS_DENSE: tl.constexpr,
-    FULL: tl.constexpr,
-    ALPHA_KIND: tl.constexpr,
+    DIVERGENCE: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
-    teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
     grad_row = grad_ptr + row * n_cols
     out_ty = grad_ptr.dtype.element_ty
     g = tl.load(grad_loss_ptr + row).to(tl.float32) * inv_temp
     lse = tl.load(lse_ptr + row)
     dense = tl.load(dense_ptr + row)
-    if FULL:
+    if lse_teacher_ptr is not None:
+        teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
         lse_t = tl.load(lse_teacher_ptr + row)
         w = tl.load(weight_ptr + row)
     block = tl.arange(0, BLOCK_V)
@@ -64,15 +66,15 @@ def grad_kernel(
             a = z * inv_temp - lse
             p = tl.exp(a)
             grad = tl.where(p > 0, dense * p, 0.0)  # absent (-inf) entries: exactly zero
-            if FULL:
+            if lse_teacher_ptr is not None:
                 u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
-                _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, log_alpha, log1m_alpha, ALPHA_KIND)
+                _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, log_alpha, log1m_alpha, DIVERGENCE)
                 grad += w * d_terms
             grad = tl.where(g == 0.0, 0.0, g * grad)
         else:
             grad = tl.zeros([BLOCK_V], tl.float32)
         tl.store(grad_row + offs, grad.to(out_ty), mask=in_row)
-    if SPARSE_POW2 > 0:
+    if index_ptr is not None:
         tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
         k = tl.arange(0, SPARSE_POW2)
         in_k = k < n_sparse

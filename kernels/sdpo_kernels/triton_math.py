@@ -1,30 +1,38 @@
 """Triton device functions shared by the SDPO kernels (one definition of each formula).
 
-- `divergence_terms`: the elementwise generalised-JSD terms and ∂D/∂a of `loss-math.md`.
-- `order_key` / `decode_key`: a float32 value and its vocabulary index packed into one int64
-  whose integer order is (value, then LOWER index first): sorting keys sorts values with ties
-  broken towards the lowest index, and every key is unique.
+Notation (docs/math.md): z = student logits / T, u = teacher logits / T, a = z - LSE(z) and
+b = u - LSE(u) the log-probs, D(a, b) the divergence, `dense` / `sparse` the coefficients of the
+saved gradient (`stats.py`).
+
+- `divergence_terms`: the elementwise generalised-JSD terms and ∂D/∂a.
+- `ordered_key` / `key_value`: the int32 image of a float32 whose integer order is the value order
+  (-0.0 and +0.0 map to the same key), and its inverse.
+- `online_max_step`: the running-max update of a streaming log-sum-exp; the sum itself is kept in
+  base 2 (`exp2(x·log2(e) - shift·log2(e))`: one FFMA and one MUFU.EX2 per element).
 """
 
 import triton
 import triton.language as tl
 
-LOW32 = (1 << 32) - 1
+# Divergence kinds, a compile-time switch (`LossConfig.divergence` holds the same numbers).
+FORWARD_KL: tl.constexpr = tl.constexpr(0)
+REVERSE_KL: tl.constexpr = tl.constexpr(1)
+GENERALISED_JSD: tl.constexpr = tl.constexpr(2)
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def divergence_terms(a, b, alpha, log_alpha, log1m_alpha, ALPHA_KIND: tl.constexpr):
+def divergence_terms(a, b, alpha, log_alpha, log1m_alpha, DIVERGENCE: tl.constexpr):
     """Elementwise (terms, ∂terms/∂a) for student/teacher log-probs a, b (fp32, may be -inf).
 
-    ALPHA_KIND 0: forward KL, 1: reverse KL, 2: generalised JSD with weight alpha. Entries with
-    zero probability contribute 0 (absent), never NaN.
+    Entries with zero probability contribute 0 (absent), never NaN.
     """
-    if ALPHA_KIND == 1:
+    if DIVERGENCE == REVERSE_KL:
         p = tl.exp(a)
         diff = a - b
         terms = tl.where(p > 0, p * diff, 0.0)
         d_terms = tl.where(p > 0, p * (diff + 1.0), 0.0)
-    elif ALPHA_KIND == 0:
+    elif DIVERGENCE == FORWARD_KL:
         q = tl.exp(b)
         terms = tl.where(q > 0, q * (b - a), 0.0)
         d_terms = -q
@@ -43,22 +51,25 @@ def divergence_terms(a, b, alpha, log_alpha, log1m_alpha, ALPHA_KIND: tl.constex
 
 
 @triton.jit
-def order_key(x, idx):
-    """int64 keys ordered by (x, then lower idx first); x float32, idx integer < 2**32."""
-    x = tl.where(x == 0.0, 0.0, x)  # -0.0 and +0.0 are equal values: one key order for both
+def ordered_key(x):
+    """int32 keys ordered as the float32 values x (a total order on non-NaN values; -0.0 == +0.0)."""
     bits = x.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
-    low32 = (tl.full([], 1, tl.int64) << 32) - 1
-    return (ordered.to(tl.int64) << 32) | (low32 - idx.to(tl.int64))
+    return tl.where(bits >= 0, bits, (bits ^ 0x7FFFFFFF) + 1)
 
 
 @triton.jit
-def decode_key(key):
-    """Inverse of `order_key`: (float32 value, int64 index)."""
-    hi = (key >> 32).to(tl.int32)
-    bits = tl.where(hi >= 0, hi, hi ^ 0x7FFFFFFF)
-    low32 = (tl.full([], 1, tl.int64) << 32) - 1
-    return bits.to(tl.float32, bitcast=True), low32 - (key & low32)
+def key_value(key):
+    """Inverse of `ordered_key` (key 0 gives +0.0)."""
+    bits = tl.where(key >= 0, key, (key - 1) ^ 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0 (may be +inf), accurate for tiny x (float32 log(1 + x) would give 0)."""
+    w = 1.0 + x
+    ratio = tl.where((w == 1.0) | (w == float("inf")), 1.0, x / (w - 1.0))
+    return tl.where(w == 1.0, x, tl.log(w) * ratio)
 
 
 @triton.jit
@@ -68,28 +79,27 @@ def row_offset(row, rows_inner, stride_outer, stride_inner):
 
 
 @triton.jit
-def online_lse_step(m, s, x):
-    """One block of a streaming log-sum-exp.
+def online_max_step(running_max, block_max, scale_log2):
+    """Running max of a streaming log-sum-exp of exp(x · scale) after one block.
 
-    (m, s) is the running max and Σ exp(x - m_safe); returns the new (m, s), the shift m_safe
-    the sum is now relative to (0 while everything seen is -inf), the factor that rescales
-    other sums kept relative to the old shift, and exp(x - m_safe) for the block.
+    Returns the new max of x, the shift the sums are now relative to (0 while everything seen is
+    -inf, so that exp2 of -inf stays 0 instead of NaN), and the factor that rescales sums kept
+    relative to the previous shift. scale_log2 = scale · log2(e).
     """
-    m_new = tl.maximum(m, tl.max(x, 0))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    m_old_safe = tl.where(m == float("-inf"), 0.0, m)
-    rescale = tl.where(m == float("-inf"), 0.0, tl.exp(m_old_safe - m_safe))
-    e = tl.exp(x - m_safe)
-    return m_new, s * rescale + tl.sum(e, 0), m_safe, rescale, e
+    new_max = tl.maximum(running_max, block_max)
+    shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+    old_shift = tl.where(running_max == float("-inf"), 0.0, running_max)
+    rescale = tl.where(running_max == float("-inf"), 0.0, tl.math.exp2((old_shift - shift) * scale_log2))
+    return new_max, shift, rescale
 
 
 @triton.jit
-def importance_weight(student_row, stride_col, ids_ptr, old_ptr, row, lse, inv_temp, is_clip):
+def importance_weight(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, lse, inv_temp, is_clip):
     """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32)."""
-    y = tl.load(ids_ptr + row).to(tl.int64)
+    y = tl.load(completion_ids_ptr + row).to(tl.int64)
     a_y = tl.load(student_row + y * stride_col).to(tl.float32) * inv_temp - lse
     # where-based clamps: NaN propagates as in torch.clamp (tl.minimum would drop it).
-    log_ratio = a_y - tl.load(old_ptr + row).to(tl.float32)
+    log_ratio = a_y - tl.load(old_logps_ptr + row).to(tl.float32)
     log_ratio = tl.where(log_ratio > 20.0, 20.0, tl.where(log_ratio < -20.0, -20.0, log_ratio))
     ratio = tl.exp(log_ratio)
     return tl.where(ratio > is_clip, is_clip, ratio)

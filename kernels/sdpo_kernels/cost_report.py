@@ -1,0 +1,1296 @@
+"""Static cost report of the Triton kernels as the launcher launches them, without a GPU.
+
+    python -m sdpo_kernels.cost_report                          # N=8192, V in {32000, 151936}, bf16
+    python -m sdpo_kernels.cost_report --vocab 151936 --out bench/results/
+
+Every time it prints is PREDICTED (static SASS model), NOT MEASURED. What it does:
+
+1. Compiles each kernel launch of `triton_backend.forward_launches` / `backward_launches` (meta
+   tensors of the real shape: no memory) exactly as Triton's JIT would at that launch: the
+   arguments go through Triton's own binder (`create_function_from_signature` + `_pack_args`:
+   stride/int == 1 → constexpr, 16-byte divisibility, i32/i64 by value, pointer dtypes) and
+   `triton.compile` keeps Triton's default options and its own ptxas flags, so the cubin is the
+   launched one (registers included). Target sm_90a by default.
+2. Disassembles it (`cuobjdump -sass`, bundled in the triton wheel), builds the control-flow graph
+   (basic blocks, dominators, back edges → natural loops and their nesting) and classifies every
+   instruction (fp32, int, mufu, conv, gmem, smem, sync = SHFL/BAR/…, ctrl, other).
+3. Finds the vocabulary streaming loop(s): the innermost loops whose own body loads or stores
+   an [N, V] tensor (address dataflow from the kernel parameters through the SASS), enumerates
+   the acyclic paths of each loop body from header to back edge (inner loops collapsed into one
+   node, reported separately) and costs each path per thread per iteration and per element.
+4. Time model for an H100 SXM and an H200 (`GPUS`): HBM floor, a static lower bound (HBM, issue,
+   MUFU pipe, INT/ALU pipe) and a latency-aware estimate (one warp's in-order dependent critical
+   path per iteration against the issue cycles of all resident warps), with the real CTAs per SM.
+5. Weights the paths with `path_mix` (bottom of this module: update it when a kernel changes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import functools
+import json
+import math
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+PREDICTED = "predicted (static SASS model), not measured"
+
+# ----------------------------------------------------------------------------------------------
+# Hardware and latency model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Gpu:
+    name: str
+    sms: int
+    clock_hz: float  # sustained
+    hbm_bytes_per_s: float
+    schedulers: int = 4  # warp schedulers per SM, 1 warp-instruction per clock each
+    mufu_per_clk_sm: int = 16  # MUFU lanes per clock per SM
+    alu_per_clk_sm: int = 64  # INT32 / compare / select / logic lanes per clock per SM
+    regs_per_sm: int = 65536
+    reg_alloc_unit: int = 256  # registers, per warp
+    smem_per_sm: int = 228 * 1024
+    max_warps_per_sm: int = 64
+    max_ctas_per_sm: int = 32
+
+
+H100 = Gpu("H100 SXM", sms=132, clock_hz=1.755e9, hbm_bytes_per_s=3.35e12)
+H200 = Gpu("H200", sms=132, clock_hz=1.755e9, hbm_bytes_per_s=4.8e12)
+GPUS = (H100, H200)
+
+# Result latency in cycles of one instruction, by latency class (see `latency_class`). A warp
+# issues in order; an instruction waits for its source registers (and guard predicate).
+LATENCY = {
+    "alu": 4,  # fp32, int, logic, moves, selects
+    "conv": 6,  # F2F / I2F / F2I / F2FP
+    "mufu": 18,
+    "shfl": 30,
+    "lds": 30,  # LDS / LDSM / ATOMS; an STS completes (for a barrier) after this too
+    "ldg": 600,  # LDG / LD / ATOM / LDL: an HBM round trip
+    "ldc": 10,  # constant cache
+    "s2r": 20,
+    "bar": 20,  # BAR: a full join (every outstanding result lands), then this
+}
+
+# ----------------------------------------------------------------------------------------------
+# SASS: parsing and instruction classes
+# ----------------------------------------------------------------------------------------------
+
+CLASSES = ("fp32", "int", "mufu", "conv", "gmem", "smem", "sync", "ctrl", "other")
+
+_FP = {
+    "FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FSWZADD", "FADD32I", "FMUL32I",
+    "FFMA32I", "HADD2", "HMUL2", "HFMA2", "HMNMX2", "HSETP2", "HSET2", "DADD", "DMUL", "DFMA", "DSETP",
+    "DMNMX",
+}  # fmt: skip
+_INT = {
+    "IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "IABS", "IMNMX", "VIMNMX", "VIADD", "VIADDMNMX", "ISETP",
+    "ISCADD", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "SEL", "PRMT", "LEA", "MOV", "MOV32I", "POPC",
+    "FLO", "BREV", "BMSK", "SGXT", "IDP", "IDP4A", "P2R", "R2P", "PLOP3", "PSETP", "CS2R", "R2UR", "IMNMX",
+}  # fmt: skip
+_CONV = {"F2F", "F2I", "I2F", "I2FP", "F2IP", "FRND", "F2FP", "I2I", "I2IP"}
+_GMEM = {"LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG", "LDL", "STL", "LDGSTS", "LDGDEPBAR", "CCTL"}
+_SMEM = {"LDS", "STS", "LDSM", "STSM", "ATOMS"}
+_SYNC = {"SHFL", "BAR", "MEMBAR", "WARPSYNC", "VOTE", "VOTEU", "MATCH", "REDUX", "DEPBAR", "ERRBAR", "FENCE",
+         "SYNCS", "ARRIVES", "ELECT", "CGAERRBAR"}  # fmt: skip
+_CTRL = {"BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "BREAK", "BMOV", "YIELD", "KILL",
+         "BPT", "NANOSLEEP"}  # fmt: skip
+# Pipes with less than one warp-instruction per clock per scheduler (static bound terms).
+_ALU_PIPE_FP = {"FMNMX", "FSETP", "FSEL", "FSET"}  # compares / selects: INT32-rate (64/clk/SM)
+_NO_DEST = {
+    "ST", "STG", "STS", "STL", "STSM", "RED", "REDG", "BAR", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL",
+    "BSSY", "BSYNC", "BREAK", "WARPSYNC", "MEMBAR", "NOP", "DEPBAR", "ERRBAR", "YIELD", "CCTL", "FENCE", "BPT",
+    "KILL", "NANOSLEEP", "ARRIVES", "LDGDEPBAR", "CGAERRBAR",
+}  # fmt: skip
+_TWO_PRED_DEST = {"ISETP", "FSETP", "DSETP", "HSETP2", "PSETP", "PLOP3", "UISETP", "UPLOP3", "UPSETP", "VOTE",
+                  "VOTEU", "SHFL"}  # fmt: skip
+_BRANCH = {"BRA", "BRX", "JMP", "JMX"}
+_REG = re.compile(r"(?<![A-Za-z0-9_])(UR|R|UP|P)(\d+)(\.64)?(?![0-9])")
+_CBANK = re.compile(r"c\[0x0\]\[(0x[0-9a-fA-F]+)\]")
+_LINE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
+_LABEL = re.compile(r"^\s*(\.L_x_\d+|\.L_\w+):")
+
+
+def instr_class(base: str) -> str:
+    if base in _FP:
+        return "fp32"
+    if base == "MUFU":
+        return "mufu"
+    if base in _CONV:
+        return "conv"
+    if base in _GMEM:
+        return "gmem"
+    if base in _SMEM:
+        return "smem"
+    if base in _SYNC:
+        return "sync"
+    if base in _CTRL:
+        return "ctrl"
+    if base in _INT or (base.startswith("U") and base not in ("ULDC",)):
+        return "int"
+    return "other"
+
+
+def latency_class(base: str) -> str:
+    if base == "MUFU":
+        return "mufu"
+    if base in _CONV:
+        return "conv"
+    if base == "SHFL":
+        return "shfl"
+    if base in ("LDS", "LDSM", "ATOMS", "STS", "STSM"):
+        return "lds"
+    if base in ("LDG", "LD", "ATOM", "ATOMG", "LDL"):
+        return "ldg"
+    if base in ("LDC", "ULDC"):
+        return "ldc"
+    if base in ("S2R", "S2UR", "CS2R") :
+        return "s2r"
+    if base == "BAR":
+        return "bar"
+    return "alu"
+
+
+def _split_operands(s: str) -> list[str]:
+    out, depth, cur = [], 0, ""
+    for ch in s:
+        if ch in "[(":
+            depth += 1
+        elif ch in "])":
+            depth -= 1
+        if ch == "," and depth == 0:
+            out.append(cur.strip())
+            cur = ""
+        else:
+            cur += ch
+    if cur.strip():
+        out.append(cur.strip())
+    return out
+
+
+def _regs(operand: str, width: int = 1) -> list[str]:
+    """Register names an operand reads or writes ('R4.64' → R4, R5; width for vector data)."""
+    names = []
+    for kind, num, wide in _REG.findall(operand):
+        n = int(num)
+        w = max(width, 2 if wide else 1)
+        names.extend(f"{kind}{n + i}" for i in range(w if kind in ("R", "UR") else 1))
+    return names
+
+
+def _is_pred(operand: str) -> bool:
+    return re.fullmatch(r"!?U?P(T|\d+)", operand) is not None
+
+
+def _vector_width(op: str) -> int:
+    mods = op.split(".")[1:]
+    if "128" in mods:
+        return 4
+    if "64" in mods or "WIDE" in mods:
+        return 2
+    return 1
+
+
+@dataclass
+class Instr:
+    addr: int
+    op: str  # opcode with modifiers, e.g. "LDG.E.64"
+    operands: list[str]
+    pred: str | None = None  # guard, e.g. "P0", "!P1"
+    target: int | None = None  # branch target address (BRA/JMP), resolved
+    text: str = ""
+
+    @property
+    def base(self) -> str:
+        return self.op.split(".")[0]
+
+    @property
+    def cls(self) -> str:
+        return instr_class(self.base)
+
+    @property
+    def is_branch(self) -> bool:
+        return self.base in _BRANCH
+
+    @property
+    def unconditional(self) -> bool:
+        return self.pred is None or self.pred == "PT"
+
+    @property
+    def never(self) -> bool:
+        return self.pred == "!PT"
+
+    @functools.cached_property
+    def dests(self) -> tuple[str, ...]:
+        base = self.base
+        if base in _NO_DEST or not self.operands:
+            return ()
+        ops = self.operands
+        width = _vector_width(self.op)
+        if base == "CS2R" and ".32" not in self.op:
+            width = 2
+        if base in _TWO_PRED_DEST:
+            first = ops[:2]
+        else:
+            first = [ops[0]]
+            for o in ops[1:3]:
+                if not _is_pred(o):
+                    break
+                first.append(o)
+        out = []
+        for i, o in enumerate(first):
+            w = width if (i == 0 or base == "SHFL") and not _is_pred(o) else 1
+            out.extend(_regs(o, w))
+        return tuple(out)
+
+    @functools.cached_property
+    def srcs(self) -> tuple[str, ...]:
+        base = self.base
+        n_dest_ops = 0
+        if base not in _NO_DEST and self.operands:
+            if base in _TWO_PRED_DEST:
+                n_dest_ops = 2
+            else:
+                n_dest_ops = 1
+                for o in self.operands[1:3]:
+                    if not _is_pred(o):
+                        break
+                    n_dest_ops += 1
+        out = []
+        width = _vector_width(self.op)
+        store_like = base in ("ST", "STG", "STS", "STL", "RED", "REDG", "ATOM", "ATOMG", "ATOMS", "STSM")
+        reg_srcs = [o for o in self.operands[n_dest_ops:]]
+        for i, o in enumerate(reg_srcs):
+            w = 1
+            if store_like and "[" not in o:
+                w = width
+            elif base == "IMAD" and "WIDE" in self.op and i == len(reg_srcs) - 1:
+                w = 2
+            out.extend(_regs(o, w))
+        if self.pred and self.pred not in ("PT", "!PT"):
+            out.extend(_regs(self.pred))
+        return tuple(out)
+
+    @property
+    def cbank_offsets(self) -> list[int]:
+        return [int(x, 16) for o in self.operands for x in _CBANK.findall(o)]
+
+    @property
+    def mem_width_bytes(self) -> int:
+        """Bytes one thread moves with this global load/store (0 for anything else)."""
+        if self.base not in ("LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG"):
+            return 0
+        mods = self.op.split(".")[1:]
+        for m, b in (("128", 16), ("64", 8), ("U16", 2), ("S16", 2), ("U8", 1), ("S8", 1)):
+            if m in mods:
+                return b
+        return 4
+
+
+def parse_sass(text: str) -> list[Instr]:
+    """Instructions of the (single) kernel in `cuobjdump -sass` or `nvdisasm` text, in address order."""
+    instrs: list[Instr] = []
+    labels: dict[str, int] = {}
+    pending_labels: list[str] = []
+    for line in text.splitlines():
+        lab = _LABEL.match(line)
+        if lab:
+            pending_labels.append(lab.group(1))
+            continue
+        m = _LINE.match(line)
+        if not m:
+            continue
+        addr = int(m.group(1), 16)
+        body = m.group(2).strip()
+        for name in pending_labels:
+            labels[name] = addr
+        pending_labels = []
+        pred = None
+        if body.startswith("@"):
+            pred, body = body[1:].split(None, 1)
+        parts = body.split(None, 1)
+        op = parts[0]
+        operands = _split_operands(parts[1]) if len(parts) > 1 else []
+        instrs.append(Instr(addr=addr, op=op, operands=operands, pred=pred, text=m.group(2).strip()))
+    for ins in instrs:
+        if ins.is_branch or ins.base in ("CALL", "BSSY", "BREAK"):
+            for o in reversed(ins.operands):
+                lm = re.search(r"\(?(\.L_\w+)\)?", o)
+                if lm and lm.group(1) in labels:
+                    ins.target = labels[lm.group(1)]
+                    break
+                hm = re.fullmatch(r"`?\(?(0x[0-9a-fA-F]+)\)?", o.strip())
+                if hm:
+                    ins.target = int(hm.group(1), 16)
+                    break
+    return instrs
+
+
+# ----------------------------------------------------------------------------------------------
+# Control-flow graph, dominators, natural loops, paths
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Block:
+    id: int
+    instrs: list[Instr]
+    succs: list[int] = field(default_factory=list)
+    preds: list[int] = field(default_factory=list)
+
+    @property
+    def start(self) -> int:
+        return self.instrs[0].addr
+
+
+@dataclass
+class Loop:
+    header: int
+    latches: list[int]  # sources of the back edges
+    body: set[int]  # block ids, header included
+    parent: Loop | None = None
+    children: list[Loop] = field(default_factory=list)
+    label: str = ""
+
+    @property
+    def depth(self) -> int:
+        d, p = 0, self.parent
+        while p is not None:
+            d, p = d + 1, p.parent
+        return d
+
+
+@dataclass
+class Cfg:
+    blocks: list[Block]  # reachable blocks only, id = index
+    loops: list[Loop]  # every natural loop, outermost first
+    irreducible: bool = False
+
+    def loop_of(self, block: int) -> Loop | None:
+        """Innermost loop containing `block`."""
+        best = None
+        for lp in self.loops:
+            if block in lp.body and (best is None or len(lp.body) < len(best.body)):
+                best = lp
+        return best
+
+    def own_blocks(self, loop: Loop) -> list[int]:
+        """Blocks of `loop` outside its child loops."""
+        inner = set().union(*(c.body for c in loop.children)) if loop.children else set()
+        return sorted(loop.body - inner)
+
+
+def build_cfg(instrs: list[Instr]) -> Cfg:
+    """Basic blocks reachable from the entry (CALL targets are subroutines: not followed)."""
+    if not instrs:
+        raise ValueError("no instructions")
+    index = {ins.addr: i for i, ins in enumerate(instrs)}
+    leaders = {0}
+    for i, ins in enumerate(instrs):
+        if ins.is_branch and not ins.never:
+            if ins.target is not None and ins.target in index:
+                leaders.add(index[ins.target])
+            leaders.add(i + 1)
+        elif ins.base in ("EXIT", "RET", "BREAK", "KILL"):
+            leaders.add(i + 1)
+    starts = sorted(x for x in leaders if x < len(instrs))
+    raw = [instrs[s : (starts[k + 1] if k + 1 < len(starts) else len(instrs))] for k, s in enumerate(starts)]
+    start_of = {blk[0].addr: k for k, blk in enumerate(raw)}
+
+    def successors(k: int) -> list[int]:
+        last = raw[k][-1]
+        nxt = [k + 1] if k + 1 < len(raw) else []
+        if last.is_branch and not last.never:
+            tgt = [start_of[last.target]] if last.target in start_of else []  # BRX: unknown targets
+            return tgt if last.unconditional else tgt + [s for s in nxt if s not in tgt]
+        if last.base in ("EXIT", "RET", "KILL") and last.unconditional:
+            return []
+        return nxt
+
+    # reachable from the entry
+    seen, stack = {0}, [0]
+    while stack:
+        k = stack.pop()
+        for s in successors(k):
+            if s not in seen:
+                seen.add(s)
+                stack.append(s)
+    order = sorted(seen)
+    new_id = {k: i for i, k in enumerate(order)}
+    blocks = [Block(id=new_id[k], instrs=raw[k]) for k in order]
+    for k in order:
+        b = blocks[new_id[k]]
+        b.succs = [new_id[s] for s in successors(k)]
+        for s in b.succs:
+            blocks[s].preds.append(b.id)
+    loops, irreducible = _natural_loops(blocks)
+    return Cfg(blocks=blocks, loops=loops, irreducible=irreducible)
+
+
+def _dominators(blocks: list[Block]) -> list[int]:
+    """dom[b] as a bitset (bit d set: d dominates b); entry is block 0."""
+    n = len(blocks)
+    full = (1 << n) - 1
+    dom = [full] * n
+    dom[0] = 1
+    changed = True
+    while changed:
+        changed = False
+        for b in blocks[1:]:
+            new = full
+            for p in b.preds:
+                new &= dom[p]
+            new |= 1 << b.id
+            if new != dom[b.id]:
+                dom[b.id] = new
+                changed = True
+    return dom
+
+
+def _natural_loops(blocks: list[Block]) -> tuple[list[Loop], bool]:
+    dom = _dominators(blocks)
+    by_header: dict[int, Loop] = {}
+    retreating = False
+    for b in blocks:
+        for s in b.succs:
+            if dom[b.id] >> s & 1:  # s dominates b: back edge b -> s
+                lp = by_header.setdefault(s, Loop(header=s, latches=[], body={s}))
+                lp.latches.append(b.id)
+                stack = [b.id]
+                while stack:
+                    x = stack.pop()
+                    if x not in lp.body:
+                        lp.body.add(x)
+                        stack.extend(blocks[x].preds)
+            elif s <= b.id:
+                retreating = True  # a retreating edge that is no back edge: irreducible (or layout)
+    loops = sorted(by_header.values(), key=lambda lp: -len(lp.body))
+    for i, lp in enumerate(loops):
+        for outer in reversed(loops[:i]):
+            if lp.header in outer.body and lp.body <= outer.body:
+                lp.parent = outer
+                outer.children.append(lp)
+                break
+    for lp in loops:
+        lp.label = f"loop@{blocks[lp.header].start:#06x}"
+    # irreducible only if some cycle is not covered by a natural loop
+    return loops, retreating and _has_uncovered_cycle(blocks, loops)
+
+
+def _has_uncovered_cycle(blocks: list[Block], loops: list[Loop]) -> bool:
+    back = {(lt, lp.header) for lp in loops for lt in lp.latches}
+    color = [0] * len(blocks)
+
+    def dfs(x: int) -> bool:
+        color[x] = 1
+        for s in blocks[x].succs:
+            if (x, s) in back:
+                continue
+            if color[s] == 1 or (color[s] == 0 and dfs(s)):
+                return True
+        color[x] = 2
+        return False
+
+    sys.setrecursionlimit(max(10000, 4 * len(blocks)))
+    return any(color[b.id] == 0 and dfs(b.id) for b in blocks)
+
+
+@dataclass
+class Path:
+    """One acyclic path through a loop body, header to back edge."""
+
+    loop: Loop
+    nodes: list[object]  # block ids (int) and collapsed child loops (Loop)
+    instrs: list[Instr]  # in path order; a child loop contributes its heaviest path once
+    label: str = ""
+
+    @property
+    def blocks(self) -> list[int]:
+        return [n for n in self.nodes if isinstance(n, int)]
+
+    @property
+    def children(self) -> list[Loop]:
+        return [n for n in self.nodes if isinstance(n, Loop)]
+
+    def ops(self) -> Counter:
+        return Counter(ins.base for ins in self.instrs)
+
+
+def loop_paths(cfg: Cfg, loop: Loop, limit: int = 4096) -> tuple[list[Path], bool]:
+    """Acyclic paths header → back edge of `loop`, child loops collapsed. (paths, truncated)."""
+    owner: dict[int, object] = {b: b for b in loop.body}
+    for child in loop.children:
+        for b in child.body:
+            owner[b] = child
+    latches = set(loop.latches)
+
+    def node_succs(node: object) -> tuple[list[object], bool]:
+        """Successor nodes inside the loop, and whether the node closes an iteration (back edge)."""
+        members = node.body if isinstance(node, Loop) else {node}
+        out, back = [], False
+        for b in sorted(members):
+            for s in cfg.blocks[b].succs:
+                if s == loop.header and b in latches:
+                    back = True
+                elif s in owner and owner[s] is not node and s not in members:
+                    if owner[s] not in out:
+                        out.append(owner[s])
+        return out, back
+
+    child_instrs = {id(c): _heaviest_path_instrs(cfg, c, limit) for c in loop.children}
+    paths: list[list[object]] = []
+    truncated = False
+    stack: list[tuple[object, list[object]]] = [(loop.header, [loop.header])]
+    while stack:
+        node, nodes = stack.pop()
+        succs, back = node_succs(node)
+        if back:
+            if len(paths) >= limit:
+                truncated = True
+                break
+            paths.append(nodes)
+        for s in reversed(succs):
+            if s in nodes:  # irreducible remainder: cut
+                continue
+            stack.append((s, nodes + [s]))
+    result = []
+    for nodes in paths:
+        ins: list[Instr] = []
+        for n in nodes:
+            ins.extend(child_instrs[id(n)] if isinstance(n, Loop) else cfg.blocks[n].instrs)
+        result.append(Path(loop=loop, nodes=nodes, instrs=ins))
+    return result, truncated
+
+
+def _heaviest_path_instrs(cfg: Cfg, loop: Loop, limit: int) -> list[Instr]:
+    paths, _ = loop_paths(cfg, loop, limit)
+    if not paths:
+        return [i for b in sorted(loop.body) for i in cfg.blocks[b].instrs]
+    return max(paths, key=lambda p: len(p.instrs)).instrs
+
+
+# ----------------------------------------------------------------------------------------------
+# Compiling a launch exactly as Triton's JIT would
+# ----------------------------------------------------------------------------------------------
+
+
+def nvidia_bin(tool: str) -> pathlib.Path:
+    import triton
+
+    return pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool
+
+
+def _unwrap(kernel):
+    while not hasattr(kernel, "params") and hasattr(kernel, "fn"):
+        kernel = kernel.fn  # autotuner / heuristics wrappers
+    return kernel
+
+
+@dataclass
+class Compiled:
+    name: str
+    signature: dict  # param name -> Triton type ("*bf16", "i32", "constexpr", ...)
+    constexprs: dict  # param name -> value
+    attrs: dict  # param name -> Triton attributes (e.g. [["tt.divisibility", 16]])
+    num_warps: int
+    num_stages: int
+    sass: str
+    regs: int
+    local_bytes: int  # per thread: spills (Triton kernels use no local arrays)
+    stack_bytes: int
+    static_smem: int  # bytes, includes the 1 KiB the driver reserves per CTA on sm_90
+    dynamic_smem: int  # bytes, Triton's `shared`
+    params: list[tuple[str, int, int]]  # (name, constant-bank offset, size) of the kernel parameters
+    triton_version: str = ""
+
+    @property
+    def smem_per_cta(self) -> int:
+        return self.static_smem + self.dynamic_smem
+
+
+def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
+    """The options JITFunction.run adds before binding (Triton 3.6 and 3.9)."""
+    from triton import knobs
+
+    kw = dict(num_warps=num_warps, num_stages=num_stages)
+    kw["debug"] = getattr(fn, "debug", None) or knobs.runtime.debug
+    comp = knobs.compilation
+    for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
+        if hasattr(comp, name):
+            kw[name] = getattr(comp, name)
+    return kw
+
+
+def specialize(kernel, args: dict, num_warps: int, num_stages: int, arch: int = 90):
+    """(backend, target, signature, constexprs, attrs, options) that Triton's JIT derives for this launch.
+
+    Runs Triton's own binder (`create_function_from_signature` → `native_specialize_impl`) and
+    `JITFunction._pack_args`, so integer/stride specialisation, divisibility and dtypes are Triton's.
+    """
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    fn = _unwrap(kernel)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    missing = [p.name for p in fn.params if p.name not in args]
+    if missing:
+        raise ValueError(f"{fn.__name__}: launch args lack {missing}")
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    kw = _jit_kwargs(fn, num_warps, num_stages)
+    bound, specialization, options = binder(**{p.name: args[p.name] for p in fn.params}, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
+    return backend, target, signature, constexprs, attrs, options
+
+
+_COMPILED: dict[tuple, Compiled] = {}
+
+
+def compile_launch(kernel, args: dict, num_warps: int, num_stages: int = 1, arch: int = 90) -> Compiled:
+    """Compile (cached by Triton's specialization key) and read back SASS and resource usage."""
+    import triton
+    from triton.compiler import ASTSource
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    fn = _unwrap(kernel)
+    backend, target, signature, constexprs, attrs, options = specialize(fn, args, num_warps, num_stages, arch)
+    key = (fn.__module__, fn.__name__, arch, str(sorted(signature.items())), str(sorted(constexprs.items(), key=str)),
+           str(sorted(attrs.items(), key=str)), str(options))  # fmt: skip
+    if key in _COMPILED:
+        return _COMPILED[key]
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
+    cubin = compiled.asm["cubin"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        sass = _run([nvidia_bin("cuobjdump"), "-sass", path])
+        usage = _run([nvidia_bin("cuobjdump"), "--dump-resource-usage", path])
+
+    def res(name: str) -> int:
+        m = re.search(rf"\b{name}:(\d+)", usage)
+        return int(m.group(1)) if m else 0
+
+    names = [p.name for p in fn.params]
+
+    def by_name(d: dict) -> dict:  # Triton keys constexprs/attrs by argument path, e.g. (3,)
+        return {(names[k[0]] if isinstance(k, tuple) and len(k) == 1 else str(k)): v for k, v in d.items()}
+
+    sig = dict(signature)
+    out = Compiled(
+        name=fn.__name__,
+        signature=sig,
+        constexprs=by_name(constexprs),
+        attrs={k: v for k, v in by_name(attrs).items() if v},
+        num_warps=num_warps,
+        num_stages=num_stages,
+        sass=sass,
+        regs=res("REG"),
+        local_bytes=res("LOCAL"),
+        stack_bytes=res("STACK"),
+        static_smem=res("SHARED"),
+        dynamic_smem=int(getattr(compiled.metadata, "shared", 0) or 0),
+        params=_ptx_params(compiled.asm["ptx"], sig),
+        triton_version=triton.__version__,
+    )
+    _COMPILED[key] = out
+    return out
+
+
+def _run(cmd: list) -> str:
+    out = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {out.stderr[-2000:]}")
+    return out.stdout
+
+
+_PTX_SIZES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4, "u16": 2, "s16": 2,
+              "b16": 2, "f16": 2, "u8": 1, "s8": 1, "b8": 1, "pred": 1}  # fmt: skip
+PARAM_BASE = 0x210  # sm_70+: kernel parameters start at c[0x0][0x210]
+
+
+def _ptx_params(ptx: str, signature: dict) -> list[tuple[str, int, int]]:
+    """(name, constant-bank offset, size) of each PTX kernel parameter: the non-constexpr arguments
+    in order, then Triton's own scratch pointers."""
+    entry = re.search(r"\.entry\s+\w+\s*\((.*?)\)", ptx, re.S)
+    types = re.findall(r"\.param\s+\.(\w+)", entry.group(1)) if entry else []
+    names = [n for n, t in signature.items() if t != "constexpr"]
+    out, off = [], PARAM_BASE
+    for i, t in enumerate(types):
+        size = _PTX_SIZES.get(t, 8)
+        off = (off + size - 1) // size * size
+        out.append((names[i] if i < len(names) else f"<triton scratch {i - len(names)}>", off, size))
+        off += size
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Which kernel parameter each global access addresses (flow-sensitive dataflow over the CFG)
+# ----------------------------------------------------------------------------------------------
+
+_LOADS = {"LDG", "LD", "LDS", "LDL", "LDSM", "ATOM", "ATOMG", "ATOMS", "REDUX"}
+
+
+def address_params(cfg: Cfg, params: list[tuple[str, int, int]]) -> dict[int, frozenset]:
+    """addr of each global load/store/atomic → names of the parameters its address derives from."""
+
+    def param_at(off: int) -> str | None:
+        for name, start, size in params:
+            if start <= off < start + size:
+                return name
+        return None
+
+    def transfer(block: Block, state: dict, record: dict | None) -> dict:
+        state = dict(state)
+        for ins in block.instrs:
+            if ins.base in ("LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG") and record is not None:
+                tags = set()
+                for o in ins.operands:
+                    if "[" in o:
+                        for r in _regs(o):
+                            tags |= state.get(r, frozenset())
+                        tags |= {p for off in map(lambda x: int(x, 16), _CBANK.findall(o)) if (p := param_at(off))}
+                record[ins.addr] = frozenset(tags)
+            if not ins.dests:
+                continue
+            if ins.base in _LOADS:
+                new = frozenset()
+            else:
+                tags = set()
+                for r in ins.srcs:
+                    tags |= state.get(r, frozenset())
+                tags |= {p for off in ins.cbank_offsets if (p := param_at(off))}
+                new = frozenset(tags)
+            for d in ins.dests:
+                state[d] = new | state.get(d, frozenset()) if ins.pred and ins.pred != "PT" else new
+        return state
+
+    def join(a: dict, b: dict) -> dict:
+        out = dict(a)
+        for k, v in b.items():
+            out[k] = out.get(k, frozenset()) | v
+        return out
+
+    ins_state: dict[int, dict] = {0: {}}
+    work = [0]
+    while work:
+        b = work.pop()
+        out = transfer(cfg.blocks[b], ins_state[b], None)
+        for s in cfg.blocks[b].succs:
+            new = join(ins_state.get(s, {}), out)
+            if s not in ins_state or new != ins_state[s]:
+                ins_state[s] = new
+                if s not in work:
+                    work.append(s)
+    record: dict[int, frozenset] = {}
+    for b in cfg.blocks:
+        transfer(b, ins_state.get(b.id, {}), record)
+    return record
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-path cost: counts by class, pipes, one warp's critical path
+# ----------------------------------------------------------------------------------------------
+
+
+def _alu_pipe(ins: Instr) -> bool:
+    base = ins.base
+    return (ins.cls == "int" and not base.startswith("U") and base != "R2UR") or base in _ALU_PIPE_FP
+
+
+def critical_path(instrs: list[Instr], latency: dict = LATENCY) -> int:
+    """Cycles one warp needs for `instrs` (one loop iteration), all inputs ready at cycle 0.
+
+    In-order issue, one instruction per cycle at most; an instruction issues when its source
+    registers and guard predicate are ready (producer's issue cycle + its class latency); BAR is
+    a full join (every outstanding result, including shared stores, lands first)."""
+    ready: dict[str, int] = {}
+    t = -1  # issue cycle of the previous instruction
+    end = 0
+    for ins in instrs:
+        issue = max([t + 1] + [ready.get(r, 0) for r in ins.srcs])
+        lcls = latency_class(ins.base)
+        if ins.base == "BAR":
+            issue = max(issue, end)
+            t = issue + latency["bar"] - 1
+            end = max(end, t + 1)
+            continue
+        lat = latency[lcls]
+        for d in ins.dests:
+            if d not in ("PT", "UPT"):
+                ready[d] = issue + lat
+        if ins.dests or ins.base in ("STS", "STSM"):
+            end = max(end, issue + lat)
+        t = issue
+    return max(end, t + 1)
+
+
+@dataclass
+class Cost:
+    """Per thread (= per warp: SIMT) instruction counts of a piece of code, and its critical path."""
+
+    instrs: int
+    by_class: dict[str, int]
+    mufu: int
+    alu_pipe: int
+    critical_cycles: int
+    gmem_bytes: int  # per thread, every global load/store of the path (L2 hits included)
+
+    @staticmethod
+    def of(instrs: list[Instr]) -> Cost:
+        cls = Counter(ins.cls for ins in instrs)
+        return Cost(
+            instrs=len(instrs),
+            by_class={c: cls.get(c, 0) for c in CLASSES},
+            mufu=cls.get("mufu", 0),
+            alu_pipe=sum(1 for ins in instrs if _alu_pipe(ins)),
+            critical_cycles=critical_path(instrs),
+            gmem_bytes=sum(ins.mem_width_bytes for ins in instrs),
+        )
+
+    def scaled(self, f: float) -> dict:
+        return {
+            "instrs": self.instrs * f,
+            **{c: v * f for c, v in self.by_class.items()},
+            "mufu_pipe": self.mufu * f,
+            "alu_pipe": self.alu_pipe * f,
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Occupancy
+# ----------------------------------------------------------------------------------------------
+
+
+def ctas_per_sm(regs: int, smem_per_cta: int, num_warps: int, gpu: Gpu = H100) -> tuple[int, str]:
+    """Resident CTAs per SM and the limiting resource."""
+    regs_per_warp = math.ceil(max(regs, 1) * 32 / gpu.reg_alloc_unit) * gpu.reg_alloc_unit
+    by_regs = (gpu.regs_per_sm // regs_per_warp) // num_warps
+    by_smem = gpu.smem_per_sm // smem_per_cta if smem_per_cta else gpu.max_ctas_per_sm
+    by_warps = gpu.max_warps_per_sm // num_warps
+    limits = {"registers": by_regs, "shared memory": by_smem, "warps": by_warps, "CTA slots": gpu.max_ctas_per_sm}
+    which = min(limits, key=limits.get)
+    return limits[which], which
+
+
+# ----------------------------------------------------------------------------------------------
+# Analysis of one launch
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PathCost:
+    label: str
+    cost: Cost
+    blocks: list[int]  # start addresses of the path's blocks
+    children: list[str]  # collapsed inner loops on the path
+    features: dict  # structural features used to label the path
+    fraction: float = 0.0  # of the loop's iterations (set by the path mix)
+
+
+@dataclass
+class LoopCost:
+    label: str
+    header: int  # address
+    depth: int
+    streaming: bool
+    paths: list[PathCost]
+    truncated: bool
+    trips_per_row: float  # iterations per row (streaming loops: ceil(V / BLOCK_V))
+    bytes_per_elem: float = 0.0  # HBM bytes per [N, V] element this loop streams
+
+
+@dataclass
+class KernelAnalysis:
+    name: str
+    launch: object
+    compiled: Compiled
+    cfg: Cfg
+    loops: list[LoopCost]  # streaming loops
+    other_loops: list[LoopCost]  # every other loop (inner ones appear collapsed in the paths too)
+    outside: Cost  # code outside the streaming loops, executed once per row
+    block_v: int
+    elems_per_thread: float
+    bytes_per_elem: float  # HBM bytes per [N, V] element, all streaming loops together
+    streams: list[str]  # e.g. "read student_ptr (bf16)"
+    row_bytes: float  # other HBM bytes per row (row statistics, scratch), upper bound
+    programs: int
+    rows: int
+    vocab: int
+    warnings: list[str] = field(default_factory=list)
+    extras: dict = field(default_factory=dict)  # per-row extras from `row_extras`
+
+    @property
+    def regs(self) -> int:
+        return self.compiled.regs
+
+    def occupancy(self, gpu: Gpu) -> tuple[int, str]:
+        return ctas_per_sm(self.compiled.regs, self.compiled.smem_per_cta, self.compiled.num_warps, gpu)
+
+
+def _tensor_args(args: dict):
+    import torch
+
+    return {name: v for name, v in args.items() if isinstance(v, torch.Tensor)}
+
+
+def _block_size(constexprs: dict) -> int:
+    if "BLOCK_V" in constexprs:
+        return int(constexprs["BLOCK_V"])
+    blocks = {k: v for k, v in constexprs.items() if "BLOCK" in k.upper() and isinstance(v, int)}
+    if not blocks:
+        raise ValueError(f"no BLOCK constexpr among {sorted(constexprs)}")
+    return int(max(blocks.values()))
+
+
+def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 4096) -> KernelAnalysis:
+    """Compile one KernelLaunch and cost its streaming loops, paths and the rest."""
+    fn = _unwrap(launch.kernel)
+    comp = compile_launch(fn, launch.args, launch.num_warps, launch.num_stages, arch)
+    instrs = parse_sass(comp.sass)
+    cfg = build_cfg(instrs)
+    warnings = []
+    if cfg.irreducible:
+        warnings.append("irreducible control flow: some cycles are not natural loops (cut in path enumeration)")
+    spills = sum(1 for i in instrs if i.base in ("LDL", "STL"))
+    if comp.local_bytes or spills:
+        warnings.append(f"register spills: {comp.local_bytes} B local memory, {spills} LDL/STL instructions")
+    if any(i.base == "CALL" for b in cfg.blocks for i in b.instrs):
+        warnings.append("CALL to a subroutine (slow path, e.g. division): its body is not costed")
+
+    tensors = _tensor_args(launch.args)
+    stream_params = {n for n, t in tensors.items() if t.numel() == rows * vocab and t.dim() >= 1 and t.shape[-1] == vocab}
+    access = address_params(cfg, comp.params)
+
+    def stream_accesses(block_ids) -> list[tuple[Instr, set]]:
+        out = []
+        for b in block_ids:
+            for ins in cfg.blocks[b].instrs:
+                hit = access.get(ins.addr, frozenset()) & stream_params
+                if hit:
+                    out.append((ins, set(hit)))
+        return out
+
+    streaming = []
+    for lp in cfg.loops:
+        own = cfg.own_blocks(lp)
+        if stream_accesses(own):
+            streaming.append(lp)
+    streaming = [lp for lp in streaming if not any(o is not lp and o.body < lp.body for o in streaming)]
+    if not streaming:
+        warnings.append("no loop streams an [N, V] tensor")
+
+    block_v = _block_size(comp.constexprs)
+    elems = block_v / (32 * comp.num_warps)
+    n_iter = math.ceil(vocab / block_v)
+
+    # HBM bytes per element: each streamed tensor read (LDG) / written (STG) per streaming loop
+    streams, bytes_per_elem, loop_bytes = [], 0.0, {}
+    for lp in streaming:
+        reads, writes, before = {}, {}, bytes_per_elem
+        for ins, hit in stream_accesses(sorted(lp.body)):
+            for name in hit:
+                t = tensors[name]
+                bucket = writes if ins.base in ("STG", "ST", "RED", "REDG") else reads
+                bucket[id(t)] = (name, t)
+        for kind, bucket in (("read", reads), ("write", writes)):
+            for name, t in bucket.values():
+                bytes_per_elem += t.element_size()
+                streams.append(f"{kind} {name} ({str(t.dtype).replace('torch.', '')}) in {lp.label}")
+        loop_bytes[id(lp)] = bytes_per_elem - before
+    seen, row_bytes = set(), 0.0
+    touched = set().union(*access.values()) if access else set()
+    for name, t in tensors.items():
+        if name in stream_params or name not in touched or id(t) in seen:
+            continue
+        seen.add(id(t))
+        row_bytes += t.numel() * t.element_size() / rows
+
+    stream_ids = set().union(*(lp.body for lp in streaming)) if streaming else set()
+
+    def loop_cost(lp: Loop, is_stream: bool) -> LoopCost:
+        paths, truncated = loop_paths(cfg, lp, path_limit)
+        if truncated:
+            warnings.append(f"{lp.label}: more than {path_limit} paths, enumeration truncated")
+        pcs = []
+        for p in paths:
+            ops = p.ops()
+            gstores = [i for i in p.instrs if i.base in ("STG", "ST", "RED", "REDG", "ATOM", "ATOMG")]
+            features = {
+                "instrs": len(p.instrs),
+                "global_stores": len(gstores),
+                "stream_stores": sum(1 for i in gstores if access.get(i.addr, frozenset()) & stream_params),
+                "global_loads": ops.get("LDG", 0) + ops.get("LD", 0),
+                "shared_stores": ops.get("STS", 0),
+                "shared_loads": ops.get("LDS", 0),
+                "barriers": ops.get("BAR", 0),
+                "shuffles": ops.get("SHFL", 0),
+                "mufu": ops.get("MUFU", 0),
+                "inner_loops": len(p.children),
+            }
+            pcs.append(PathCost(label="", cost=Cost.of(p.instrs), blocks=[cfg.blocks[b].start for b in p.blocks],
+                                children=[c.label for c in p.children], features=features))  # fmt: skip
+        return LoopCost(label=lp.label, header=cfg.blocks[lp.header].start, depth=lp.depth, streaming=is_stream,
+                        paths=pcs, truncated=truncated, trips_per_row=n_iter if is_stream else 1.0,
+                        bytes_per_elem=loop_bytes.get(id(lp), 0.0))  # fmt: skip
+
+    loops = [loop_cost(lp, True) for lp in streaming]
+    others = [loop_cost(lp, False) for lp in cfg.loops if lp not in streaming]
+    outside = Cost.of([i for b in cfg.blocks if b.id not in stream_ids for i in b.instrs])
+    programs = math.prod(launch.grid) if launch.grid else 1
+    ka = KernelAnalysis(
+        name=fn.__name__, launch=launch, compiled=comp, cfg=cfg, loops=loops, other_loops=others, outside=outside,
+        block_v=block_v, elems_per_thread=elems, bytes_per_elem=bytes_per_elem, streams=streams,
+        row_bytes=row_bytes, programs=programs, rows=rows, vocab=vocab, warnings=warnings,
+    )  # fmt: skip
+    assign_mix(ka)
+    return ka
+
+
+def assign_mix(ka: KernelAnalysis) -> None:
+    """Label every path (`label_paths`) and give it its share of the loop's iterations (`path_mix`)."""
+    mix = path_mix(ka.name, ka.launch, ka) or {}
+    ka.extras = row_extras(ka.name, ka.launch, ka) or {}
+    for lc in ka.loops:
+        labels = label_paths(ka.name, ka.launch, lc, ka)
+        for p, lab in zip(lc.paths, labels):
+            p.label = lab
+        names = [p.label for p in lc.paths]
+        known = {n: mix[n] for n in set(names) if n in mix}
+        if len(set(names)) == 1:
+            known = {names[0]: 1.0}
+        elif not known:
+            ka.warnings.append(f"{lc.label}: no path mix for labels {sorted(set(names))}; equal split")
+            known = {n: 1.0 for n in set(names)}
+        total = sum(known.values())
+        for p in lc.paths:
+            share = known.get(p.label, 0.0) / total if total else 0.0
+            p.fraction = share / names.count(p.label)
+        if any(names.count(n) > 1 for n in known):
+            ka.warnings.append(f"{lc.label}: several SASS paths share a label; its fraction is split evenly")
+
+
+# ----------------------------------------------------------------------------------------------
+# Time model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Seconds for the whole launch (all rows) on one GPU. PREDICTED, not measured."""
+
+    gpu: str
+    hbm_floor: float
+    issue: float
+    mufu_pipe: float
+    alu_pipe: float
+    static_bound: float
+    limiter: str
+    latency_aware: float
+    ctas_per_sm: int
+    row_cycles: float  # latency-aware SM cycles per row (at the resident CTAs per SM)
+
+    @property
+    def static_ratio(self) -> float:
+        return self.static_bound / self.hbm_floor if self.hbm_floor else float("nan")
+
+    @property
+    def latency_ratio(self) -> float:
+        return self.latency_aware / self.hbm_floor if self.hbm_floor else float("nan")
+
+
+def _iteration_cycles(cost: Cost, conc: int, warps: int, stream_bytes: float, gpu: Gpu) -> float:
+    """SM cycles for one iteration of `conc` resident CTAs (all take the same path)."""
+    w = conc * warps
+    hbm_per_clk_sm = gpu.hbm_bytes_per_s / (gpu.sms * gpu.clock_hz)
+    return max(
+        cost.critical_cycles,
+        w * cost.instrs / gpu.schedulers,
+        w * cost.mufu * 32 / gpu.mufu_per_clk_sm,
+        w * cost.alu_pipe * 32 / gpu.alu_per_clk_sm,
+        conc * stream_bytes / hbm_per_clk_sm,
+    )
+
+
+def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Timing:
+    """Whole-launch times at the path mix, or as if every iteration took path `only`."""
+    warps = ka.compiled.num_warps
+    ctas, _ = ka.occupancy(gpu)
+    conc = max(1, min(ctas, math.ceil(ka.programs / gpu.sms)))
+    instrs = mufu = alu = 0.0  # per thread per row
+    row_cycles = 0.0
+    for lc in ka.loops:
+        paths = [(only, 1.0)] if only is not None and only in lc.paths else [(p, p.fraction) for p in lc.paths]
+        for p, f in paths:
+            n = lc.trips_per_row * f
+            instrs += n * p.cost.instrs
+            mufu += n * p.cost.mufu
+            alu += n * p.cost.alu_pipe
+            row_cycles += n * _iteration_cycles(p.cost, conc, warps, ka.block_v * lc.bytes_per_elem, gpu)
+    extra_bytes = float(ka.extras.get("bytes", 0.0))
+    pieces = [(ka.outside, 1.0)]
+    all_loops = {lc.label: lc for lc in ka.loops + ka.other_loops}
+    for name, count in ka.extras.items():
+        if name in all_loops and all_loops[name].paths:
+            lc = all_loops[name]
+            heaviest = max(lc.paths, key=lambda p: p.cost.instrs)
+            pieces.append((heaviest.cost, float(count)))
+    for cost, count in pieces:
+        instrs += count * cost.instrs
+        mufu += count * cost.mufu
+        alu += count * cost.alu_pipe
+        row_cycles += count * _iteration_cycles(cost, conc, warps, 0.0, gpu)
+
+    rows, clk = ka.rows, gpu.clock_hz
+    hbm = rows * (ka.vocab * ka.bytes_per_elem + ka.row_bytes + extra_bytes) / gpu.hbm_bytes_per_s
+    issue = rows * warps * instrs / (gpu.sms * gpu.schedulers * clk)
+    mufu_t = rows * warps * mufu * 32 / (gpu.mufu_per_clk_sm * gpu.sms * clk)
+    alu_t = rows * warps * alu * 32 / (gpu.alu_per_clk_sm * gpu.sms * clk)
+    terms = {"HBM": hbm, "issue": issue, "MUFU pipe": mufu_t, "ALU pipe": alu_t}
+    limiter = max(terms, key=terms.get)
+    static = terms[limiter]
+    waves = math.ceil(ka.programs / (gpu.sms * ctas))
+    rows_per_program = math.ceil(rows / ka.programs)
+    latency = max(static, waves * rows_per_program * row_cycles / clk)
+    return Timing(gpu=gpu.name, hbm_floor=hbm, issue=issue, mufu_pipe=mufu_t, alu_pipe=alu_t, static_bound=static,
+                  limiter=limiter, latency_aware=latency, ctas_per_sm=ctas, row_cycles=row_cycles)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------
+# The launches: triton_backend.forward_launches / backward_launches on meta tensors
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Launch:
+    """Same fields as triton_backend.KernelLaunch (used when capturing a launcher without it)."""
+
+    kernel: object
+    grid: tuple
+    args: dict
+    num_warps: int
+    num_stages: int | None = None  # None: the launcher passes none, Triton's default applies
+
+
+class _Recorder:
+    def __init__(self, fn, sink: list):
+        self.fn, self.sink = fn, sink
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            num_warps = kwargs.pop("num_warps", 4)
+            num_stages = kwargs.pop("num_stages", None)
+            bound = self.fn.signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            g = grid(bound.arguments) if callable(grid) else tuple(grid)
+            self.sink.append(_Launch(self.fn, g, dict(bound.arguments), num_warps, num_stages))
+
+        return launch
+
+
+def _capture(call) -> list:
+    """Run a triton_backend entry point with every JIT kernel replaced by a recorder."""
+    from triton.runtime.jit import JITFunction
+
+    from . import triton_backend as tb
+
+    sink: list = []
+    saved = {n: v for n, v in vars(tb).items() if isinstance(v, JITFunction)}
+    try:
+        for n, v in saved.items():
+            setattr(tb, n, _Recorder(v, sink))
+        call(tb)
+    finally:
+        for n, v in saved.items():
+            setattr(tb, n, v)
+    return sink
+
+
+def forward_launches(student, teacher, completion_ids, old_logps, config) -> list:
+    from . import triton_backend as tb
+
+    if hasattr(tb, "forward_launches"):
+        return list(tb.forward_launches(student, teacher, completion_ids, old_logps, config))
+    return _capture(lambda m: m.forward(student, teacher, completion_ids, old_logps, config))
+
+
+def backward_launches(student, teacher, stats, grad_loss, config) -> list:
+    from . import triton_backend as tb
+
+    if hasattr(tb, "backward_launches"):
+        return list(tb.backward_launches(student, teacher, stats, grad_loss, config))
+    return _capture(lambda m: m.backward(student, teacher, stats, grad_loss, config))
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    mode: str
+    topk: int = 0
+    alpha: float = 0.5
+    add_tail: bool = False
+    is_clip: float | None = 2.0
+    temperature: float = 1.0
+
+    def config(self):
+        from .config import LossConfig
+
+        return LossConfig(mode=self.mode, topk=self.topk, alpha=self.alpha, add_tail=self.add_tail,
+                          is_clip=self.is_clip, temperature=self.temperature)  # fmt: skip
+
+
+HEADLINE = Variant("topk K=100, tail, IS, α=0.5", "topk_logits", topk=100, alpha=0.5, add_tail=True)
+VARIANTS = (
+    HEADLINE,
+    Variant("topk K=100, no tail, IS, α=0.5", "topk_logits", topk=100, alpha=0.5, add_tail=False),
+    Variant("topk K=100, tail, IS, α=0 (forward KL)", "topk_logits", topk=100, alpha=0.0, add_tail=True),
+    Variant("topk K=100, tail, IS, α=1 (reverse KL)", "topk_logits", topk=100, alpha=1.0, add_tail=True),
+    Variant("full_logits, IS, α=0.5", "full_logits", alpha=0.5),
+    Variant("sampled_token, IS, α=1", "sampled_token", alpha=1.0),
+)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def variant_launches(variant: Variant, rows: int, vocab: int, dtype: str = "bf16") -> tuple[list, list]:
+    """(forward launches, backward launches) of one loss configuration on [rows, vocab] meta tensors."""
+    import torch
+
+    from .stats import RowStats
+
+    dt = getattr(torch, DTYPES[dtype])
+    meta = dict(device="meta")
+    student = torch.empty(rows, vocab, dtype=dt, **meta)
+    teacher = torch.empty(rows, vocab, dtype=dt, **meta)
+    ids = torch.empty(rows, dtype=torch.int64, **meta)
+    old = torch.empty(rows, dtype=torch.float32, **meta) if variant.is_clip is not None else None
+    config = variant.config()
+    fwd = forward_launches(student, teacher, ids, old, config)
+    f32 = dict(dtype=torch.float32, **meta)
+    sparse = {"topk_logits": variant.topk, "sampled_token": 1}.get(variant.mode, 0)
+    full = variant.mode == "full_logits"
+    stats = RowStats(
+        lse_student=torch.empty(rows, **f32),
+        dense_coef=torch.empty(rows, **f32),
+        sparse_index=torch.empty(rows, sparse, dtype=torch.int64, **meta) if sparse else None,
+        sparse_coef=torch.empty(rows, sparse, **f32) if sparse else None,
+        lse_teacher=torch.empty(rows, **f32) if full else None,
+        is_weight=torch.empty(rows, **f32) if full else None,
+    )
+    bwd = backward_launches(student, teacher, stats, torch.empty(rows, **f32), config)
+    return fwd, bwd
+
+
+def _launch_stages(launch) -> int | None:
+    return getattr(launch, "num_stages", None)
