@@ -20,6 +20,17 @@ SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _DEFAULT_EMA_UPDATE_RATE = 0.05
 
 
+class _OneGeneration(int):
+    """The value 1 that passes `GRPOConfig.__post_init__`'s `num_generations < 2` check.
+
+    GRPO needs siblings for its advantages; SDPO with environment feedback does not (TRL 1.16's SDPO accepts
+    `num_generations=1`). Only held while GRPO's checks run; a plain `1` is restored after them.
+    """
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+
 @dataclass
 class SDPOConfig(GRPOConfig):
     r"""Configuration for [`SDPOTrainer`]: every `trl.GRPOConfig` option plus the SDPO ones.
@@ -85,9 +96,7 @@ class SDPOConfig(GRPOConfig):
     )
     teacher_model_kind: str | None = field(
         default=None,
-        metadata={
-            "help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."
-        },
+        metadata={"help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."},
     )
     teacher_sync_steps: int = field(
         default=1,
@@ -104,6 +113,16 @@ class SDPOConfig(GRPOConfig):
     distillation_fused_linear: str = field(
         default="auto",
         metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
+    )
+    use_teacher_server: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute teacher logprobs from the running vLLM generation server instead of a local teacher "
+            "forward. Only supported for `teacher_model_kind='live'` (teacher_regularization='none') with "
+            "`use_vllm=True`, `vllm_mode='server'`, `distillation_weight=1.0` (pure distillation), and "
+            "`distillation_mode` in {'sampled_token', 'topk_logits'} (the server returns the teacher's top-k "
+            "logprobs, not the full vocabulary; `topk_logits` distills over the teacher's own top-k support)."
+        },
     )
     diagnostics_warning_interval: int = field(
         default=10, metadata={"help": "Warn every N consecutive degenerate steps; 0 disables."}
@@ -223,7 +242,43 @@ class SDPOConfig(GRPOConfig):
             self.distillation_mode = "sampled_token"
         else:
             self.distillation_mode = "topk_logits" if self.distillation_topk is not None else "full_logits"
-        super().__post_init__()
+        self._validate_teacher_server()
+        single = self.num_generations == 1
+        if single:
+            self.num_generations = _OneGeneration(1)
+        try:
+            super().__post_init__()
+        finally:
+            if single:
+                self.num_generations = 1
+
+    def _validate_teacher_server(self) -> None:
+        """`use_teacher_server` needs a live teacher on GRPO's vLLM server and a loss the server's top-k can serve."""
+        if not self.use_teacher_server:
+            return
+        if not (self.use_vllm and self.vllm_mode == "server"):
+            raise ValueError(
+                "`use_teacher_server=True` requires `use_vllm=True` and `vllm_mode='server'`: teacher logprobs are "
+                "served by the same vLLM server used for generation."
+            )
+        if self.teacher_regularization != "none":
+            raise ValueError(
+                "`use_teacher_server=True` only supports the live teacher (`teacher_model_kind='live'`, i.e. "
+                f"teacher_regularization='none'): the server holds the current student weights; got "
+                f"{self.teacher_regularization!r}."
+            )
+        if self.distillation_weight != 1.0 or self.sdpo_policy_loss_mode == "hybrid":
+            raise ValueError(
+                "`use_teacher_server=True` only supports pure self-distillation (`distillation_weight=1.0`, no "
+                "hybrid policy term): the policy loss needs the full-vocabulary logits, which the server does not "
+                "return."
+            )
+        if self.distillation_mode not in ("sampled_token", "topk_logits"):
+            raise ValueError(
+                "`use_teacher_server=True` only supports `distillation_mode` in {'sampled_token', 'topk_logits'}, "
+                f"got {self.distillation_mode!r}: the server returns the teacher's top-k logprobs, not the full "
+                "vocabulary."
+            )
 
     @property
     def effective_teacher_update_rate(self) -> float:

@@ -34,6 +34,7 @@ from .config import SDPOConfig
 from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head
 from .teacher import EMATeacherCallback, SDPOTeacher
 from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
+from .teacher_server import fetch_teacher_logprobs, server_per_token_loss
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,14 @@ class SDPOTrainer(GRPOTrainer):
             "eval": defaultdict(int),
         }
         self._last_rewards_per_func: torch.Tensor | None = None
+        # Teacher log-probs from GRPO's vLLM server (TRL 1.16's `use_teacher_server`): a read-only scoring client.
+        self.use_teacher_server = args.use_teacher_server
+        self.teacher_client = None
+        if self.use_teacher_server:
+            from trl.generation.vllm_client import VLLMClient
+
+            base_url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+            self.teacher_client = VLLMClient(base_url=base_url, connection_timeout=args.vllm_server_timeout)
 
         # The student computes its loss inside its own forward (see sdpo.modeling); patch the causal LM.
         lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -427,29 +436,31 @@ class SDPOTrainer(GRPOTrainer):
         )
         return output
 
-    # ---- diagnostics ------------------------------------------------------------------------------------------
+    # ---- diagnostics (TRL 1.16's conditions and wording) -------------------------------------------------------
     def _warn_degenerate(self, mode: str, key: str, message: str) -> None:
-        """Warn on the 1st and every `diagnostics_warning_interval`-th consecutive degenerate step."""
+        """Warn on the 1st and every `diagnostics_warning_interval`-th consecutive degenerate step (0: never)."""
         interval = self.args.diagnostics_warning_interval
+        if interval == 0:
+            return
         self._diagnostic_counters[mode][key] += 1
         count = self._diagnostic_counters[mode][key]
-        if interval and (count == 1 or count % interval == 0) and self.accelerator.is_main_process:
-            logger.warning("%s (%d consecutive generation batches)", message, count)
+        if (count == 1 or count % interval == 0) and self.accelerator.is_main_process:
+            logger.warning("%s Consecutive degenerate steps: %s.", message, count)
 
     def _record_reward_diagnostics(self, mode: str, rewards: torch.Tensor, num_generations: int) -> None:
+        """Reward statistics of the global batch [N] (NaN = unscorable rollout, left out as in GRPO's metrics)."""
+        tol = self.args.diagnostics_flat_tolerance
         valid = rewards[~torch.isnan(rewards)]
         if valid.numel() == 0:
             valid = torch.zeros(1, device=rewards.device)
         std = valid.std() if valid.numel() > 1 else torch.zeros((), device=valid.device)
-        group_std = (
-            torch.nan_to_num(rewards.view(-1, num_generations), nan=0.0).std(dim=1)
-            if num_generations > 1
-            else torch.zeros(rewards.numel(), device=rewards.device)
-        )
-        flat = (group_std <= self.args.diagnostics_flat_tolerance).float()
+        # Per-group std ([N / G]); a group of one has none (NaN, as in TRL: never counted as flat).
+        grouped = torch.nan_to_num(rewards, nan=0.0).view(-1, num_generations)
+        group_std = grouped.std(dim=1) if num_generations > 1 else torch.full_like(grouped[:, 0], float("nan"))
+        flat = (group_std <= tol).float()
         # One host sync for all reward statistics.
-        mean, std, lo, hi, flat_fraction, flat_min = torch.stack(
-            [valid.mean(), std, valid.min(), valid.max(), flat.mean(), flat.min()]
+        mean, std, lo, hi, flat_fraction, group_std_mean = torch.stack(
+            [valid.mean(), std, valid.min(), valid.max(), flat.mean(), group_std.mean()]
         ).tolist()
         m = self._metrics[mode]
         m["self_distillation/reward_mean"].append(mean)
@@ -457,32 +468,57 @@ class SDPOTrainer(GRPOTrainer):
         m["self_distillation/reward_min"].append(lo)
         m["self_distillation/reward_max"].append(hi)
         m["self_distillation/flat_group_fraction"].append(flat_fraction)
-        if flat_min == 1.0:  # every group is flat
+        if num_generations > 1:
+            m["self_distillation/group_reward_std_mean"].append(group_std_mean)
+        rpf = self._last_rewards_per_func
+        if rpf is not None and rpf.numel() > 0:
+            for name, value in zip(self.reward_func_names, rpf.nanmean(dim=0).tolist(), strict=True):
+                m[f"self_distillation/rewards/{name}"].append(value)
+        if std <= tol and flat_fraction >= 1.0 - tol:  # flat across the batch AND within every group
             self._warn_degenerate(
                 mode,
                 "flat_rewards",
-                "SDPO: rewards are flat within every generation group; GRPO advantages are zero and only "
-                "self-distillation (if any teacher exists) can move the policy.",
+                "Observed flat SDPO rewards across all sampled generations. Policy advantages will collapse to "
+                "zero, and SDPO will not learn. Check reward density, reward shaping, or `success_reward_threshold`.",
             )
         else:
             self._diagnostic_counters[mode]["flat_rewards"] = 0
 
     def _warn_on_inactive_self_distillation(self, mode: str, metrics: dict[str, float]) -> None:
-        if metrics["self_distillation/reprompt_sample_fraction"] <= self.args.diagnostics_flat_tolerance:
+        tol = self.args.diagnostics_flat_tolerance
+        if metrics["self_distillation/reprompt_sample_fraction"] <= tol:
             self._warn_degenerate(
                 mode,
                 "inactive_self_distillation",
-                "SDPO: self-distillation is inactive: no rollout has a successful sibling "
-                f"(reward >= success_reward_threshold={self.args.success_reward_threshold}) or usable feedback.",
+                "SDPO self-distillation is inactive because no reprompted samples were constructed. This usually "
+                "means no rollout exceeded `success_reward_threshold` and no usable privileged feedback was available.",
             )
         else:
             self._diagnostic_counters[mode]["inactive_self_distillation"] = 0
+        if metrics["self_distillation/success_group_fraction"] <= tol:
+            self._warn_degenerate(
+                mode,
+                "no_successful_rollouts",
+                "SDPO did not find any successful rollouts in the current generation groups. If this persists, "
+                "reduce task difficulty, adjust reward shaping, or lower `success_reward_threshold`.",
+            )
+        else:
+            self._diagnostic_counters[mode]["no_successful_rollouts"] = 0
 
     # ---- loss -------------------------------------------------------------------------------------------------
+    def _accumulation_steps(self, mode: str) -> int:
+        """The loss's gradient-accumulation divisor: 1 in eval; outside `train()` (a hand-made batch) the configured
+        steps, since `current_gradient_accumulation_steps` is only set by the training loop."""
+        if mode != "train":
+            return 1
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
     def _weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:
         """`aggregation_weights` with TRL's gradient-accumulation scaling folded in."""
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        ga = self._accumulation_steps(mode)
         if self.loss_type == "dapo":
+            if num_items is None:  # a batch built without GRPO's counts: the local count stands in for the global
+                num_items = mask.sum() * self.accelerator.num_processes
             normalizer = num_items.to(torch.float32).clamp(min=1.0) / self.accelerator.num_processes
             if mode == "train":
                 normalizer = normalizer * ga / self.args.steps_per_generation
@@ -536,8 +572,9 @@ class SDPOTrainer(GRPOTrainer):
         mode = "train" if self.model.training else "eval"
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         keep = completion_ids.size(1)
-        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        dist_mask = mask * inputs["self_distillation_mask"].unsqueeze(1)
+        mask, dist_mask = self._loss_masks(inputs)
+        if self.use_teacher_server:
+            return self._server_distillation_loss(model, inputs, mask, dist_mask, mode)
         hybrid = args.sdpo_policy_loss_mode == "hybrid"
         w_dist = self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
         w_dist = w_dist * args.distillation_weight
@@ -581,9 +618,76 @@ class SDPOTrainer(GRPOTrainer):
                 sdpo_logits_to_keep=keep,
             )
         # TRL logs the policy loss before the gradient-accumulation division (dapo's normalizer keeps it).
-        ga = self.current_gradient_accumulation_steps if mode == "train" else 1
+        ga = self._accumulation_steps(mode)
         self._log_loss_metrics(mode, out, dist_mask, mask, policy_scale=1.0 if self.loss_type == "dapo" else ga)
         return out["loss"]
+
+    @staticmethod
+    def _loss_masks(inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mask, dist_mask) [B, T]: completion tokens (minus tool output), and those whose row has a teacher.
+
+        A batch without `self_distillation_mask` distills every row (as TRL 1.16).
+        """
+        completion_mask = inputs["completion_mask"]
+        mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
+        sd_mask = inputs.get("self_distillation_mask")
+        dist_mask = mask if sd_mask is None else mask * sd_mask.unsqueeze(1)
+        return mask, dist_mask
+
+    def _sync_teacher_server(self) -> None:
+        """Push the current student to the vLLM server before it scores as the live teacher (a reused buffered
+        batch can otherwise be scored by weights one optimizer step old)."""
+        if self.use_vllm and self.state.global_step != self._last_loaded_step:
+            self.vllm_generation.sync_weights()
+            # Only the main process pushes: hold every rank until the server has the new weights.
+            self.accelerator.wait_for_everyone()
+            self._last_loaded_step = self.state.global_step
+
+    def _server_distillation_loss(self, model, inputs, mask, dist_mask, mode: str) -> torch.Tensor:
+        """Distillation against teacher log-probs served by the vLLM server (`use_teacher_server`, live teacher).
+
+        The student runs locally (logits [B, T, V]); the teacher's realised-token / top-k log-probs come from
+        `self.teacher_client.get_sequence_logprobs` (see `sdpo.teacher_server`).
+        """
+        args = self.args
+        completion_ids = inputs["completion_ids"]
+        keep = completion_ids.size(1)
+        self._sync_teacher_server()
+        with self.accelerator.autocast():
+            logits = model(
+                input_ids=torch.cat([inputs["prompt_ids"], completion_ids], dim=1),
+                attention_mask=torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], dim=1),
+                sdpo_head_fn=head_logits,
+                sdpo_logits_to_keep=keep,
+            )
+        logits = logits.float() / self.temperature
+        top = args.distillation_topk if args.distillation_mode == "topk_logits" else 1
+        teacher = fetch_teacher_logprobs(self.teacher_client, inputs, keep, top, self.temperature)
+        per_token, teacher_token = server_per_token_loss(
+            logits,
+            teacher,
+            completion_ids,
+            dist_mask.bool(),
+            mode=args.distillation_mode,
+            alpha=args.distillation_alpha,
+            add_tail=args.distillation_add_tail,
+        )
+        student_token = selective_log_softmax(logits, completion_ids)
+        old = inputs.get("old_per_token_logps", inputs.get("sampling_per_token_logps"))
+        if args.distillation_is_clip is not None and old is not None:
+            log_ratio = (student_token - old).detach().clamp(min=-20.0, max=20.0)
+            per_token = per_token * torch.exp(log_ratio).clamp(max=args.distillation_is_clip)
+        w_dist = (
+            self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode) * args.distillation_weight
+        )
+        loss = (per_token * w_dist).sum()
+        # Disagreement of the local student and the served teacher on the realised tokens (stale server weights).
+        diff = ((student_token.detach() - teacher_token).abs() * dist_mask).sum() / dist_mask.sum().clamp(min=1.0)
+        self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
+            self.accelerator.gather(diff).mean().item()
+        )
+        self._log_loss_metrics(mode, {"loss": loss, "distillation_per_token": per_token.detach()}, dist_mask, mask)
+        return loss
 
     def _logits_losses(self, logits, teacher_logits, inputs, old, w_dist, w_pol) -> dict[str, torch.Tensor]:
         """Logits path. logits/teacher_logits [B, T, V] (raw, un-tempered); returns loss and per-token terms."""

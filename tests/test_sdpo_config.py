@@ -150,3 +150,16 @@ def test_resolved_mode_round_trips():
         distillation_mode=c.distillation_mode,
     )
     assert again.distillation_mode == "topk_logits"
+
+
+def test_single_generation_is_accepted():
+    """TRL 1.16's SDPO accepts num_generations=1 (environment feedback needs no siblings); GRPO does not."""
+    c = make(num_generations=1, per_device_train_batch_size=1)
+    assert c.num_generations == 1 and type(c.num_generations) is int
+    with pytest.raises(ValueError, match="at least 2 generations"):
+        GRPOConfig(output_dir="unused", bf16=False, use_cpu=True, num_generations=1, per_device_train_batch_size=1)
+
+
+def test_vllm_defaults_match_trl():
+    c = make()
+    assert c.vllm_mode == "colocate" and c.vllm_model_impl == "vllm" and c.use_teacher_server is False

@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 from datasets import Dataset
+from transformers import TrainerCallback
 from trl.experimental.sdpo import loss_utils as trl_loss
 from trl.trainer.utils import selective_log_softmax
 
@@ -85,9 +86,7 @@ def trl_reference_loss(trainer, inputs, hybrid):
     s_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
     student = completion_logits(trainer.model, s_in, s_mask, keep)
     with torch.no_grad(), trainer.teacher.forward_context() as teacher:
-        teacher_logits = completion_logits(
-            teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], keep
-        )
+        teacher_logits = completion_logits(teacher, inputs["teacher_input_ids"], inputs["teacher_attention_mask"], keep)
     ids = inputs["completion_ids"]
     if args.distillation_mode == "topk_logits":
         per_token = trl_loss.compute_topk_self_distillation_loss(
@@ -485,7 +484,10 @@ def test_policy_loss_metric_does_not_depend_on_accumulation(tmp_path, loss_type)
     logged = []
     for ga in (1, 4):
         trainer = make_trainer(
-            tmp_path, sdpo_policy_loss_mode="hybrid", loss_type=loss_type, steps_per_generation=ga,
+            tmp_path,
+            sdpo_policy_loss_mode="hybrid",
+            loss_type=loss_type,
+            steps_per_generation=ga,
             gradient_accumulation_steps=ga,
         )
         trainer.current_gradient_accumulation_steps = ga
@@ -533,3 +535,145 @@ def test_checkpoint_saves_and_resume_restores_teacher_bit_exactly(tmp_path):
     resumed.train(resume_from_checkpoint=ckpt)
     restored = at_resume["teacher"]
     assert all(torch.equal(snapshots[1][k], restored[k]) for k in restored)
+
+
+# ---- behaviours checked by TRL 1.16's own SDPO test file ------------------------------------------------------
+FLAT_MSG = "Observed flat SDPO rewards across all sampled generations"
+
+
+@pytest.mark.parametrize(
+    ("rewards", "warns"),
+    [
+        ([0.0, 0.0, 0.0, 0.0], True),  # flat everywhere
+        ([1.0, 1.0, 0.0, 0.0], False),  # flat within each group, but the groups differ: TRL does not warn
+        ([1.0, 0.0, 1.0, 1.0], False),
+    ],
+)
+def test_flat_reward_warning_follows_trl(tmp_path, caplog, rewards, warns):
+    trainer = make_trainer(tmp_path, num_generations=2, diagnostics_warning_interval=1)
+    trainer._last_rewards_per_func = torch.tensor(rewards).unsqueeze(1)
+    with caplog.at_level("WARNING", logger="sdpo.trainer"):
+        trainer._record_reward_diagnostics("train", torch.tensor(rewards), 2)
+    assert (FLAT_MSG in caplog.text) == warns
+    m = trainer._metrics["train"]
+    expected_std = torch.tensor(rewards).view(2, 2).std(dim=1).mean().item()
+    assert m["self_distillation/group_reward_std_mean"] == [pytest.approx(expected_std)]
+    assert m["self_distillation/rewards/length_parity_reward"] == [pytest.approx(sum(rewards) / 4)]
+
+
+def test_diagnostics_interval_zero_is_silent(tmp_path, caplog):
+    trainer = make_trainer(tmp_path, num_generations=2, diagnostics_warning_interval=0)
+    trainer._last_rewards_per_func = torch.zeros(4, 1)
+    with caplog.at_level("WARNING", logger="sdpo.trainer"):
+        trainer._record_reward_diagnostics("train", torch.zeros(4), 2)
+    assert FLAT_MSG not in caplog.text
+
+
+def test_batch_without_self_distillation_mask_distills_every_row(tmp_path):
+    trainer = make_trainer(tmp_path, loss_type="grpo")
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    inputs["self_distillation_mask"] = torch.ones(4)
+    expected = trainer._compute_loss(trainer.model, inputs)
+    del inputs["self_distillation_mask"]
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, inputs), expected)
+
+
+def test_single_generation_trains_on_environment_feedback(tmp_path):
+    """num_generations=1 (GRPO rejects it): no siblings, the feedback alone makes the teacher."""
+    trainer = make_trainer(
+        tmp_path,
+        num_generations=1,
+        per_device_train_batch_size=2,
+        include_environment_feedback=True,
+        logging_steps=1,
+    )
+    trainer.train_dataset = Dataset.from_dict({"prompt": ["1+1=", "2+3="], "privileged_context": ["2", "5"]})
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs and logs[0]["self_distillation/feedback_used_fraction"] == 1.0
+    assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_positional_arguments_and_eval_dataset_forms(tmp_path):
+    tok = build_char_tokenizer()
+    ds = Dataset.from_dict({"prompt": ["1+1=", "2+3="]})
+    args = SDPOConfig(**tiny_run_args(str(tmp_path), per_device_train_batch_size=2, num_generations=2))
+    for eval_dataset in (None, ds, {"a": ds, "b": ds}):
+        trainer = SDPOTrainer(build_tiny_model(tok), length_parity_reward, args, ds, eval_dataset, tok)
+        assert trainer.args is args
+        if isinstance(eval_dataset, dict):
+            assert set(trainer.eval_dataset) == {"a", "b"}
+        else:
+            assert trainer.eval_dataset is eval_dataset
+
+
+def test_evaluation_groups_teachers_by_num_generations_eval(tmp_path):
+    """Eval rollouts are grouped by num_generations_eval (2 here, training uses 3)."""
+    texts = []
+
+    class Capture(TrainerCallback):
+        def on_teacher_context_built(self, args, state, control, processing_class=None, teacher_input_ids=None, **kw):
+            texts.extend(processing_class.batch_decode(teacher_input_ids, skip_special_tokens=True))
+
+    def reward(prompts, **kw):  # only the first rollout of the "a" prompt succeeds
+        first_a = next(i for i, p in enumerate(prompts) if p.startswith("a"))
+        return [1.0 if i == first_a else 0.0 for i in range(len(prompts))]
+
+    tok = build_char_tokenizer()
+    ds = Dataset.from_dict({"prompt": ["a1+1=", "b2+2="]})
+    args = tiny_run_args(
+        str(tmp_path),
+        per_device_train_batch_size=3,
+        num_generations=3,
+        per_device_eval_batch_size=4,
+        num_generations_eval=2,
+        success_reward_threshold=0.5,
+        dont_reprompt_on_self_success=False,
+        shuffle_dataset=False,
+    )
+    trainer = SDPOTrainer(build_tiny_model(tok), reward, SDPOConfig(**args), ds, ds, tok, callbacks=[Capture()])
+    trainer.evaluate()
+    a_teachers = [t for t in texts if t.startswith("a1")]
+    b_teachers = [t for t in texts if t.startswith("b2")]
+    assert len(a_teachers) == 2 and len(b_teachers) == 2
+    assert all("orrect solution:" in t for t in a_teachers)  # the char tokenizer has no capital letters
+    assert all("orrect solution:" not in t for t in b_teachers)
+
+
+def test_trust_remote_code_is_required_for_custom_model_code(tmp_path):
+    """A local model directory with its own modeling code loads only with `trust_remote_code=True`."""
+    import json
+
+    from transformers import LlamaConfig
+
+    tok = build_char_tokenizer()
+    path = tmp_path / "remote"
+    build_tiny_model(tok).save_pretrained(path)
+    tok.save_pretrained(path)
+    (path / "configuration_remote.py").write_text(
+        "from transformers import LlamaConfig\nclass RemoteConfig(LlamaConfig):\n    model_type = 'remote'\n"
+    )
+    (path / "modeling_remote.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_remote import RemoteConfig\n"
+        "class RemoteForCausalLM(LlamaForCausalLM):\n    config_class = RemoteConfig\n"
+    )
+    config = LlamaConfig.from_pretrained(path).to_dict()
+    config.update(
+        model_type="remote",
+        architectures=["RemoteForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_remote.RemoteConfig",
+            "AutoModelForCausalLM": "modeling_remote.RemoteForCausalLM",
+        },
+    )
+    (path / "config.json").write_text(json.dumps(config))
+    ds = Dataset.from_dict({"prompt": ["1+1=", "2+3="]})
+    kw = tiny_run_args(str(tmp_path / "out"), per_device_train_batch_size=2, num_generations=2)
+    with pytest.raises(ValueError, match="custom code"):
+        SDPOTrainer(str(path), length_parity_reward, SDPOConfig(**kw), ds, processing_class=tok)
+    trainer = SDPOTrainer(
+        str(path), length_parity_reward, SDPOConfig(trust_remote_code=True, **kw), ds, processing_class=tok
+    )
+    assert type(trainer.model).__name__ == "RemoteForCausalLM"
