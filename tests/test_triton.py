@@ -208,25 +208,99 @@ def test_sliced_logits_are_read_in_place(monkeypatch):
     assert seen == [(logits.data_ptr(), 3)]
 
 
-@pytest.mark.parametrize("device", TIERS)
-@pytest.mark.parametrize("add_tail", [True, False])
-def test_every_merge_path(device, add_tail):
-    # Vocabulary blocks of 1024 (TOPK_BLOCK_V), K = 5 (K' = 8): block 0 fills the buffer through the
-    # full top-K' network; block 1 holds 3 keys above the buffer (compaction path, evicting 3); block 2
-    # none (skipped); block 3 holds 20 (more than K': the full network again), tied values included.
+@pytest.fixture
+def small_topk_blocks(monkeypatch):
+    """Top-K forward with 64-entry vocabulary blocks and 32-slot scratch chunks: a few hundred
+    vocabulary entries then exercise every path of the kernel (see the cases below)."""
     from sdpo_kernels import triton_backend
 
-    assert triton_backend.TOPK_BLOCK_V == 1024
-    z = torch.rand(2, 4000) - 1.0  # in [-1, 0)
-    z[:, 10:30] = 1.0 + torch.rand(2, 20)
-    z[:, [1100, 1500, 2000]] = torch.tensor([5.0, 4.0, 3.0])
-    z[:, 3100:3120] = 6.0 + torch.rand(2, 20)
-    z[1, 3105:3110] = 6.5  # ties across the support boundary
-    u = torch.randn(2, 4000)
-    y, old, g = torch.randint(0, 4000, (2,)), torch.randn(2) - 4.0, torch.rand(2)
-    _compare(
-        device, z, u, y, old, g, mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None
-    )  # IS off: a small IS weight would hide errors
+    monkeypatch.setattr(triton_backend, "TOPK_BLOCK_V", 64)
+    monkeypatch.setattr(triton_backend, "TOPK_CHUNK", 32)
+
+
+def _selection_rows(case: str, vocab: int = 700) -> torch.Tensor:
+    """Student rows that force one path of the top-K forward (blocks of 64, K = 5: scratch of 80)."""
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(2, vocab, generator=gen)
+    if case == "ascending":  # every block beats the threshold everywhere: the scratch overflows mid-row
+        z = z.sort(-1).values
+    elif case == "descending":  # nothing passes after the first block: every later block goes to the tail
+        z = z.sort(-1, descending=True).values
+    elif case == "all_equal":  # one value: the bisection ends on a tie, cut at the lowest indices
+        z = torch.full((2, vocab), 0.25)
+    elif case == "few_values":  # ties at the K-th value inside and across blocks, some cut by the support
+        z = torch.randint(-2, 2, (2, vocab), generator=gen).float()
+    elif case == "top_in_last_block":  # the support sits in the partial last block
+        z[:, -7:] = 10.0 + torch.rand(2, 7, generator=gen)
+    elif case == "neg_inf_runs":  # a masked first block, masked runs, and a row with fewer than K finite entries
+        z[:, :64] = -torch.inf
+        z[:, 200:330] = -torch.inf
+        z[1, :] = -torch.inf
+        z[1, [100, 500, 650]] = torch.tensor([1.0, 2.0, 3.0])
+    elif case == "overflow_base":  # later blocks 300 above the first block's maximum: the base is raised
+        z[:, 64:] += torch.linspace(0.0, 300.0, vocab - 64)
+    elif case == "underflow_base":  # first block masked, the rest far below 0: the base is set late
+        z[:, :64] = -torch.inf
+        z[:, 64:] -= 300.0
+    return z
+
+
+SELECTION_CASES = [
+    "iid",
+    "ascending",
+    "descending",
+    "all_equal",
+    "few_values",
+    "top_in_last_block",
+    "neg_inf_runs",
+    "overflow_base",
+    "underflow_base",
+]
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("case", SELECTION_CASES)
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_every_selection_path(device, case, add_tail, small_topk_blocks):
+    from sdpo_kernels import triton_backend
+    from sdpo_kernels.config import LossConfig
+
+    z = _selection_rows(case)
+    u = torch.randn(z.shape) * 2
+    y, old, g = torch.randint(0, z.shape[1], (2,)), torch.randn(2) - 4.0, torch.rand(2)
+    # IS off: a small IS weight would hide errors.
+    kw = dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None, temperature=0.7)
+    _compare(device, z, u, y, old, g, **kw)
+    config = LossConfig.from_args(z, u, None, None, **kw)
+    _, stats = triton_backend.forward(z.to(device), u.to(device), None, None, config)
+    assert torch.equal(stats.sparse_index.cpu().sort(-1).values, topk_lowest_index(z / 0.7, 5).sort(-1).values)
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("topk", [1, 2, 64, 300])
+def test_selection_k_extremes(device, topk, small_topk_blocks):
+    # K = 1, K' = K = 64 (a whole block of groups), and K = V (a single block wider than the vocabulary).
+    z, u, y, old, g = _inputs(2, 300)
+    _compare(device, z, u, y, old, g, mode="topk_logits", topk=topk, alpha=0.5, add_tail=True, is_clip=None)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_tail_log_mass_accurate_when_support_mass_is_tiny(backend):
+    # Near-flat rows: the top-1 holds ~1/V of the mass and the per-token loss (reverse KL, tail) is
+    # ~1e-6, made mostly of the tail term. log(P_tail) = LSE_{not S} - LSE would cancel to a few
+    # float32 ulps of LSE (~1e-6 here); -log1p(P_S / P_tail) keeps it to a few ulps of itself.
+    if backend == "triton" and not INTERPRET:
+        pytest.skip("needs TRITON_INTERPRET=1")
+    gen = torch.Generator().manual_seed(3)
+    z = 40.0 + 0.05 * torch.randn(2, 20000, generator=gen, dtype=torch.float64)
+    u = z + 0.05 * torch.randn(2, 20000, generator=gen, dtype=torch.float64)
+    kw = dict(mode="topk_logits", topk=1, alpha=1.0, add_tail=True)
+    exact = self_distillation_loss(z, u, backend="reference", **kw)
+    fp32 = self_distillation_loss(z.float(), u.float(), backend=backend, **kw)
+    # Inputs rounded to float32 move the float64 loss itself by far less than this bound (checked below).
+    exact_rounded = self_distillation_loss(z.float().double(), u.float().double(), backend="reference", **kw)
+    torch.testing.assert_close(exact_rounded, exact, rtol=1e-2, atol=0)
+    torch.testing.assert_close(fp32.double(), exact_rounded, rtol=1e-2, atol=0)
 
 
 @pytest.mark.parametrize("device", TIERS)

@@ -87,6 +87,11 @@ def _lse_and_tail(x: torch.Tensor, support: torch.Tensor) -> tuple[torch.Tensor,
     return lse, torch.log(e.sum(-1)) + hi.squeeze(-1)
 
 
+def _tail_log_mass(support_values: torch.Tensor, lse_rest: torch.Tensor) -> torch.Tensor:
+    """log(Σ_{not S} e^x / Σ e^x) from the support's values [n, K] and LSE_{not S}(x) [n]."""
+    return -torch.log1p(torch.exp(torch.logsumexp(support_values, -1) - lse_rest))
+
+
 def _importance_weight(
     a_sampled: torch.Tensor, old_logps: torch.Tensor | None, config: LossConfig
 ) -> torch.Tensor | None:
@@ -139,9 +144,10 @@ def _forward_chunk(
         lse_u, lse_rest_u = _lse_and_tail(u, support)
         a = z_s - lse_z[:, None]
         b = u_s - lse_u[:, None]
-        # Exact tail log-mass LSE_{not S}(x) - LSE(x), floored as TRL.
-        a_tail = lse_rest_z - lse_z
-        b_tail = lse_rest_u - lse_u
+        # Exact tail log-mass log(P_tail) = -log1p(P_S / P_tail), floored as TRL. Written this way it
+        # keeps its accuracy when the support holds almost no mass (LSE_{not S} - LSE would cancel).
+        a_tail = _tail_log_mass(z_s, lse_rest_z)
+        b_tail = _tail_log_mass(u_s, lse_rest_u)
         a_floored = ~(a_tail > TAIL_LOG_FLOOR)
         a_tail = a_tail.clamp(min=TAIL_LOG_FLOOR)
         b_tail = b_tail.clamp(min=TAIL_LOG_FLOOR)

@@ -43,6 +43,13 @@ def _raise_base(base, total, top):
 
 
 @triton.jit
+def _rebase(base, total, stale, block_max):
+    """A stale base moves to a finite block maximum: down too while nothing has been summed."""
+    reset = stale & (total == 0.0) & (block_max > float("-inf"))
+    return _raise_base(tl.where(reset, block_max, base), total, block_max)
+
+
+@triton.jit
 def _finite_or_zero(x):
     return tl.where((x == float("-inf")) | (x == float("inf")), 0.0, x)
 
@@ -229,12 +236,10 @@ def topk_forward_kernel(
             stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
             stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
             if stale_z | (stale_u & ADD_TAIL):
-                max_z = tl.max(z, 0) * LOG2E
-                base_z, tail_z = _raise_base(tl.where(stale_z & (tail_z == 0.0), max_z, base_z), tail_z, max_z)
+                base_z, tail_z = _rebase(base_z, tail_z, stale_z, tl.max(z, 0) * LOG2E)
                 block_z = tl.sum(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)), 0)
                 if ADD_TAIL:
-                    max_u = tl.max(u, 0) * u_scale_log2
-                    base_u, tail_u = _raise_base(tl.where(stale_u & (tail_u == 0.0), max_u, base_u), tail_u, max_u)
+                    base_u, tail_u = _rebase(base_u, tail_u, stale_u, tl.max(u, 0) * u_scale_log2)
                     block_u = tl.sum(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)), 0)
             tail_z += block_z
             tail_u += block_u
