@@ -1,7 +1,7 @@
 """Per-row statistics that a forward pass saves for the backward pass.
 
 Every mode's gradient w.r.t. the scaled student logits `z = logits / T` has the form
-(see `shared/design/loss-math.md`)
+(derivation: `docs/math.md`)
 
     dℓ/dz_j = sparse_coef_k            if j == sparse_index_k   (the support / sampled token)
     dℓ/dz_j = dense_coef · p_j         otherwise                (+ full-vocab term)
