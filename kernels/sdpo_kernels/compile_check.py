@@ -1,11 +1,15 @@
-"""Compile every Triton kernel variant for a CUDA architecture, without a GPU.
+"""Compile every Triton kernel variant the launcher can launch, for a CUDA architecture, without a GPU.
 
-    python -m sdpo_kernels.compile_check --arch 90          # H100 / H200 (sm_90)
+    python -m sdpo_kernels.compile_check --arch 90          # H100 / H200 (sm_90a)
 
 The interpreter tier proves the kernels' numerics on CPU; it does not run the real compiler,
-which enforces what the interpreter does not (types yielded by runtime branches, layouts of the
-sorting network, register pressure). This runs Triton's whole pipeline down to a cubin with the
-ptxas bundled in the triton wheel and prints each kernel's register use and spills.
+which enforces what the interpreter does not (types yielded by runtime branches, layouts,
+register pressure). This builds the launches of `triton_backend.forward_launches` /
+`backward_launches` for every loss configuration (mode, tail, divergence, IS, small and large K)
+on meta tensors of a few shapes (contiguous rows, a strided [B, T, V] view with an odd V),
+compiles each distinct specialisation exactly as Triton's JIT would at that launch (the cost
+report's compile path: Triton's own argument specialisation and options, its ptxas flags) and
+prints each kernel's registers, spills and resident CTAs per SM.
 Needs TRITON_INTERPRET unset (the kernels must be JIT functions, not interpreted ones).
 """
 
@@ -14,80 +18,50 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import pathlib
-import re
-import subprocess
 import sys
-import tempfile
-
-ARG_TYPES = {
-    "student_ptr": "*{dtype}",
-    "teacher_ptr": "*{dtype}",
-    "grad_ptr": "*{dtype}",
-    "ids_ptr": "*i64",
-    "scratch_ptr": "*i64",
-    "index_ptr": "*i64",
-    "n_cols": "i32",
-    "n_sparse": "i32",
-    "topk": "i32",
-    "rows_inner": "i32",
-    "stride_s_outer": "i64",
-    "stride_s_inner": "i64",
-    "stride_t_outer": "i64",
-    "stride_t_inner": "i64",
-    "stride_s_col": "i32",
-    "stride_t_col": "i32",
-}  # every other pointer is *fp32, every other scalar fp32
 
 
-def _signature(fn, constexprs: dict, dtype: str) -> dict:
-    sig = {}
-    for name in fn.arg_names:
-        if name in constexprs:
-            sig[name] = "constexpr"
-        else:
-            default = "*fp32" if name.endswith("_ptr") else "fp32"
-            sig[name] = ARG_TYPES.get(name, default).format(dtype=dtype)
-    return sig
+def configs():
+    """Every LossConfig branch the kernels compile differently for."""
+    from .config import LossConfig
+
+    for topk, tail, alpha, is_clip in itertools.product([1, 100], [True, False], [0.0, 1.0, 0.5], [2.0, None]):
+        yield LossConfig(mode="topk_logits", topk=topk, alpha=alpha, add_tail=tail, is_clip=is_clip, temperature=1.0)
+    for alpha, is_clip in itertools.product([0.0, 1.0, 0.5], [2.0, None]):
+        yield LossConfig(mode="full_logits", topk=0, alpha=alpha, add_tail=False, is_clip=is_clip, temperature=1.0)
+    for is_clip in (2.0, None):
+        yield LossConfig(mode="sampled_token", topk=0, alpha=1.0, add_tail=False, is_clip=is_clip, temperature=1.0)
 
 
-def variants():
-    """(kernel, constexprs, num_warps) for every compile-time branch the launcher can take."""
-    from .triton_grad import grad_kernel
-    from .triton_lse import lse_forward_kernel
-    from .triton_topk import topk_forward_kernel
+def shapes(dtype):
+    """(student, teacher) meta tensors: contiguous [N, V] rows, and a strided [B, T, V][:, :-1] view."""
+    import torch
 
-    for k_pow2, tail, alpha_kind, has_is in itertools.product([2, 128], [True, False], [0, 1, 2], [True, False]):
-        flags = dict(K_POW2=k_pow2, BLOCK_V=1024, ADD_TAIL=tail, ALPHA_KIND=alpha_kind, HAS_IS=has_is)
-        yield topk_forward_kernel, flags, 8 if k_pow2 >= 64 else 4
-    for full, alpha_kind, has_is in itertools.product([True, False], [0, 1, 2], [True, False]):
-        yield lse_forward_kernel, dict(BLOCK_V=4096, FULL=full, ALPHA_KIND=alpha_kind, HAS_IS=has_is), 8
-    for sparse, dense, full, alpha_kind in [(128, True, False, 1), (128, False, False, 1), (1, True, False, 1)] + [
-        (0, True, True, a) for a in (0, 1, 2)
-    ]:
-        yield grad_kernel, dict(BLOCK_V=4096, SPARSE_POW2=sparse, HAS_DENSE=dense, FULL=full, ALPHA_KIND=alpha_kind), 8
+    yield (torch.empty(64, 32000, dtype=dtype, device="meta"),) * 2
+    full = torch.empty(4, 17, 32001, dtype=dtype, device="meta")
+    yield full[:, :-1], torch.empty(4, 17, 32001, dtype=dtype, device="meta")[:, :-1]
 
 
-def _ptxas_report(ptx: str, arch: int) -> str:
-    import triton
+def launches(dtype_name: str):
+    """Every (description, KernelLaunch) the launchers produce for `configs()` × `shapes()`."""
+    import torch
 
-    bin_dir = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    with tempfile.TemporaryDirectory() as tmp:
-        src = pathlib.Path(tmp) / "k.ptx"
-        src.write_text(ptx)
-        for ptxas in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas"):
-            if not ptxas.exists():
-                continue
-            out = subprocess.run(
-                [str(ptxas), "-v", f"--gpu-name=sm_{arch}a", str(src), "-o", os.devnull],
-                capture_output=True,
-                text=True,
-            )
-            if out.returncode == 0:
-                regs = re.search(r"Used (\d+) registers", out.stdout + out.stderr)
-                spills = re.search(r"(\d+) bytes spill stores", out.stdout + out.stderr)
-                return f"{regs.group(1) if regs else '?'} registers, {spills.group(1) if spills else '?'} B spilled"
-    return "no ptxas report"
+    from . import cost_report
+
+    dtype = getattr(torch, cost_report.DTYPES[dtype_name])
+    for (student, teacher), config in itertools.product(list(shapes(dtype)), list(configs())):
+        rows_shape = student.shape[:-1]
+        ids = torch.empty(rows_shape, dtype=torch.int64, device="meta")
+        old = torch.empty(rows_shape, dtype=torch.float32, device="meta") if config.is_clip is not None else None
+        fwd, outputs = cost_report.forward_launches(student, teacher, ids, old, config)
+        stats = cost_report.row_stats_of(outputs) or cost_report.row_stats_like(config, rows_shape)
+        grad_loss = torch.empty(rows_shape, dtype=torch.float32, device="meta")
+        bwd, _ = cost_report.backward_launches(student, teacher, stats, grad_loss, config)
+        desc = (
+            f"{config.mode} K={config.topk} tail={config.add_tail} alpha={config.alpha} IS={config.is_clip is not None}"
+        )
+        for launch in fwd + bwd:
+            yield desc, launch
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,20 +72,32 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
         return 2
+    import warnings
 
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", args.arch, 32)
-    count = 0
-    for fn, constexprs, num_warps in variants():
-        src = ASTSource(fn, _signature(fn, constexprs, args.dtype), constexprs=constexprs)
-        kernel = triton.compile(src, target=target, options={"num_warps": num_warps})
-        count += 1
-        flags = ",".join(f"{k}={v}" for k, v in constexprs.items())
-        print(f"{fn.__name__}[{flags}] warps={num_warps}: {_ptxas_report(kernel.asm['ptx'], args.arch)}")
-    print(f"compiled {count} kernel variants for sm_{args.arch} ({args.dtype}) with triton {triton.__version__}")
+    from . import cost_report
+
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    seen = set()
+    spilled = 0
+    for desc, launch in launches(args.dtype):
+        stages = getattr(launch, "num_stages", None)
+        comp = cost_report.compile_launch(launch.kernel, launch.args, launch.num_warps, stages, args.arch)
+        if id(comp) in seen:
+            continue
+        seen.add(id(comp))
+        spilled += comp.local_bytes > 0
+        ctas, limit = cost_report.ctas_per_sm(comp.regs, comp.smem_per_cta, comp.num_warps)
+        flags = ",".join(f"{k}={v}" for k, v in comp.constexprs.items() if k.isupper())
+        print(
+            f"{comp.name}[{flags}] warps={comp.num_warps} ({desc}): {comp.regs} registers, "
+            f"{comp.local_bytes} B spilled, {comp.smem_per_cta} B smem, {ctas} CTAs/SM ({limit})"
+        )
+    print(
+        f"compiled {len(seen)} kernel variants for sm_{args.arch} ({args.dtype}) with triton {triton.__version__}"
+        + (f"; {spilled} of them spill registers" if spilled else "")
+    )
     return 0
 
 

@@ -11,8 +11,8 @@ Every time it prints is PREDICTED (static SASS model), NOT MEASURED. What it doe
    stride/int == 1 → constexpr, 16-byte divisibility, i32/i64 by value, pointer dtypes) and
    `triton.compile` keeps Triton's default options and its own ptxas flags, so the cubin is the
    launched one (registers included). Target sm_90a by default.
-2. Disassembles it (`cuobjdump -sass`, bundled in the triton wheel), builds the control-flow graph
-   (basic blocks, dominators, back edges → natural loops and their nesting) and classifies every
+2. Disassembles it (`nvdisasm -c -gi`, bundled in the triton wheel; with source line info), builds
+   the control-flow graph (basic blocks, dominators, back edges → natural loops and their nesting), classifies every
    instruction (fp32, int, mufu, conv, gmem, smem, sync = SHFL/BAR/…, ctrl, other).
 3. Finds the vocabulary streaming loop(s): the innermost loops whose own body loads or stores
    an [N, V] tensor (address dataflow from the kernel parameters through the SASS), enumerates
@@ -89,36 +89,161 @@ LATENCY = {
 CLASSES = ("fp32", "int", "mufu", "conv", "gmem", "smem", "sync", "ctrl", "other")
 
 _FP = {
-    "FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL", "FSET", "FCHK", "FSWZADD", "FADD32I", "FMUL32I",
-    "FFMA32I", "HADD2", "HMUL2", "HFMA2", "HMNMX2", "HSETP2", "HSET2", "DADD", "DMUL", "DFMA", "DSETP",
+    "FADD",
+    "FMUL",
+    "FFMA",
+    "FMNMX",
+    "FSETP",
+    "FSEL",
+    "FSET",
+    "FCHK",
+    "FSWZADD",
+    "FADD32I",
+    "FMUL32I",
+    "FFMA32I",
+    "HADD2",
+    "HMUL2",
+    "HFMA2",
+    "HMNMX2",
+    "HSETP2",
+    "HSET2",
+    "DADD",
+    "DMUL",
+    "DFMA",
+    "DSETP",
     "DMNMX",
-}  # fmt: skip
+}
 _INT = {
-    "IADD3", "IADD", "IADD32I", "IMAD", "IMUL", "IABS", "IMNMX", "VIMNMX", "VIADD", "VIADDMNMX", "ISETP",
-    "ISCADD", "LOP3", "LOP", "LOP32I", "SHF", "SHL", "SHR", "SEL", "PRMT", "LEA", "MOV", "MOV32I", "POPC",
-    "FLO", "BREV", "BMSK", "SGXT", "IDP", "IDP4A", "P2R", "R2P", "PLOP3", "PSETP", "CS2R", "R2UR", "IMNMX",
-}  # fmt: skip
+    "IADD3",
+    "IADD",
+    "IADD32I",
+    "IMAD",
+    "IMUL",
+    "IABS",
+    "IMNMX",
+    "VIMNMX",
+    "VIADD",
+    "VIADDMNMX",
+    "ISETP",
+    "ISCADD",
+    "LOP3",
+    "LOP",
+    "LOP32I",
+    "SHF",
+    "SHL",
+    "SHR",
+    "SEL",
+    "PRMT",
+    "LEA",
+    "MOV",
+    "MOV32I",
+    "POPC",
+    "FLO",
+    "BREV",
+    "BMSK",
+    "SGXT",
+    "IDP",
+    "IDP4A",
+    "P2R",
+    "R2P",
+    "PLOP3",
+    "PSETP",
+    "CS2R",
+    "R2UR",
+}
 _CONV = {"F2F", "F2I", "I2F", "I2FP", "F2IP", "FRND", "F2FP", "I2I", "I2IP"}
 _GMEM = {"LDG", "STG", "LD", "ST", "ATOM", "ATOMG", "RED", "REDG", "LDL", "STL", "LDGSTS", "LDGDEPBAR", "CCTL"}
 _SMEM = {"LDS", "STS", "LDSM", "STSM", "ATOMS"}
-_SYNC = {"SHFL", "BAR", "MEMBAR", "WARPSYNC", "VOTE", "VOTEU", "MATCH", "REDUX", "DEPBAR", "ERRBAR", "FENCE",
-         "SYNCS", "ARRIVES", "ELECT", "CGAERRBAR"}  # fmt: skip
-_CTRL = {"BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL", "BSSY", "BSYNC", "BREAK", "BMOV", "YIELD", "KILL",
-         "BPT", "NANOSLEEP"}  # fmt: skip
+_SYNC = {
+    "SHFL",
+    "BAR",
+    "MEMBAR",
+    "WARPSYNC",
+    "VOTE",
+    "VOTEU",
+    "MATCH",
+    "REDUX",
+    "DEPBAR",
+    "ERRBAR",
+    "FENCE",
+    "SYNCS",
+    "ARRIVES",
+    "ELECT",
+    "CGAERRBAR",
+}
+_CTRL = {
+    "BRA",
+    "BRX",
+    "JMP",
+    "JMX",
+    "EXIT",
+    "RET",
+    "CALL",
+    "BSSY",
+    "BSYNC",
+    "BREAK",
+    "BMOV",
+    "YIELD",
+    "KILL",
+    "BPT",
+    "NANOSLEEP",
+}
 # Pipes with less than one warp-instruction per clock per scheduler (static bound terms).
 _ALU_PIPE_FP = {"FMNMX", "FSETP", "FSEL", "FSET"}  # compares / selects: INT32-rate (64/clk/SM)
 _NO_DEST = {
-    "ST", "STG", "STS", "STL", "STSM", "RED", "REDG", "BAR", "BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "CALL",
-    "BSSY", "BSYNC", "BREAK", "WARPSYNC", "MEMBAR", "NOP", "DEPBAR", "ERRBAR", "YIELD", "CCTL", "FENCE", "BPT",
-    "KILL", "NANOSLEEP", "ARRIVES", "LDGDEPBAR", "CGAERRBAR",
-}  # fmt: skip
-_TWO_PRED_DEST = {"ISETP", "FSETP", "DSETP", "HSETP2", "PSETP", "PLOP3", "UISETP", "UPLOP3", "UPSETP", "VOTE",
-                  "VOTEU", "SHFL"}  # fmt: skip
+    "ST",
+    "STG",
+    "STS",
+    "STL",
+    "STSM",
+    "RED",
+    "REDG",
+    "BAR",
+    "BRA",
+    "BRX",
+    "JMP",
+    "JMX",
+    "EXIT",
+    "RET",
+    "CALL",
+    "BSSY",
+    "BSYNC",
+    "BREAK",
+    "WARPSYNC",
+    "MEMBAR",
+    "NOP",
+    "DEPBAR",
+    "ERRBAR",
+    "YIELD",
+    "CCTL",
+    "FENCE",
+    "BPT",
+    "KILL",
+    "NANOSLEEP",
+    "ARRIVES",
+    "LDGDEPBAR",
+    "CGAERRBAR",
+}
+_TWO_PRED_DEST = {
+    "ISETP",
+    "FSETP",
+    "DSETP",
+    "HSETP2",
+    "PSETP",
+    "PLOP3",
+    "UISETP",
+    "UPLOP3",
+    "UPSETP",
+    "VOTE",
+    "VOTEU",
+    "SHFL",
+}
 _BRANCH = {"BRA", "BRX", "JMP", "JMX"}
 _REG = re.compile(r"(?<![A-Za-z0-9_])(UR|R|UP|P)(\d+)(\.64)?(?![0-9])")
 _CBANK = re.compile(r"c\[0x0\]\[(0x[0-9a-fA-F]+)\]")
 _LINE = re.compile(r"^\s*/\*([0-9a-fA-F]+)\*/\s+(.*?)\s*;")
 _LABEL = re.compile(r"^\s*(\.L_x_\d+|\.L_\w+):")
+_LINEINFO = re.compile(r'"([^"]+)", line (\d+)')
 
 
 def instr_class(base: str) -> str:
@@ -154,7 +279,7 @@ def latency_class(base: str) -> str:
         return "ldg"
     if base in ("LDC", "ULDC"):
         return "ldc"
-    if base in ("S2R", "S2UR", "CS2R") :
+    if base in ("S2R", "S2UR", "CS2R"):
         return "s2r"
     if base == "BAR":
         return "bar"
@@ -209,6 +334,7 @@ class Instr:
     pred: str | None = None  # guard, e.g. "P0", "!P1"
     target: int | None = None  # branch target address (BRA/JMP), resolved
     text: str = ""
+    source: tuple[tuple[str, int], ...] = ()  # (file, line) of the code, innermost first, then inlined-at sites
 
     @property
     def base(self) -> str:
@@ -298,11 +424,23 @@ class Instr:
 
 
 def parse_sass(text: str) -> list[Instr]:
-    """Instructions of the (single) kernel in `cuobjdump -sass` or `nvdisasm` text, in address order."""
+    """Instructions of the (single) kernel in `cuobjdump -sass` or `nvdisasm [-gi]` text, in address order.
+
+    With nvdisasm's `-gi` line info (`//## File "f.py", line 12 inlined at "g.py", line 40`), every
+    instruction carries its source locations, inlining chain included."""
     instrs: list[Instr] = []
     labels: dict[str, int] = {}
     pending_labels: list[str] = []
+    source: list[tuple[str, int]] = []
+    fresh = True  # the next line-info comment starts a new location group
     for line in text.splitlines():
+        if line.lstrip().startswith("//##"):
+            if fresh:
+                source, fresh = [], False
+            for f, n in _LINEINFO.findall(line):
+                if (f, int(n)) not in source:
+                    source.append((f, int(n)))
+            continue
         lab = _LABEL.match(line)
         if lab:
             pending_labels.append(lab.group(1))
@@ -310,6 +448,7 @@ def parse_sass(text: str) -> list[Instr]:
         m = _LINE.match(line)
         if not m:
             continue
+        fresh = True
         addr = int(m.group(1), 16)
         body = m.group(2).strip()
         for name in pending_labels:
@@ -321,7 +460,9 @@ def parse_sass(text: str) -> list[Instr]:
         parts = body.split(None, 1)
         op = parts[0]
         operands = _split_operands(parts[1]) if len(parts) > 1 else []
-        instrs.append(Instr(addr=addr, op=op, operands=operands, pred=pred, text=m.group(2).strip()))
+        instrs.append(
+            Instr(addr=addr, op=op, operands=operands, pred=pred, text=m.group(2).strip(), source=tuple(source))
+        )
     for ins in instrs:
         if ins.is_branch or ins.base in ("CALL", "BSSY", "BREAK"):
             for o in reversed(ins.operands):
@@ -562,7 +703,7 @@ def loop_paths(cfg: Cfg, loop: Loop, limit: int = 4096) -> tuple[list[Path], boo
         for s in reversed(succs):
             if s in nodes:  # irreducible remainder: cut
                 continue
-            stack.append((s, nodes + [s]))
+            stack.append((s, [*nodes, s]))
     result = []
     for nodes in paths:
         ins: list[Instr] = []
@@ -622,7 +763,9 @@ def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
     """The options JITFunction.run adds before binding (Triton 3.6 and 3.9)."""
     from triton import knobs
 
-    kw = dict(num_warps=num_warps, num_stages=num_stages)
+    kw = dict(num_warps=num_warps)
+    if num_stages is not None:  # else Triton's default, as for a launch that passes none
+        kw["num_stages"] = num_stages
     kw["debug"] = getattr(fn, "debug", None) or knobs.runtime.debug
     comp = knobs.compilation
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
@@ -631,7 +774,7 @@ def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
     return kw
 
 
-def specialize(kernel, args: dict, num_warps: int, num_stages: int, arch: int = 90):
+def specialize(kernel, args: dict, num_warps: int, num_stages: int | None, arch: int = 90):
     """(backend, target, signature, constexprs, attrs, options) that Triton's JIT derives for this launch.
 
     Runs Triton's own binder (`create_function_from_signature` → `native_specialize_impl`) and
@@ -657,7 +800,7 @@ def specialize(kernel, args: dict, num_warps: int, num_stages: int, arch: int = 
 _COMPILED: dict[tuple, Compiled] = {}
 
 
-def compile_launch(kernel, args: dict, num_warps: int, num_stages: int = 1, arch: int = 90) -> Compiled:
+def compile_launch(kernel, args: dict, num_warps: int, num_stages: int | None = None, arch: int = 90) -> Compiled:
     """Compile (cached by Triton's specialization key) and read back SASS and resource usage."""
     import triton
     from triton.compiler import ASTSource
@@ -665,9 +808,16 @@ def compile_launch(kernel, args: dict, num_warps: int, num_stages: int = 1, arch
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     fn = _unwrap(kernel)
-    backend, target, signature, constexprs, attrs, options = specialize(fn, args, num_warps, num_stages, arch)
-    key = (fn.__module__, fn.__name__, arch, str(sorted(signature.items())), str(sorted(constexprs.items(), key=str)),
-           str(sorted(attrs.items(), key=str)), str(options))  # fmt: skip
+    _backend, target, signature, constexprs, attrs, options = specialize(fn, args, num_warps, num_stages, arch)
+    key = (
+        fn.__module__,
+        fn.__name__,
+        arch,
+        str(sorted(signature.items())),
+        str(sorted(constexprs.items(), key=str)),
+        str(sorted(attrs.items(), key=str)),
+        str(options),
+    )
     if key in _COMPILED:
         return _COMPILED[key]
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target, options=options.__dict__)
@@ -675,7 +825,7 @@ def compile_launch(kernel, args: dict, num_warps: int, num_stages: int = 1, arch
     with tempfile.TemporaryDirectory() as tmp:
         path = pathlib.Path(tmp) / "k.cubin"
         path.write_bytes(cubin)
-        sass = _run([nvidia_bin("cuobjdump"), "-sass", path])
+        sass = _run([nvidia_bin("nvdisasm"), "-c", "-gi", path])
         usage = _run([nvidia_bin("cuobjdump"), "--dump-resource-usage", path])
 
     def res(name: str) -> int:
@@ -693,8 +843,8 @@ def compile_launch(kernel, args: dict, num_warps: int, num_stages: int = 1, arch
         signature=sig,
         constexprs=by_name(constexprs),
         attrs={k: v for k, v in by_name(attrs).items() if v},
-        num_warps=num_warps,
-        num_stages=num_stages,
+        num_warps=options.num_warps,
+        num_stages=options.num_stages,
         sass=sass,
         regs=res("REG"),
         local_bytes=res("LOCAL"),
@@ -715,8 +865,24 @@ def _run(cmd: list) -> str:
     return out.stdout
 
 
-_PTX_SIZES = {"u64": 8, "s64": 8, "b64": 8, "f64": 8, "u32": 4, "s32": 4, "b32": 4, "f32": 4, "u16": 2, "s16": 2,
-              "b16": 2, "f16": 2, "u8": 1, "s8": 1, "b8": 1, "pred": 1}  # fmt: skip
+_PTX_SIZES = {
+    "u64": 8,
+    "s64": 8,
+    "b64": 8,
+    "f64": 8,
+    "u32": 4,
+    "s32": 4,
+    "b32": 4,
+    "f32": 4,
+    "u16": 2,
+    "s16": 2,
+    "b16": 2,
+    "f16": 2,
+    "u8": 1,
+    "s8": 1,
+    "b8": 1,
+    "pred": 1,
+}
 PARAM_BASE = 0x210  # sm_70+: kernel parameters start at c[0x0][0x210]
 
 
@@ -889,6 +1055,18 @@ def ctas_per_sm(regs: int, smem_per_cta: int, num_warps: int, gpu: Gpu = H100) -
 # ----------------------------------------------------------------------------------------------
 
 
+@functools.cache
+def source_line(file: str, line: int) -> str:
+    import linecache
+
+    return linecache.getline(file, line).strip()
+
+
+def _runs(source, pattern: str) -> bool:
+    rx = re.compile(pattern)
+    return any(rx.search(source_line(f, n)) for f, n in source)
+
+
 @dataclass
 class PathCost:
     label: str
@@ -896,7 +1074,12 @@ class PathCost:
     blocks: list[int]  # start addresses of the path's blocks
     children: list[str]  # collapsed inner loops on the path
     features: dict  # structural features used to label the path
+    source: frozenset = frozenset()  # (file, line) of every instruction on the path, inlining sites included
     fraction: float = 0.0  # of the loop's iterations (set by the path mix)
+
+    def runs(self, pattern: str) -> bool:
+        """Whether the path executes code from a source line matching `pattern` (a regex), e.g. r"tighten\\("."""
+        return _runs(self.source, pattern)
 
 
 @dataclass
@@ -909,6 +1092,19 @@ class LoopCost:
     truncated: bool
     trips_per_row: float  # iterations per row (streaming loops: ceil(V / BLOCK_V))
     bytes_per_elem: float = 0.0  # HBM bytes per [N, V] element this loop streams
+    source: tuple = ()  # (file, line) of the back-edge branch (the `for` / `while`), inlining sites included
+    parent: str = ""  # label of the enclosing loop
+    body_source: frozenset = frozenset()  # (file, line) of every instruction of the loop
+
+    @property
+    def where(self) -> str:
+        if not self.source:
+            return ""
+        f, n = self.source[0]
+        return f"{pathlib.Path(f).name}:{n} `{source_line(f, n)}`"
+
+    def runs(self, pattern: str) -> bool:
+        return _runs(self.body_source, pattern)
 
 
 @dataclass
@@ -957,7 +1153,7 @@ def _block_size(constexprs: dict) -> int:
 def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 4096) -> KernelAnalysis:
     """Compile one KernelLaunch and cost its streaming loops, paths and the rest."""
     fn = _unwrap(launch.kernel)
-    comp = compile_launch(fn, launch.args, launch.num_warps, launch.num_stages, arch)
+    comp = compile_launch(fn, launch.args, launch.num_warps, _launch_stages(launch), arch)
     instrs = parse_sass(comp.sass)
     cfg = build_cfg(instrs)
     warnings = []
@@ -970,7 +1166,9 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
         warnings.append("CALL to a subroutine (slow path, e.g. division): its body is not costed")
 
     tensors = _tensor_args(launch.args)
-    stream_params = {n for n, t in tensors.items() if t.numel() == rows * vocab and t.dim() >= 1 and t.shape[-1] == vocab}
+    stream_params = {
+        n for n, t in tensors.items() if t.numel() == rows * vocab and t.dim() >= 1 and t.shape[-1] == vocab
+    }
     access = address_params(cfg, comp.params)
 
     def stream_accesses(block_ids) -> list[tuple[Instr, set]]:
@@ -1039,21 +1237,52 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
                 "mufu": ops.get("MUFU", 0),
                 "inner_loops": len(p.children),
             }
-            pcs.append(PathCost(label="", cost=Cost.of(p.instrs), blocks=[cfg.blocks[b].start for b in p.blocks],
-                                children=[c.label for c in p.children], features=features))  # fmt: skip
-        return LoopCost(label=lp.label, header=cfg.blocks[lp.header].start, depth=lp.depth, streaming=is_stream,
-                        paths=pcs, truncated=truncated, trips_per_row=n_iter if is_stream else 1.0,
-                        bytes_per_elem=loop_bytes.get(id(lp), 0.0))  # fmt: skip
+            pcs.append(
+                PathCost(
+                    label="",
+                    cost=Cost.of(p.instrs),
+                    blocks=[cfg.blocks[b].start for b in p.blocks],
+                    children=[c.label for c in p.children],
+                    features=features,
+                    source=frozenset(loc for i in p.instrs for loc in i.source),
+                )
+            )
+        return LoopCost(
+            label=lp.label,
+            header=cfg.blocks[lp.header].start,
+            depth=lp.depth,
+            streaming=is_stream,
+            paths=pcs,
+            truncated=truncated,
+            trips_per_row=n_iter if is_stream else 1.0,
+            bytes_per_elem=loop_bytes.get(id(lp), 0.0),
+            source=cfg.blocks[lp.latches[0]].instrs[-1].source,
+            parent=lp.parent.label if lp.parent else "",
+            body_source=frozenset(loc for b in lp.body for i in cfg.blocks[b].instrs for loc in i.source),
+        )
 
     loops = [loop_cost(lp, True) for lp in streaming]
     others = [loop_cost(lp, False) for lp in cfg.loops if lp not in streaming]
     outside = Cost.of([i for b in cfg.blocks if b.id not in stream_ids for i in b.instrs])
     programs = math.prod(launch.grid) if launch.grid else 1
     ka = KernelAnalysis(
-        name=fn.__name__, launch=launch, compiled=comp, cfg=cfg, loops=loops, other_loops=others, outside=outside,
-        block_v=block_v, elems_per_thread=elems, bytes_per_elem=bytes_per_elem, streams=streams,
-        row_bytes=row_bytes, programs=programs, rows=rows, vocab=vocab, warnings=warnings,
-    )  # fmt: skip
+        name=fn.__name__,
+        launch=launch,
+        compiled=comp,
+        cfg=cfg,
+        loops=loops,
+        other_loops=others,
+        outside=outside,
+        block_v=block_v,
+        elems_per_thread=elems,
+        bytes_per_elem=bytes_per_elem,
+        streams=streams,
+        row_bytes=row_bytes,
+        programs=programs,
+        rows=rows,
+        vocab=vocab,
+        warnings=warnings,
+    )
     assign_mix(ka)
     return ka
 
@@ -1163,8 +1392,18 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
     waves = math.ceil(ka.programs / (gpu.sms * ctas))
     rows_per_program = math.ceil(rows / ka.programs)
     latency = max(static, waves * rows_per_program * row_cycles / clk)
-    return Timing(gpu=gpu.name, hbm_floor=hbm, issue=issue, mufu_pipe=mufu_t, alu_pipe=alu_t, static_bound=static,
-                  limiter=limiter, latency_aware=latency, ctas_per_sm=ctas, row_cycles=row_cycles)  # fmt: skip
+    return Timing(
+        gpu=gpu.name,
+        hbm_floor=hbm,
+        issue=issue,
+        mufu_pipe=mufu_t,
+        alu_pipe=alu_t,
+        static_bound=static,
+        limiter=limiter,
+        latency_aware=latency,
+        ctas_per_sm=ctas,
+        row_cycles=row_cycles,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1172,65 +1411,23 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Launch:
-    """Same fields as triton_backend.KernelLaunch (used when capturing a launcher without it)."""
-
-    kernel: object
-    grid: tuple
-    args: dict
-    num_warps: int
-    num_stages: int | None = None  # None: the launcher passes none, Triton's default applies
+def _launches(result) -> tuple[list, tuple]:
+    """triton_backend's `*_launches` return (launches, *outputs); a bare list is accepted too."""
+    if isinstance(result, tuple) and result and isinstance(result[0], list):
+        return list(result[0]), result[1:]
+    return list(result), ()
 
 
-class _Recorder:
-    def __init__(self, fn, sink: list):
-        self.fn, self.sink = fn, sink
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            num_warps = kwargs.pop("num_warps", 4)
-            num_stages = kwargs.pop("num_stages", None)
-            bound = self.fn.signature.bind(*args, **kwargs)
-            bound.apply_defaults()
-            g = grid(bound.arguments) if callable(grid) else tuple(grid)
-            self.sink.append(_Launch(self.fn, g, dict(bound.arguments), num_warps, num_stages))
-
-        return launch
-
-
-def _capture(call) -> list:
-    """Run a triton_backend entry point with every JIT kernel replaced by a recorder."""
-    from triton.runtime.jit import JITFunction
-
+def forward_launches(student, teacher, completion_ids, old_logps, config) -> tuple[list, tuple]:
     from . import triton_backend as tb
 
-    sink: list = []
-    saved = {n: v for n, v in vars(tb).items() if isinstance(v, JITFunction)}
-    try:
-        for n, v in saved.items():
-            setattr(tb, n, _Recorder(v, sink))
-        call(tb)
-    finally:
-        for n, v in saved.items():
-            setattr(tb, n, v)
-    return sink
+    return _launches(tb.forward_launches(student, teacher, completion_ids, old_logps, config))
 
 
-def forward_launches(student, teacher, completion_ids, old_logps, config) -> list:
+def backward_launches(student, teacher, stats, grad_loss, config) -> tuple[list, tuple]:
     from . import triton_backend as tb
 
-    if hasattr(tb, "forward_launches"):
-        return list(tb.forward_launches(student, teacher, completion_ids, old_logps, config))
-    return _capture(lambda m: m.forward(student, teacher, completion_ids, old_logps, config))
-
-
-def backward_launches(student, teacher, stats, grad_loss, config) -> list:
-    from . import triton_backend as tb
-
-    if hasattr(tb, "backward_launches"):
-        return list(tb.backward_launches(student, teacher, stats, grad_loss, config))
-    return _capture(lambda m: m.backward(student, teacher, stats, grad_loss, config))
+    return _launches(tb.backward_launches(student, teacher, stats, grad_loss, config))
 
 
 @dataclass(frozen=True)
@@ -1246,8 +1443,14 @@ class Variant:
     def config(self):
         from .config import LossConfig
 
-        return LossConfig(mode=self.mode, topk=self.topk, alpha=self.alpha, add_tail=self.add_tail,
-                          is_clip=self.is_clip, temperature=self.temperature)  # fmt: skip
+        return LossConfig(
+            mode=self.mode,
+            topk=self.topk,
+            alpha=self.alpha,
+            add_tail=self.add_tail,
+            is_clip=self.is_clip,
+            temperature=self.temperature,
+        )
 
 
 HEADLINE = Variant("topk K=100, tail, IS, α=0.5", "topk_logits", topk=100, alpha=0.5, add_tail=True)
@@ -1267,8 +1470,6 @@ def variant_launches(variant: Variant, rows: int, vocab: int, dtype: str = "bf16
     """(forward launches, backward launches) of one loss configuration on [rows, vocab] meta tensors."""
     import torch
 
-    from .stats import RowStats
-
     dt = getattr(torch, DTYPES[dtype])
     meta = dict(device="meta")
     student = torch.empty(rows, vocab, dtype=dt, **meta)
@@ -1276,21 +1477,387 @@ def variant_launches(variant: Variant, rows: int, vocab: int, dtype: str = "bf16
     ids = torch.empty(rows, dtype=torch.int64, **meta)
     old = torch.empty(rows, dtype=torch.float32, **meta) if variant.is_clip is not None else None
     config = variant.config()
-    fwd = forward_launches(student, teacher, ids, old, config)
-    f32 = dict(dtype=torch.float32, **meta)
-    sparse = {"topk_logits": variant.topk, "sampled_token": 1}.get(variant.mode, 0)
-    full = variant.mode == "full_logits"
-    stats = RowStats(
-        lse_student=torch.empty(rows, **f32),
-        dense_coef=torch.empty(rows, **f32),
-        sparse_index=torch.empty(rows, sparse, dtype=torch.int64, **meta) if sparse else None,
-        sparse_coef=torch.empty(rows, sparse, **f32) if sparse else None,
-        lse_teacher=torch.empty(rows, **f32) if full else None,
-        is_weight=torch.empty(rows, **f32) if full else None,
-    )
-    bwd = backward_launches(student, teacher, stats, torch.empty(rows, **f32), config)
+    fwd, outputs = forward_launches(student, teacher, ids, old, config)
+    stats = row_stats_of(outputs) or row_stats_like(config, (rows,))
+    grad_loss = torch.empty(rows, dtype=torch.float32, **meta)
+    bwd, _ = backward_launches(student, teacher, stats, grad_loss, config)
     return fwd, bwd
+
+
+def row_stats_of(outputs: tuple):
+    """The RowStats among a forward launcher's outputs, or None."""
+    from .stats import RowStats
+
+    return next((o for o in outputs if isinstance(o, RowStats)), None)
+
+
+def row_stats_like(config, rows_shape: tuple):
+    """Meta row statistics of the shapes a forward pass saves (for a launcher that returns none)."""
+    import torch
+
+    from .stats import RowStats
+
+    f32 = dict(dtype=torch.float32, device="meta")
+    sparse = {"topk_logits": config.topk, "sampled_token": 1}.get(config.mode, 0)
+    full = config.mode == "full_logits"
+    return RowStats(
+        lse_student=torch.empty(rows_shape, **f32),
+        dense_coef=torch.empty(rows_shape, **f32),
+        sparse_index=torch.empty(*rows_shape, sparse, dtype=torch.int64, device="meta") if sparse else None,
+        sparse_coef=torch.empty(*rows_shape, sparse, **f32) if sparse else None,
+        lse_teacher=torch.empty(rows_shape, **f32) if full else None,
+        is_weight=torch.empty(rows_shape, **f32) if full else None,
+    )
 
 
 def _launch_stages(launch) -> int | None:
     return getattr(launch, "num_stages", None)
+
+
+# ----------------------------------------------------------------------------------------------
+# Report: JSON and markdown
+# ----------------------------------------------------------------------------------------------
+
+CLASS_ABBR = {
+    "fp32": "fp32",
+    "int": "int",
+    "mufu": "mufu",
+    "conv": "cvt",
+    "gmem": "gmem",
+    "smem": "smem",
+    "sync": "shfl/bar",
+    "ctrl": "ctrl",
+    "other": "other",
+}
+
+
+def _timing_dict(t: Timing) -> dict:
+    d = dataclasses.asdict(t)
+    d["static_ratio"] = t.static_ratio
+    d["latency_ratio"] = t.latency_ratio
+    return d
+
+
+def kernel_report(ka: KernelAnalysis, direction: str) -> dict:
+    comp = ka.compiled
+    per_elem = 1.0 / ka.elems_per_thread
+    loops = []
+    for lc in ka.loops:
+        paths = []
+        for p in lc.paths:
+            paths.append(
+                {
+                    "label": p.label,
+                    "fraction": p.fraction,
+                    "instrs_per_iter": p.cost.instrs,
+                    "per_elem": p.cost.scaled(per_elem),
+                    "critical_cycles_per_iter": p.cost.critical_cycles,
+                    "gmem_bytes_per_thread_iter": p.cost.gmem_bytes,
+                    "blocks": [f"{b:#06x}" for b in p.blocks],
+                    "inner_loops": p.children,
+                    "features": p.features,
+                    "if_every_iteration": {g.name: _timing_dict(time_model(ka, g, only=p)) for g in GPUS},
+                }
+            )
+        loops.append(
+            {
+                "label": lc.label,
+                "depth": lc.depth,
+                "iterations_per_row": lc.trips_per_row,
+                "bytes_per_elem": lc.bytes_per_elem,
+                "truncated": lc.truncated,
+                "paths": paths,
+            }
+        )
+    others = [
+        {
+            "label": lc.label,
+            "depth": lc.depth,
+            "paths": [
+                {
+                    "instrs_per_iter": p.cost.instrs,
+                    "critical_cycles_per_iter": p.cost.critical_cycles,
+                    "by_class": p.cost.by_class,
+                }
+                for p in lc.paths
+            ],
+        }
+        for lc in ka.other_loops
+    ]
+    return {
+        "kernel": ka.name,
+        "direction": direction,
+        "grid": list(ka.launch.grid),
+        "num_warps": comp.num_warps,
+        "num_stages": comp.num_stages,
+        "constexprs": {
+            k: (v if isinstance(v, (int, float, bool, str)) or v is None else str(v))
+            for k, v in comp.constexprs.items()
+        },
+        "signature": comp.signature,
+        "registers": comp.regs,
+        "local_bytes": comp.local_bytes,
+        "smem_per_cta": comp.smem_per_cta,
+        "ctas_per_sm": {g.name: ka.occupancy(g)[0] for g in GPUS},
+        "occupancy_limit": ka.occupancy(H100)[1],
+        "block_v": ka.block_v,
+        "elems_per_thread_iter": ka.elems_per_thread,
+        "hbm_bytes_per_elem": ka.bytes_per_elem,
+        "row_bytes": ka.row_bytes,
+        "streams": ka.streams,
+        "loops": loops,
+        "other_loops": others,
+        "outside_loops_per_row": {
+            "instrs": ka.outside.instrs,
+            "by_class": ka.outside.by_class,
+            "critical_cycles": ka.outside.critical_cycles,
+            "per_elem": ka.outside.scaled(1.0 / ka.vocab),
+        },
+        "row_extras": ka.extras,
+        "at_mix": {g.name: _timing_dict(time_model(ka, g)) for g in GPUS},
+        "warnings": ka.warnings,
+    }
+
+
+def build_report(
+    rows: int = 8192, vocabs=(32000, 151936), dtype: str = "bf16", arch: int = 90, variants=VARIANTS, log=None
+) -> dict:
+    import triton
+
+    shapes = []
+    for vocab in vocabs:
+        entries = []
+        for v in variants:
+            fwd, bwd = variant_launches(v, rows, vocab, dtype)
+            kernels = []
+            for direction, launches in (("forward", fwd), ("backward", bwd)):
+                for launch in launches:
+                    if log:
+                        log(f"V={vocab} {v.name}: {direction} {_unwrap(launch.kernel).__name__}")
+                    kernels.append(kernel_report(analyze(launch, rows, vocab, arch), direction))
+            total = {}
+            for g in GPUS:
+                total[g.name] = {
+                    k: sum(kr["at_mix"][g.name][k] for kr in kernels)
+                    for k in ("hbm_floor", "static_bound", "latency_aware")
+                }
+                for k in ("static", "latency"):
+                    name = "static_bound" if k == "static" else "latency_aware"
+                    total[g.name][f"{k}_ratio"] = total[g.name][name] / total[g.name]["hbm_floor"]
+            entries.append({"variant": dataclasses.asdict(v), "name": v.name, "kernels": kernels, "total": total})
+        shapes.append({"rows": rows, "vocab": vocab, "dtype": dtype, "variants": entries})
+    return {
+        "title": "Static cost report of the SDPO Triton kernels",
+        "note": f"All times are {PREDICTED}.",
+        "date": datetime.date.today().isoformat(),
+        "triton": triton.__version__,
+        "arch": f"sm_{arch}a" if arch >= 90 else f"sm_{arch}",
+        "gpus": [dataclasses.asdict(g) for g in GPUS],
+        "latency_cycles": dict(LATENCY),
+        "shapes": shapes,
+    }
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.3g}"
+
+
+def _pair(d: dict, key: str, fmt=_ms) -> str:
+    return " / ".join(fmt(d[g.name][key]) for g in GPUS)
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.1f}×"
+
+
+def _classes(per_elem: dict) -> str:
+    return " · ".join(f"{CLASS_ABBR[c]} {per_elem[c]:.3g}" for c in CLASSES if per_elem.get(c, 0) >= 0.005)
+
+
+def render_markdown(report: dict) -> str:
+    gpus = " / ".join(g["name"] for g in report["gpus"])
+    bandwidths = ", ".join(f"{g['name']} {g['hbm_bytes_per_s'] / 1e12:g} TB/s" for g in report["gpus"])
+    lat = ", ".join(f"{k} {v}" for k, v in report["latency_cycles"].items())
+    out = [
+        f"# {report['title']} ({report['date']})",
+        "",
+        f"**All times are {PREDICTED}.** Triton {report['triton']}, {report['arch']} SASS of each kernel as the "
+        f"launcher launches it. Time pairs are {gpus} (ms); ratios are to the HBM floor.",
+        "",
+        f"- HBM floor: bytes of the [N, V] tensors each kernel streams (+ row statistics) / bandwidth ({bandwidths}).",
+        "- static bound: max(HBM floor, warp-instructions / (SMs · 4 schedulers · clock), MUFU pipe "
+        "(16 lanes/clk/SM), INT/ALU pipe (64 lanes/clk/SM)); 132 SMs at 1.755 GHz.",
+        "- latency-aware: per loop iteration max(one warp's in-order dependent critical path, issue/pipe cycles "
+        "of all resident warps, HBM share), at the real CTAs per SM, over ceil(programs / (SMs · CTAs)) waves; "
+        f"latencies (cycles): {lat}.",
+        "- path rows: the figures if every iteration took that path; **mix** rows weight the paths by "
+        "`path_mix` (iid logits for the top-K filter); 'outside loops': per-row code amortised over V.",
+        "",
+    ]
+    for shape in report["shapes"]:
+        n, v = shape["rows"], shape["vocab"]
+        out += [f"## N = {n}, V = {v}, {shape['dtype']}", ""]
+        out.append(
+            "| mode | kernel | path | mix | regs | CTAs/SM | instr/elem | by class (per elem) | B/elem "
+            "| crit. path cyc/iter | floor ms | static bound ms | ratio | latency-aware ms | ratio |"
+        )
+        out.append("|" + "---|" * 15)
+        for entry in shape["variants"]:
+            for kr in entry["kernels"]:
+                kname = f"{kr['direction']} `{kr['kernel']}`"
+                ctas = str(kr["ctas_per_sm"][report["gpus"][0]["name"]])
+                regs = f"{kr['registers']}" + (f" ({kr['local_bytes']} B spill)" if kr["local_bytes"] else "")
+                for lp in kr["loops"]:
+                    for p in lp["paths"]:
+                        t = p["if_every_iteration"]
+                        out.append(
+                            f"| {entry['name']} | {kname} | {p['label']} | {p['fraction']:.3f} | {regs} | {ctas} "
+                            f"| {p['per_elem']['instrs']:.1f} | {_classes(p['per_elem'])} | {lp['bytes_per_elem']:g} "
+                            f"| {p['critical_cycles_per_iter']} | {_pair(t, 'hbm_floor')} | {_pair(t, 'static_bound')} "
+                            f"| {_pair(t, 'static_ratio', _ratio)} | {_pair(t, 'latency_aware')} "
+                            f"| {_pair(t, 'latency_ratio', _ratio)} |"
+                        )
+                o = kr["outside_loops_per_row"]
+                out.append(
+                    f"| {entry['name']} | {kname} | outside loops ({o['instrs']} instr/row) | — | {regs} | {ctas} "
+                    f"| {o['per_elem']['instrs']:.2f} | {_classes(o['per_elem'])} | — | {o['critical_cycles']} "
+                    "| — | — | — | — | — |"
+                )
+                t = kr["at_mix"]
+                out.append(
+                    f"| {entry['name']} | {kname} | **mix** | 1 | {regs} | {ctas} | | | {kr['hbm_bytes_per_elem']:g} | "
+                    f"| {_pair(t, 'hbm_floor')} | **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
+                    f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
+                )
+            t = entry["total"]
+            out.append(
+                f"| {entry['name']} | **forward + backward** | | | | | | | | | {_pair(t, 'hbm_floor')} "
+                f"| **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
+                f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
+            )
+        notes = sorted(
+            {f"{kr['kernel']}: {w}" for e in shape["variants"] for kr in e["kernels"] for w in kr["warnings"]}
+        )
+        if notes:
+            out += ["", "Warnings:"] + [f"- {w}" for w in notes]
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90 → sm_90a)")
+    parser.add_argument("--rows", type=int, default=8192, help="token rows N (default 8192)")
+    parser.add_argument(
+        "--vocab", type=int, action="append", help="vocabulary size V, repeatable (default 32000 and 151936)"
+    )
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="logits dtype (default bf16)")
+    parser.add_argument("--variant", action="append", help="only the loss variants whose name contains this")
+    parser.add_argument("--out", type=pathlib.Path, help="write cost-report-<date>.json and .md into this folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        print("unset TRITON_INTERPRET: the interpreter replaces the compiler", file=sys.stderr)
+        return 2
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+    variants = [v for v in VARIANTS if not args.variant or any(s in v.name for s in args.variant)]
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    report = build_report(args.rows, args.vocab or [32000, 151936], args.dtype, args.arch, variants, log)
+    md = render_markdown(report)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = args.out / f"cost-report-{report['date']}"
+        stem.with_suffix(".json").write_text(json.dumps(report, indent=1, default=str))
+        stem.with_suffix(".md").write_text(md + "\n")
+        print(f"wrote {stem}.json and {stem}.md", file=sys.stderr)
+    return 0
+
+
+# ==============================================================================================
+# PATH LABELS AND PATH MIX: update this section when a kernel's control flow changes.
+#
+#   label_paths(kernel_name, launch, loop, analysis) -> list[str]   one label per SASS path
+#   path_mix(kernel_name, launch, analysis) -> {label: fraction of the streaming loop's iterations}
+#   row_extras(kernel_name, launch, analysis) -> {loop label: iterations per row, "bytes": HBM bytes per row}
+#
+# Labels come from structural features of each path (`PathCost.features`: global/shared stores,
+# barriers, shuffles, instruction count, inner loops), never from block addresses. A loop with
+# one path needs no entry. Fractions are normalised per loop; SASS paths sharing a label split
+# its fraction evenly.
+# ==============================================================================================
+
+
+def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalysis) -> list[str]:
+    paths = loop.paths
+    if len(paths) == 1:
+        return ["stream"]
+    if kernel_name == "topk_forward_kernel":
+        # compaction: the only path that stores to global memory (the candidate scratch);
+        # of the others, the cheapest is the skip path (no candidate), the dearest the full top-K' network.
+        labels = []
+        plain = [p for p in paths if p.features["global_stores"] == 0]
+        cheapest = min(plain, key=lambda p: p.cost.instrs) if plain else None
+        dearest = max(plain, key=lambda p: p.cost.instrs) if len(plain) > 1 else None
+        for p in paths:
+            if p.features["global_stores"]:
+                labels.append("compaction")
+            elif p is cheapest:
+                labels.append("skip")
+            elif p is dearest:
+                labels.append("full network")
+            else:
+                labels.append("other")
+        return labels
+    return [f"path {i}" for i in range(len(paths))]
+
+
+def _nb_cdf(k: int, r: int, q: float) -> float:
+    """P(X <= k), X ~ negative binomial: failures before the r-th success, success prob 1 - q."""
+    if q <= 0.0:
+        return 1.0
+    log_p = r * math.log1p(-q)  # P(X = 0)
+    total = math.exp(log_p)
+    for j in range(1, k + 1):
+        log_p += math.log((j + r - 1) / j) + math.log(q)
+        total += math.exp(log_p)
+    return min(1.0, total)
+
+
+def topk_iid_mix(vocab: int, block_v: int, k_pow2: int) -> dict[str, float]:
+    """Expected share of blocks taking each path of the top-K' filter, for iid logits in index order.
+
+    Block 1 fills the buffer (full network when BLOCK_V > K'). In block b >= 2 the number of keys
+    above the buffer's smallest is negative-binomial (a Poisson count whose rate is the tail mass
+    above the (K')-th order statistic of the (b-1)·BLOCK_V keys seen): P(none) = ((b-1)/b)^K'
+    ≈ exp(-K'/b) → skip; more than K' → full network; otherwise compaction.
+    """
+    n_blocks = math.ceil(vocab / block_v)
+    skip = comp = full = 0.0
+    full += 1.0 if block_v > k_pow2 else 0.0
+    comp += 0.0 if block_v > k_pow2 else 1.0
+    for b in range(2, n_blocks + 1):
+        q = 1.0 / b
+        p0 = (1.0 - q) ** k_pow2
+        p_le = _nb_cdf(k_pow2, k_pow2, q) if block_v > k_pow2 else 1.0
+        skip += p0
+        comp += p_le - p0
+        full += 1.0 - p_le
+    return {"skip": skip / n_blocks, "compaction": comp / n_blocks, "full network": full / n_blocks}
+
+
+def path_mix(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+    if kernel_name == "topk_forward_kernel":
+        c = analysis.compiled.constexprs
+        return topk_iid_mix(analysis.vocab, analysis.block_v, int(c["K_POW2"]))
+    return {}  # single-path streams (LSE, gradient)
+
+
+def row_extras(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+    return {}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
