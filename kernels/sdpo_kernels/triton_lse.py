@@ -66,7 +66,9 @@ def lse_forward_kernel(
     lse_z = shift_z * inv_temp + tl.log(sum_z)
     lse_u = shift_u * inv_temp + tl.log(sum_u)
     if old_logps_ptr is not None:
-        w = importance_weight(student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, lse_z, inv_temp, is_clip)
+        w = importance_weight(
+            student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, lse_z, inv_temp, is_clip
+        )
     else:
         w = tl.full([], 1.0, tl.float32)
 
