@@ -8,10 +8,16 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from trl import GRPOConfig
 
 POLICY_LOSS_MODES = ("distillation_only", "hybrid")
+PolicyLossMode = Literal["distillation_only", "hybrid"]
+DistillationAggregation = Literal[
+    "trl", "loss_type", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
+]
+DISTILLATION_AGGREGATIONS = get_args(DistillationAggregation)
 TEACHER_REGULARIZATIONS = ("ema", "none", "base")
 DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 FUSED_LINEAR_CHOICES = ("auto", "always", "never")
@@ -45,18 +51,24 @@ class SDPOConfig(GRPOConfig):
         full_logit_distillation: distill full (or top-K) distributions instead of the sampled token.
         distillation_is_clip: clip of the IS weight exp(logp - rollout logp); None disables.
         distillation_add_tail: top-K only: add a bucket for the non-top-K mass.
-        distillation_weight: weight of the self-distillation loss.
+        distillation_weight: w. Default (sdpo_policy_loss_mode=None, TRL 1.16): loss = (1 − w)·policy + w·SD,
+            w in [0, 1]. Legacy explicit modes: 'distillation_only' → w·SD, 'hybrid' → policy + w·SD.
+        distillation_aggregation: how per-token SD losses become the loss: 'trl' (default; per-sequence mean over
+            all rows), 'loss_type', or the official SDPO modes 'token-mean', 'seq-mean-token-mean',
+            'seq-mean-token-sum', 'seq-mean-token-sum-norm' (see the field's help).
         distillation_mode, teacher_model_kind, teacher_sync_steps: TRL 1.16's spellings, accepted so that
             switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none',
-            'base' = 'base'). Note `distillation_weight` keeps this API's meaning
-            (distillation_only: w·SD; hybrid: policy + w·SD), not TRL 1.16's convex blend.
+            'base' = 'base').
+        use_teacher_server: TRL 1.16's teacher log-probs from the vLLM server (live teacher; see the field's help).
+        shuffle_generation_batch: shuffle a generation batch before its micro-steps (GRPO); off as in TRL 1.16.
         teacher_ema_rounding: "stochastic" | "nearest": rounding of bf16 EMA teacher weights (see the field's help).
         distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
             (hidden states × head weight, never materialising logits) when available and the head is a plain linear.
         diagnostics_warning_interval: warn every N consecutive degenerate steps (0 disables).
         diagnostics_flat_tolerance: tolerance for "flat rewards" / "no reprompt" diagnostics.
         dont_reprompt_on_self_success: a rollout is never its own demonstration.
-        sdpo_policy_loss_mode: "distillation_only" or "hybrid" (GRPO clipped policy loss + distillation).
+        sdpo_policy_loss_mode: None (TRL 1.16 blend by distillation_weight), or the legacy "distillation_only" /
+            "hybrid" (GRPO clipped policy loss + w·SD).
         teacher_regularization: "ema" (EMA copy of the student), "none" (current student, no grad) or "base"
             (the initial student, frozen; under PEFT the base model with the adapters disabled).
         teacher_update_rate: EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
@@ -85,7 +97,28 @@ class SDPOConfig(GRPOConfig):
     distillation_add_tail: bool = field(
         default=False, metadata={"help": "Top-K only: add a tail bucket for the non-top-K probability mass."}
     )
-    distillation_weight: float = field(default=1.0, metadata={"help": "Weight of the self-distillation loss."})
+    distillation_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "With `sdpo_policy_loss_mode=None` (default, TRL 1.16): convex weight of the blend "
+            "`(1 - w) * policy_loss + w * distillation_loss`, in [0, 1]; 1.0 is pure self-distillation, 0.0 pure GRPO "
+            "policy gradient. With the explicit legacy modes: 'distillation_only' trains on `w * distillation_loss`, "
+            "'hybrid' on `policy_loss + w * distillation_loss` (w >= 0)."
+        },
+    )
+    distillation_aggregation: DistillationAggregation = field(
+        default="trl",
+        metadata={
+            "help": "How the per-token distillation losses [B, T] (tokens of rows with a teacher) become the loss, "
+            "per micro-batch and divided by the gradient-accumulation steps. 'trl' (default, TRL 1.16): per-sequence "
+            "token mean, averaged over ALL B rows (a row without a teacher counts 0). 'loss_type': like GRPO's policy "
+            "term, per `loss_type` (grpo / bnpo / dr_grpo / dapo; dapo divides by the global count of teacher "
+            "tokens of the generation batch). The official SDPO (verl `agg_loss`) modes: 'token-mean' (mean over the "
+            "teacher tokens), 'seq-mean-token-mean' (per-sequence token mean, averaged over the rows that have "
+            "teacher tokens), 'seq-mean-token-sum' (per-sequence token sum, averaged over those rows), "
+            "'seq-mean-token-sum-norm' (sum of all teacher-token losses / `max_completion_length`)."
+        },
+    )
     # TRL 1.16 spellings, accepted so that switching from `trl.experimental.sdpo` is an import change.
     distillation_mode: str | None = field(
         default=None,
@@ -114,6 +147,13 @@ class SDPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
     )
+    shuffle_generation_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Shuffle each generation batch before splitting it into its `steps_per_generation` optimizer "
+            "micro-steps (GRPO's behaviour). False (default) splits it in order, as TRL 1.16's SDPO does."
+        },
+    )
     use_teacher_server: bool = field(
         default=False,
         metadata={
@@ -133,9 +173,14 @@ class SDPOConfig(GRPOConfig):
     dont_reprompt_on_self_success: bool = field(
         default=True, metadata={"help": "Never use a rollout as its own demonstration."}
     )
-    sdpo_policy_loss_mode: str = field(
-        default="distillation_only",
-        metadata={"help": "'distillation_only' or 'hybrid' (GRPO clipped policy loss + distillation)."},
+    sdpo_policy_loss_mode: PolicyLossMode | None = field(
+        default=None,
+        metadata={
+            "help": "None (default, TRL 1.16): `distillation_weight` w blends `(1 - w) * policy_loss + w * "
+            "distillation_loss` (w = 1: distillation only). Legacy explicit modes (TRL's first SDPO API): "
+            "'distillation_only' (`w * distillation_loss`) or 'hybrid' (GRPO's clipped policy loss + `w * "
+            "distillation_loss`)."
+        },
     )
     teacher_regularization: str = field(
         default="ema",
@@ -197,9 +242,20 @@ class SDPOConfig(GRPOConfig):
             )
         if not 0.0 <= self.distillation_alpha <= 1.0:
             raise ValueError(f"`distillation_alpha` must be in [0, 1], got {self.distillation_alpha}.")
-        if self.sdpo_policy_loss_mode not in POLICY_LOSS_MODES:
+        if self.sdpo_policy_loss_mode is not None and self.sdpo_policy_loss_mode not in POLICY_LOSS_MODES:
             raise ValueError(
-                f"`sdpo_policy_loss_mode` must be one of {POLICY_LOSS_MODES}, got {self.sdpo_policy_loss_mode!r}."
+                f"`sdpo_policy_loss_mode` must be None or one of {POLICY_LOSS_MODES}, "
+                f"got {self.sdpo_policy_loss_mode!r}."
+            )
+        if self.sdpo_policy_loss_mode is None and not 0.0 <= self.distillation_weight <= 1.0:
+            raise ValueError(
+                f"`distillation_weight` must be in [0, 1] (TRL 1.16's convex blend), got {self.distillation_weight}; "
+                "set sdpo_policy_loss_mode='hybrid' for `policy_loss + w * distillation_loss` with w > 1."
+            )
+        if self.distillation_aggregation not in DISTILLATION_AGGREGATIONS:
+            raise ValueError(
+                f"`distillation_aggregation` must be one of {DISTILLATION_AGGREGATIONS}, "
+                f"got {self.distillation_aggregation!r}."
             )
         if self.teacher_regularization not in TEACHER_REGULARIZATIONS:
             raise ValueError(
@@ -251,6 +307,46 @@ class SDPOConfig(GRPOConfig):
         finally:
             if single:
                 self.num_generations = 1
+        self._warn_on_trl_differences()
+
+    def _warn_on_trl_differences(self) -> None:
+        """One warning per setting in which this trainer deliberately trains differently from TRL 1.16's SDPO."""
+        notes = []
+        if self.use_vllm and self.distillation_is_clip is not None:
+            notes.append(
+                "the distillation IS clip uses the rollout log-probs GRPO computes under vLLM (TRL 1.16's SDPO asks "
+                "vLLM for none and clips only when its gradient accumulation is misaligned)"
+            )
+        if self.policy_loss_weight > 0.0:
+            if self.beta != 0.0:
+                notes.append(
+                    f"the policy term includes GRPO's KL penalty beta={self.beta} (TRL 1.16's SDPO ignores beta)"
+                )
+            if self.use_vllm and self.vllm_importance_sampling_correction:
+                notes.append(
+                    "the policy term applies GRPO's vLLM importance-sampling correction (TRL 1.16's SDPO does not)"
+                )
+            if self.loss_type == "dapo" and (self.steps_per_generation > 1 or self.world_size > 1):
+                notes.append(
+                    "loss_type='dapo' normalises the policy term by the token count of the whole generation batch, as "
+                    "documented and as GRPO does (TRL 1.16's SDPO takes each micro-batch's token mean)"
+                )
+            if self.scale_rewards == "none":
+                notes.append(
+                    "scale_rewards='none' leaves GRPO's advantages unscaled (TRL 1.16's SDPO divides them by 1 + 1e-4)"
+                )
+        if self.scale_rewards == "none":
+            notes.append(
+                "scale_rewards='none': the reward diagnostics use the true per-group std (TRL 1.16 substitutes 1, so "
+                "it never reports flat groups)"
+            )
+        if self.distillation_aggregation != "trl":
+            notes.append(
+                f"distillation_aggregation={self.distillation_aggregation!r} (TRL 1.16 always takes the per-sequence "
+                "mean over all rows: 'trl')"
+            )
+        for note in notes:
+            warnings.warn(f"SDPOConfig differs from TRL 1.16's SDPO here: {note}.", UserWarning, stacklevel=3)
 
     def _validate_teacher_server(self) -> None:
         """`use_teacher_server` needs a live teacher on GRPO's vLLM server and a loss the server's top-k can serve."""
@@ -267,7 +363,7 @@ class SDPOConfig(GRPOConfig):
                 f"teacher_regularization='none'): the server holds the current student weights; got "
                 f"{self.teacher_regularization!r}."
             )
-        if self.distillation_weight != 1.0 or self.sdpo_policy_loss_mode == "hybrid":
+        if self.policy_loss_weight != 0.0:
             raise ValueError(
                 "`use_teacher_server=True` only supports pure self-distillation (`distillation_weight=1.0`, no "
                 "hybrid policy term): the policy loss needs the full-vocabulary logits, which the server does not "
@@ -279,6 +375,18 @@ class SDPOConfig(GRPOConfig):
                 f"got {self.distillation_mode!r}: the server returns the teacher's top-k logprobs, not the full "
                 "vocabulary."
             )
+
+    @property
+    def policy_loss_weight(self) -> float:
+        """Coefficient of GRPO's clipped policy loss: 1 − w (TRL 1.16 blend), 1 ('hybrid') or 0."""
+        if self.sdpo_policy_loss_mode is None:
+            return 1.0 - self.distillation_weight
+        return 1.0 if self.sdpo_policy_loss_mode == "hybrid" else 0.0
+
+    @property
+    def distillation_loss_weight(self) -> float:
+        """Coefficient of the self-distillation loss (`distillation_weight` in every mode)."""
+        return self.distillation_weight
 
     @property
     def effective_teacher_update_rate(self) -> float:

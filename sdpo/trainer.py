@@ -10,11 +10,13 @@ What this subclass adds on top of GRPO:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
+import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -25,6 +27,7 @@ from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 from trl.models import prepare_deepspeed, prepare_fsdp
+from trl.trainer import grpo_trainer as grpo_trainer_module
 from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, selective_log_softmax
 
 import sdpo_kernels
@@ -71,6 +74,34 @@ def aggregation_weights(
     raise ValueError(f"loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got {loss_type!r}")
 
 
+def distillation_aggregation_weights(
+    mask: torch.Tensor, aggregation: str, *, max_completion_length: int | None = None
+) -> torch.Tensor:
+    """Per-token weights w [B, T] with distillation loss = Σ w·ℓ over one micro-batch (before GA scaling).
+
+    mask [B, T]: the tokens that have a teacher. 'trl' (TRL 1.16): per-sequence token mean, averaged over all B
+    rows (rows without a teacher count 0). The official SDPO modes (verl's `agg_loss` as SDPO calls it, on the
+    micro-batch): 'token-mean', 'seq-mean-token-mean' / 'seq-mean-token-sum' (over the rows that have teacher
+    tokens) and 'seq-mean-token-sum-norm' (total / `max_completion_length`, verl's padded response length).
+    """
+    mask = mask.to(torch.float32)
+    row_tokens = mask.sum(-1, keepdim=True)
+    rows = (row_tokens > 0).sum().clamp(min=1).to(torch.float32)
+    if aggregation == "trl":
+        return mask / row_tokens.clamp(min=1.0) / mask.size(0)
+    if aggregation == "token-mean":
+        return mask / mask.sum().clamp(min=1.0)
+    if aggregation == "seq-mean-token-mean":
+        return mask / row_tokens.clamp(min=1.0) / rows
+    if aggregation == "seq-mean-token-sum":
+        return mask / rows
+    if aggregation == "seq-mean-token-sum-norm":
+        if max_completion_length is None:
+            raise ValueError("max_completion_length is required for 'seq-mean-token-sum-norm'")
+        return mask / max_completion_length
+    raise ValueError(f"unknown distillation aggregation {aggregation!r}")
+
+
 def clipped_policy_per_token(
     per_token_logps: torch.Tensor,
     old_per_token_logps: torch.Tensor | None,
@@ -113,6 +144,21 @@ def distillation_loss_kwargs(args: SDPOConfig, temperature: float) -> dict[str, 
     )
 
 
+@contextlib.contextmanager
+def _generation_batch_order(shuffle: bool) -> Iterator[None]:
+    """GRPO shuffles a generation batch before splitting it into its `steps_per_generation` micro-steps; TRL 1.16's
+    SDPO splits it in order. Without `shuffle`, GRPO's shuffle is the identity for the duration of the call."""
+    if shuffle:
+        yield
+        return
+    original = grpo_trainer_module.shuffle_sequence_dict
+    grpo_trainer_module.shuffle_sequence_dict = lambda batch: batch
+    try:
+        yield
+    finally:
+        grpo_trainer_module.shuffle_sequence_dict = original
+
+
 class SDPOTrainer(GRPOTrainer):
     """Self-Distillation Policy Optimization on TRL's GRPO machinery, with the loss from `sdpo_kernels`.
 
@@ -150,10 +196,10 @@ class SDPOTrainer(GRPOTrainer):
             raise ValueError("`reward_funcs` is required: SDPO scores rollouts to find successful demonstrations.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        if args.sdpo_policy_loss_mode == "hybrid":
+        if args.policy_loss_weight != 0.0:
             if args.top_entropy_quantile < 1.0 or args.off_policy_mask_threshold is not None:
                 raise ValueError(
-                    "`sdpo_policy_loss_mode='hybrid'` does not support `top_entropy_quantile < 1` or "
+                    "A policy term (hybrid, or distillation_weight < 1) does not support `top_entropy_quantile < 1` or "
                     "`off_policy_mask_threshold`; use GRPO's options through `trl.GRPOTrainer` instead."
                 )
         super().__init__(
@@ -186,6 +232,7 @@ class SDPOTrainer(GRPOTrainer):
         lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
         add_head_fn_forward(lm)
         self._setup_teacher()
+        self._warn_on_bf16_ema_rounding()
         self._fused_linear_reason = self._why_not_fused_linear()
         if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
             raise ValueError("`use_bias_correction_kl=True` is not supported by SDPOTrainer's hybrid loss yet")
@@ -251,6 +298,19 @@ class SDPOTrainer(GRPOTrainer):
         if self.teacher.kind == "ema" or self.teacher.sync_at_train_begin:  # EMA steps; a ZeRO-3 copy's start
             self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
 
+    def _warn_on_bf16_ema_rounding(self) -> None:
+        """A deliberate difference from TRL 1.16 that only the built teacher reveals: bf16 EMA weights."""
+        if self.teacher.kind != "ema" or self.args.teacher_ema_rounding != "stochastic":
+            return
+        if any(t.dtype == torch.bfloat16 for t in self.teacher.pairs()[0]):
+            warnings.warn(
+                "SDPOTrainer differs from TRL 1.16's SDPO here: the bfloat16 EMA teacher is rounded stochastically "
+                "after each update (TRL rounds to nearest, which freezes a slowly tracking teacher); set "
+                "teacher_ema_rounding='nearest' for TRL's behaviour.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def _prepare_fsdp2_teacher(self, teacher: nn.Module) -> nn.Module:
         """Shard the EMA teacher like the student: each block of the FSDP auto-wrap policy (the decoder layers)
         in its own group, resharded after its forward, then the root (TRL's `prepare_fsdp`, which alone would
@@ -284,7 +344,7 @@ class SDPOTrainer(GRPOTrainer):
             self.teacher.model.get_base_model() if is_peft_model(self.teacher.model) else self.teacher.model
         ):
             return "the teacher's output head is not a plain nn.Linear"
-        if self.args.sdpo_policy_loss_mode == "hybrid":
+        if self.args.policy_loss_weight != 0.0:
             if self.beta != 0.0:
                 return "hybrid with beta != 0 (KL to the reference model) needs the logits path"
             if self.importance_sampling_level != "token":
@@ -328,7 +388,8 @@ class SDPOTrainer(GRPOTrainer):
     def _prepare_inputs(self, generation_batch):
         generate_every = self.args.steps_per_generation * self.num_iterations
         will_generate = self.model.training and (self._step % generate_every == 0 or self._buffered_inputs is None)
-        inputs = super()._prepare_inputs(generation_batch)
+        with _generation_batch_order(shuffle=self.args.shuffle_generation_batch):
+            inputs = super()._prepare_inputs(generation_batch)
         if will_generate:
             self._dispatch_self_distillation_callback(
                 "on_generation_batch_built",
@@ -513,6 +574,18 @@ class SDPOTrainer(GRPOTrainer):
             return 1
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
+    def _distillation_weights(self, dist_mask: torch.Tensor, inputs: dict[str, Any], mode: str) -> torch.Tensor:
+        """Weights [B, T] of the per-token distillation losses: aggregation, GA scaling and the loss coefficient."""
+        args = self.args
+        if args.distillation_aggregation == "loss_type":
+            w = self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
+        else:
+            w = distillation_aggregation_weights(
+                dist_mask, args.distillation_aggregation, max_completion_length=self.max_completion_length
+            )
+            w = w / self._accumulation_steps(mode)
+        return w * args.distillation_loss_weight
+
     def _weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:
         """`aggregation_weights` with TRL's gradient-accumulation scaling folded in."""
         ga = self._accumulation_steps(mode)
@@ -575,15 +648,18 @@ class SDPOTrainer(GRPOTrainer):
         mask, dist_mask = self._loss_masks(inputs)
         if self.use_teacher_server:
             return self._server_distillation_loss(model, inputs, mask, dist_mask, mode)
-        hybrid = args.sdpo_policy_loss_mode == "hybrid"
-        w_dist = self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
-        w_dist = w_dist * args.distillation_weight
-        w_pol = self._weights(mask, inputs.get("num_items_in_batch"), mode) if hybrid else None
+        hybrid = args.policy_loss_weight != 0.0
+        w_dist = self._distillation_weights(dist_mask, inputs, mode)
+        w_pol = None
+        if hybrid:
+            w_pol = self._weights(mask, inputs.get("num_items_in_batch"), mode) * args.policy_loss_weight
         # IS clipping uses the rollout log-probs when the rollout produced them.
         old = inputs.get("old_per_token_logps", inputs.get("sampling_per_token_logps"))
         # Every process runs the teacher forward when several do: under ZeRO-3 / FSDP it holds
         # collectives, and a per-rank decision would leave the others waiting.
-        has_teacher = args.distillation_weight != 0.0 and (self.accelerator.num_processes > 1 or bool(dist_mask.any()))
+        has_teacher = args.distillation_loss_weight != 0.0 and (
+            self.accelerator.num_processes > 1 or bool(dist_mask.any())
+        )
         # Hybrid batches without a teacher row still take the fused path (policy term only): the
         # logits path would hold the [B, T, V] logits, the peak a fused-linear run is sized without.
         fused = self.use_fused_linear and (has_teacher or hybrid)
@@ -677,10 +753,7 @@ class SDPOTrainer(GRPOTrainer):
         if args.distillation_is_clip is not None and old is not None:
             log_ratio = (student_token - old).detach().clamp(min=-20.0, max=20.0)
             per_token = per_token * torch.exp(log_ratio).clamp(max=args.distillation_is_clip)
-        w_dist = (
-            self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode) * args.distillation_weight
-        )
-        loss = (per_token * w_dist).sum()
+        loss = (per_token * self._distillation_weights(dist_mask, inputs, mode)).sum()
         # Disagreement of the local student and the served teacher on the realised tokens (stale server weights).
         diff = ((student_token.detach() - teacher_token).abs() * dist_mask).sum() / dist_mask.sum().clamp(min=1.0)
         self._metrics[mode]["self_distillation/server_logprob_abs_diff"].append(
@@ -798,6 +871,9 @@ class SDPOTrainer(GRPOTrainer):
         # One collective and one host sync per step for both metrics.
         rows = gather(torch.stack([num.float(), den.float(), policy.float()]).unsqueeze(0))
         num_total, den_total, policy_sum = rows.sum(0).tolist()
-        self._metrics[mode]["self_distillation/distillation_loss"].append(num_total / max(den_total, 1.0))
-        if "policy_loss" in out:
-            self._metrics[mode]["self_distillation/policy_loss"].append(policy_scale * policy_sum / rows.shape[0])
+        if self.args.distillation_loss_weight != 0.0:  # TRL logs it under both names
+            for key in ("self_distillation/distillation_loss", "sdpo/distillation_loss"):
+                self._metrics[mode][key].append(num_total / max(den_total, 1.0))
+        if "policy_loss" in out:  # the policy loss itself, before the blend's coefficient (as TRL)
+            scale = policy_scale / self.args.policy_loss_weight
+            self._metrics[mode]["self_distillation/policy_loss"].append(scale * policy_sum / rows.shape[0])

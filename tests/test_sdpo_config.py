@@ -28,7 +28,9 @@ def test_documented_defaults():
         diagnostics_warning_interval=10,
         diagnostics_flat_tolerance=1e-8,
         dont_reprompt_on_self_success=True,
-        sdpo_policy_loss_mode="distillation_only",
+        sdpo_policy_loss_mode=None,  # TRL 1.16: distillation_weight blends (1 - w)·policy + w·distillation
+        distillation_aggregation="trl",
+        use_teacher_server=False,
         teacher_regularization="ema",
         teacher_update_rate=None,
         ema_update_rate=0.05,
@@ -46,6 +48,7 @@ def test_documented_defaults():
     for name, value in expected.items():
         assert getattr(c, name) == value, name
     assert c.effective_teacher_update_rate == 0.05
+    assert (c.policy_loss_weight, c.distillation_loss_weight) == (0.0, 1.0)
 
 
 @pytest.mark.parametrize(
@@ -163,3 +166,35 @@ def test_single_generation_is_accepted():
 def test_vllm_defaults_match_trl():
     c = make()
     assert c.vllm_mode == "colocate" and c.vllm_model_impl == "vllm" and c.use_teacher_server is False
+
+
+def test_distillation_weight_is_trl_116s_convex_blend():
+    assert (
+        make(distillation_weight=0.25).policy_loss_weight,
+        make(distillation_weight=0.25).distillation_loss_weight,
+    ) == (
+        0.75,
+        0.25,
+    )
+    assert make(distillation_weight=0.0).policy_loss_weight == 1.0
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        make(distillation_weight=1.5)
+    # The explicit legacy modes keep their meaning: w·SD, or policy + w·SD (w may exceed 1).
+    assert make(sdpo_policy_loss_mode="distillation_only", distillation_weight=0.5).policy_loss_weight == 0.0
+    hybrid = make(sdpo_policy_loss_mode="hybrid", distillation_weight=2.0)
+    assert (hybrid.policy_loss_weight, hybrid.distillation_loss_weight) == (1.0, 2.0)
+
+
+def test_defaults_warn_nothing_and_differences_from_trl_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # (transformers' own FutureWarnings are not ours)
+        make()
+        make(distillation_weight=0.5)
+    for kw, match in [
+        (dict(distillation_aggregation="token-mean"), "distillation_aggregation"),
+        (dict(distillation_weight=0.5, beta=0.1), "beta"),
+        (dict(scale_rewards="none"), "scale_rewards"),
+        (dict(distillation_weight=0.5, steps_per_generation=2, per_device_train_batch_size=8), "dapo"),
+    ]:
+        with pytest.warns(UserWarning, match=match):
+            make(**kw)

@@ -13,7 +13,7 @@ import sdpo_kernels
 from sdpo import SDPOConfig, SDPOTrainer
 from sdpo.teacher import EMATeacherCallback, SDPOTeacher, ema_update_
 from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
-from sdpo.trainer import aggregation_weights, clipped_policy_per_token
+from sdpo.trainer import aggregation_weights, clipped_policy_per_token, distillation_aggregation_weights
 
 TEMPERATURE = 0.9
 
@@ -122,7 +122,8 @@ def trl_reference_loss(trainer, inputs, hybrid):
         policy = -torch.min(ratio * adv, clipped * adv)
         if "importance_sampling_ratio" in inputs:  # vLLM's correction, on the clipped loss only
             policy = policy * inputs["importance_sampling_ratio"]
-        loss = loss + ((policy * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        policy_loss = ((policy * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+        loss = loss + trainer.args.policy_loss_weight * policy_loss  # 1 (legacy hybrid) or 1 - w (TRL 1.16 blend)
     return loss
 
 
@@ -141,6 +142,9 @@ LOSS_CASES = {
         distillation_weight=0.3,
     ),
     "hybrid_token_none": dict(sdpo_policy_loss_mode="hybrid", teacher_regularization="none"),
+    # TRL 1.16's blend: (1 - w)·policy + w·distillation, from distillation_weight alone.
+    "blend_topk_trl": dict(full_logit_distillation=True, distillation_topk=5, distillation_weight=0.3),
+    "blend_token_policy_only": dict(distillation_weight=0.0),
 }
 
 
@@ -158,7 +162,7 @@ def test_loss_and_grad_equal_trl_formula(tmp_path, case):
     loss = trainer._compute_loss(trainer.model, inputs)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
-    expected = trl_reference_loss(trainer, inputs, hybrid=kw.get("sdpo_policy_loss_mode") == "hybrid")
+    expected = trl_reference_loss(trainer, inputs, hybrid=trainer.args.policy_loss_weight > 0)
     expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
     assert expected.abs() > 1e-6
     # float32: the reference takes logits of the whole sequence, the trainer of the completion slice only.
@@ -677,3 +681,59 @@ def test_trust_remote_code_is_required_for_custom_model_code(tmp_path):
         str(path), length_parity_reward, SDPOConfig(trust_remote_code=True, **kw), ds, processing_class=tok
     )
     assert type(trainer.model).__name__ == "RemoteForCausalLM"
+
+
+def verl_agg_loss(loss_mat, loss_mask, mode, response_length):
+    """The official SDPO aggregation (verl `agg_loss` as `compute_self_distillation_loss` calls it), rewritten."""
+    if mode == "token-mean":
+        return (loss_mat * loss_mask).sum() / loss_mask.sum().clamp(min=1.0)
+    seq_tokens = loss_mask.sum(-1)
+    nonempty = (seq_tokens > 0).float()
+    if mode == "seq-mean-token-sum":
+        return ((loss_mat * loss_mask).sum(-1) * nonempty).sum() / nonempty.sum()
+    if mode == "seq-mean-token-mean":
+        return ((loss_mat * loss_mask).sum(-1) / (seq_tokens + 1e-8) * nonempty).sum() / nonempty.sum()
+    assert mode == "seq-mean-token-sum-norm"
+    return (loss_mat * loss_mask).sum() / response_length
+
+
+@pytest.mark.parametrize(
+    "mode", ["trl", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"]
+)
+def test_distillation_aggregations(mode):
+    g = torch.Generator().manual_seed(3)
+    per_token = torch.randn(4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.float32)
+    w = distillation_aggregation_weights(mask, mode, max_completion_length=7)
+    if mode == "trl":  # TRL 1.16: per-sequence mean over all rows, the empty row counting 0
+        expected = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    else:
+        expected = verl_agg_loss(per_token, mask, mode, 7)
+    torch.testing.assert_close((w * per_token).sum(), expected)
+    with pytest.raises(ValueError, match="aggregation"):
+        distillation_aggregation_weights(mask, "seq-mean")
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-sum-norm", "loss_type"])
+def test_distillation_aggregation_option_reaches_the_loss(tmp_path, aggregation):
+    """Pure distillation: the loss equals Σ per-token TRL loss × the aggregation's weights."""
+    trainer = make_trainer(tmp_path, loss_type="bnpo", distillation_aggregation=aggregation, distillation_is_clip=None)
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    dist_mask = inputs["completion_mask"].float() * inputs["self_distillation_mask"][:, None]
+    trl_default = make_trainer(tmp_path, distillation_is_clip=None)
+    trl_default.model.load_state_dict(trainer.model.state_dict())
+    trl_default.model.train()
+    if aggregation == "loss_type":
+        expected_w = dist_mask / dist_mask.sum()  # bnpo
+    else:
+        expected_w = distillation_aggregation_weights(dist_mask, aggregation, max_completion_length=6)
+    # Every mode weighs the tokens of a row alike, so loss = Σ_r (Σ_t w_rt) · (token mean of row r); a one-row
+    # batch under the TRL default gives that token mean.
+    expected = 0.0
+    for r in range(4):
+        if dist_mask[r].sum() > 0:
+            row = {k: (v[r : r + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
+            expected = expected + trl_default._compute_loss(trl_default.model, row) * expected_w[r].sum()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
