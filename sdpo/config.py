@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from trl import GRPOConfig
 
@@ -387,6 +387,43 @@ class SDPOConfig(GRPOConfig):
     def distillation_loss_weight(self) -> float:
         """Coefficient of the self-distillation loss (`distillation_weight` in every mode)."""
         return self.distillation_weight
+
+    # The official SDPO recipe (lasgroup/SDPO: verl/trainer/config/sdpo.yaml over actor/actor.yaml's
+    # `self_distillation` block and its `loss_agg_mode`), in this config's field names.
+    OFFICIAL_DEFAULTS: ClassVar[dict[str, Any]] = dict(
+        full_logit_distillation=True,
+        distillation_topk=100,
+        distillation_add_tail=True,
+        distillation_alpha=0.5,
+        distillation_is_clip=2.0,
+        distillation_weight=1.0,
+        distillation_aggregation="token-mean",
+        success_reward_threshold=0.5,
+        dont_reprompt_on_self_success=True,
+        teacher_regularization="ema",
+        teacher_update_rate=0.05,
+        max_reprompt_len=10240,
+        include_environment_feedback=True,
+        environment_feedback_only_without_solution=True,
+        remove_thinking_from_demonstration=True,
+        reprompt_template="{prompt}{solution}{feedback}\n\nCorrectly solve the original question.",
+        solution_template="\nCorrect solution:\n\n{successful_previous_attempt}",
+        feedback_template="\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback_raw}",
+        num_generations=8,
+        learning_rate=1e-5,
+    )
+
+    @classmethod
+    def official_defaults(cls, **overrides: Any) -> SDPOConfig:
+        """The official SDPO recommended configuration; `overrides` (any field, e.g. `output_dir`) win.
+
+        Top-K 100 distillation with a tail bucket, JSD alpha 0.5, IS clip 2, token-mean aggregation, success
+        threshold 0.5, environment feedback on (only without a demonstration), thinking removed from
+        demonstrations, the official templates, an EMA teacher at rate 0.05, 8 rollouts per prompt, lr 1e-5.
+        Not carried over: the official right-truncation of long teacher prompts (here the last
+        `max_reprompt_len` tokens are kept, as TRL does) and its rollout IS weights (vLLM token truncation at 2).
+        """
+        return cls(**{**cls.OFFICIAL_DEFAULTS, **overrides})
 
     @property
     def effective_teacher_update_rate(self) -> float:

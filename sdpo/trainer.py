@@ -132,11 +132,11 @@ def clipped_policy_per_token(
     return -torch.min(coef_1 * advantages, coef_2 * advantages)
 
 
-def distillation_loss_kwargs(args: SDPOConfig, temperature: float) -> dict[str, Any]:
-    """Keyword arguments of `sdpo_kernels.self_distillation_loss` for this config."""
+def distillation_loss_kwargs(args: SDPOConfig, temperature: float, topk: int | None = None) -> dict[str, Any]:
+    """Keyword arguments of `sdpo_kernels.self_distillation_loss` for this config (`topk`: the clamped K)."""
     return dict(
         mode=args.distillation_mode,
-        topk=args.distillation_topk,
+        topk=args.distillation_topk if topk is None else topk,
         alpha=args.distillation_alpha,
         add_tail=args.distillation_add_tail,
         is_clip=args.distillation_is_clip,
@@ -233,6 +233,7 @@ class SDPOTrainer(GRPOTrainer):
         add_head_fn_forward(lm)
         self._setup_teacher()
         self._warn_on_bf16_ema_rounding()
+        self.distillation_topk = self._clamped_topk(lm)
         self._fused_linear_reason = self._why_not_fused_linear()
         if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
             raise ValueError("`use_bias_correction_kl=True` is not supported by SDPOTrainer's hybrid loss yet")
@@ -297,6 +298,24 @@ class SDPOTrainer(GRPOTrainer):
                 self.teacher_model_wrapped = self.accelerator.prepare_model(self.teacher.model, evaluation_mode=True)
         if self.teacher.kind == "ema" or self.teacher.sync_at_train_begin:  # EMA steps; a ZeRO-3 copy's start
             self.add_callback(EMATeacherCallback(self.teacher, self.accelerator, args.teacher_sync_steps))
+
+    def _clamped_topk(self, lm: nn.Module) -> int | None:
+        """`distillation_topk`, clamped to the vocabulary V (K >= V is the full distribution, as the official SDPO
+        clamps it); warned about once, here."""
+        k = self.args.distillation_topk
+        if k is None:
+            return None
+        weight = lm.get_output_embeddings().weight
+        vocab = getattr(weight, "ds_shape", weight.shape)[0]  # ZeRO-3 partitions hold the full shape in ds_shape
+        if k < vocab:
+            return k
+        warnings.warn(
+            f"distillation_topk={k} >= the vocabulary size {vocab}: clamped to {vocab} (the top-K support is then the "
+            "whole vocabulary and a tail bucket is empty).",
+            UserWarning,
+            stacklevel=3,
+        )
+        return vocab
 
     def _warn_on_bf16_ema_rounding(self) -> None:
         """A deliberate difference from TRL 1.16 that only the built teacher reveals: bf16 EMA weights."""
@@ -737,7 +756,7 @@ class SDPOTrainer(GRPOTrainer):
                 sdpo_logits_to_keep=keep,
             )
         logits = logits.float() / self.temperature
-        top = args.distillation_topk if args.distillation_mode == "topk_logits" else 1
+        top = self.distillation_topk if args.distillation_mode == "topk_logits" else 1
         teacher = fetch_teacher_logprobs(self.teacher_client, inputs, keep, top, self.temperature)
         per_token, teacher_token = server_per_token_loss(
             logits,
@@ -772,7 +791,7 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_logits.to(logits.dtype),  # no copy when the dtypes already agree
                 completion_ids,
                 old,
-                **distillation_loss_kwargs(self.args, self.temperature),
+                **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
             )
             loss = (per_token * w_dist).sum()
             out["distillation_per_token"] = per_token.detach()
@@ -845,7 +864,7 @@ class SDPOTrainer(GRPOTrainer):
                 student_bias=head.bias,
                 teacher_bias=t_bias,
                 policy=policy,
-                **distillation_loss_kwargs(self.args, self.temperature),
+                **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
             )
         loss, per_token = result
         dist_tokens = torch.zeros_like(w_dist)

@@ -198,3 +198,25 @@ def test_defaults_warn_nothing_and_differences_from_trl_warn():
     ]:
         with pytest.warns(UserWarning, match=match):
             make(**kw)
+
+
+def test_official_defaults_match_the_official_recipe():
+    """Values of lasgroup/SDPO's sdpo.yaml / actor.yaml `self_distillation` (read from the repository)."""
+    c = SDPOConfig.official_defaults(output_dir="unused", bf16=False, use_cpu=True, report_to="none")
+    assert c.distillation_mode == "topk_logits" and c.distillation_topk == 100 and c.distillation_add_tail
+    assert c.distillation_alpha == 0.5 and c.distillation_is_clip == 2.0
+    assert c.distillation_aggregation == "token-mean" and c.policy_loss_weight == 0.0
+    assert c.success_reward_threshold == 0.5 and c.dont_reprompt_on_self_success
+    assert c.include_environment_feedback and c.environment_feedback_only_without_solution
+    assert c.remove_thinking_from_demonstration
+    assert c.teacher_regularization == "ema" and c.effective_teacher_update_rate == 0.05
+    assert c.max_reprompt_len == 10240 and c.num_generations == 8 and c.learning_rate == 1e-5
+    assert c.solution_template.format(successful_previous_attempt="x") == "\nCorrect solution:\n\nx"
+    assert c.reprompt_template.endswith("Correctly solve the original question.")
+    # overrides win, and the result is validated like any config
+    assert (
+        SDPOConfig.official_defaults(output_dir="o", use_cpu=True, bf16=False, distillation_topk=20).distillation_topk
+        == 20
+    )
+    with pytest.raises(ValueError, match="distillation_alpha"):
+        SDPOConfig.official_defaults(output_dir="o", use_cpu=True, bf16=False, distillation_alpha=2.0)

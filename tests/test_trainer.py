@@ -737,3 +737,20 @@ def test_distillation_aggregation_option_reaches_the_loss(tmp_path, aggregation)
             row = {k: (v[r : r + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
             expected = expected + trl_default._compute_loss(trl_default.model, row) * expected_w[r].sum()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_topk_at_least_vocab_is_clamped_with_one_warning(tmp_path, fused):
+    """K >= V (the official SDPO clamps too): the loss equals full-vocabulary top-K with K = V."""
+    vocab = len(build_char_tokenizer())
+    kw = dict(full_logit_distillation=True, distillation_alpha=0.5, distillation_fused_linear=fused, loss_type="grpo")
+    with pytest.warns(UserWarning, match="clamped") as record:
+        big = make_trainer(tmp_path, distillation_topk=vocab + 50, **kw)
+    assert sum("clamped" in str(w.message) for w in record) == 1 and big.distillation_topk == vocab
+    exact = make_trainer(tmp_path, distillation_topk=vocab, **kw)
+    for t in (big, exact):
+        t.model.train()
+    inputs = manual_batch(big)
+    torch.testing.assert_close(
+        big._compute_loss(big.model, inputs), exact._compute_loss(exact.model, inputs), rtol=0, atol=0
+    )
