@@ -18,7 +18,8 @@ DistillationAggregation = Literal[
     "trl", "loss_type", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
 ]
 DISTILLATION_AGGREGATIONS = get_args(DistillationAggregation)
-TEACHER_REGULARIZATIONS = ("ema", "none", "base")
+TeacherRegularization = Literal["ema", "none", "base", "trust_region"]
+TEACHER_REGULARIZATIONS = get_args(TeacherRegularization)
 DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
 FUSED_LINEAR_CHOICES = ("auto", "always", "never")
 # Aggregations with a defined meaning for the distillation term (same normalisers as TRL's GRPO policy loss).
@@ -69,7 +70,8 @@ class SDPOConfig(GRPOConfig):
         dont_reprompt_on_self_success: a rollout is never its own demonstration.
         sdpo_policy_loss_mode: None (TRL 1.16 blend by distillation_weight), or the legacy "distillation_only" /
             "hybrid" (GRPO clipped policy loss + w·SD).
-        teacher_regularization: "ema" (EMA copy of the student), "none" (current student, no grad) or "base"
+        teacher_regularization: "ema" (EMA copy of the student), "none" (current student, no grad), "trust_region"
+            (logits lerp(initial student, student, teacher_update_rate), as the official SDPO) or "base"
             (the initial student, frozen; under PEFT the base model with the adapters disabled).
         teacher_update_rate: EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
         ema_update_rate: deprecated alias of `teacher_update_rate`.
@@ -182,15 +184,20 @@ class SDPOConfig(GRPOConfig):
             "distillation_loss`)."
         },
     )
-    teacher_regularization: str = field(
+    teacher_regularization: TeacherRegularization = field(
         default="ema",
         metadata={
-            "help": "'ema' (EMA copy of the student), 'none' (the current student) or 'base' (the initial student, "
-            "frozen; under PEFT the base model with the adapters disabled)."
+            "help": "'ema' (EMA copy of the student), 'none' (the current student), 'base' (the initial student, "
+            "frozen; under PEFT the base model with the adapters disabled) or 'trust_region' (the official SDPO's "
+            "trust-region teacher: logits lerp(reference, student, teacher_update_rate), the reference being the "
+            "initial student; logits path only)."
         },
     )
     teacher_update_rate: float | None = field(
-        default=None, metadata={"help": "EMA teacher update rate; defaults to `ema_update_rate`."}
+        default=None,
+        metadata={
+            "help": "EMA teacher update rate, or the trust-region mixing coefficient; defaults to `ema_update_rate`."
+        },
     )
     ema_update_rate: float = field(
         default=_DEFAULT_EMA_UPDATE_RATE, metadata={"help": "Deprecated alias of `teacher_update_rate`."}

@@ -100,6 +100,8 @@ class SDPOTeacher:
             `sdpo_teacher` on the same base model: only adapter weights are averaged, the base stays shared.
         "base": the initial student, never updated: a frozen copy (non-PEFT), or, under PEFT, the student with its
             adapters disabled (TRL's 'base').
+        "trust_region": the reference of the official SDPO's trust-region teacher (logits lerp(reference, student,
+            rate), mixed by the trainer): held like "base", but checkpointed (non-PEFT).
     """
 
     def __init__(
@@ -111,8 +113,8 @@ class SDPOTeacher:
         rounding: str = "stochastic",
         seed: int = 0,
     ):
-        if kind not in ("ema", "none", "base"):
-            raise ValueError(f"teacher kind must be 'ema', 'none' or 'base', got {kind!r}.")
+        if kind not in ("ema", "none", "base", "trust_region"):
+            raise ValueError(f"teacher kind must be 'ema', 'none', 'base' or 'trust_region', got {kind!r}.")
         if rounding not in EMA_ROUNDINGS:
             raise ValueError(f"EMA rounding must be one of {EMA_ROUNDINGS}, got {rounding!r}.")
         self.kind = kind
@@ -125,7 +127,8 @@ class SDPOTeacher:
         self.sync_at_train_begin = False
         self.student = student
         self.adapter_mode = kind == "ema" and _is_peft(student)
-        self.base_adapters_off = kind == "base" and _is_peft(student)
+        # 'trust_region' holds the reference model of its logit mix: the initial student, as 'base'.
+        self.base_adapters_off = kind in ("base", "trust_region") and _is_peft(student)
         self.model: nn.Module | None = None
         if kind == "none" or self.base_adapters_off:
             self.model = student
@@ -140,9 +143,10 @@ class SDPOTeacher:
 
     @property
     def checkpointed(self) -> bool:
-        """True for the EMA teacher, whose state is training state. A 'base' teacher is not saved: it is the
-        initial student, rebuilt as such on resume (the student's checkpoint is loaded after it is built)."""
-        return self.kind == "ema"
+        """True for the EMA teacher, whose state is training state, and for the trust-region reference copy (saved
+        so that a resumed run mixes with the very reference it started from). A 'base' teacher is not saved: it is
+        the initial student, rebuilt as such on resume (the student's checkpoint is loaded after it is built)."""
+        return self.kind == "ema" or (self.kind == "trust_region" and not self.base_adapters_off)
 
     # ---- PEFT adapter teacher -------------------------------------------------------------------------------
     def _init_adapter(self) -> None:

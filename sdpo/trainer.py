@@ -254,7 +254,7 @@ class SDPOTrainer(GRPOTrainer):
         """Build the teacher; register the EMA callback. A separate teacher model is prepared like TRL's ref model."""
         args = self.args
         teacher_model = None
-        separate = args.teacher_regularization in ("ema", "base") and not is_peft_model(self.model)
+        separate = args.teacher_regularization in ("ema", "base", "trust_region") and not is_peft_model(self.model)
         if separate:
             if is_deepspeed_zero3_enabled():
                 # Under ZeRO-3 the student's parameters are already partitioned: build from the path instead.
@@ -363,6 +363,8 @@ class SDPOTrainer(GRPOTrainer):
             self.teacher.model.get_base_model() if is_peft_model(self.teacher.model) else self.teacher.model
         ):
             return "the teacher's output head is not a plain nn.Linear"
+        if self.teacher.kind == "trust_region":
+            return "the trust-region teacher mixes two models' logits"
         if self.args.policy_loss_weight != 0.0:
             if self.beta != 0.0:
                 return "hybrid with beta != 0 (KL to the reference model) needs the logits path"
@@ -635,6 +637,19 @@ class SDPOTrainer(GRPOTrainer):
             with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
                 return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
 
+    def _trust_region_teacher_logits(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        """The official SDPO's trust-region teacher: lerp(reference logits, current student logits, rate) [B, T, V],
+        both on the teacher's reprompted inputs (the reference is the initial student; no gradient)."""
+        reference = self._teacher_head(model, inputs, head_logits)
+        with torch.no_grad():
+            student = model(
+                input_ids=inputs["teacher_input_ids"],
+                attention_mask=inputs["teacher_attention_mask"],
+                sdpo_head_fn=head_logits,
+                sdpo_logits_to_keep=inputs["completion_ids"].size(1),
+            )
+        return torch.lerp(reference.float(), student.float(), self.teacher.rate)
+
     def _teacher_fused_head(self, hidden: torch.Tensor, lm: nn.Module) -> tuple:
         """Teacher head_fn of the fused path: (hidden [B, T, D], head weight [V, D] or None, bias or None).
 
@@ -689,6 +704,8 @@ class SDPOTrainer(GRPOTrainer):
             with self.accelerator.autocast():
                 if fused:
                     teacher_out = self._teacher_head(model, inputs, self._teacher_fused_head)
+                elif self.teacher.kind == "trust_region":
+                    teacher_out = self._trust_region_teacher_logits(model, inputs)
                 else:
                     teacher_out = self._teacher_head(model, inputs, head_logits)
 

@@ -754,3 +754,60 @@ def test_topk_at_least_vocab_is_clamped_with_one_warning(tmp_path, fused):
     torch.testing.assert_close(
         big._compute_loss(big.model, inputs), exact._compute_loss(exact.model, inputs), rtol=0, atol=0
     )
+
+
+def test_trust_region_teacher_mixes_reference_and_student_logits(tmp_path):
+    """teacher_regularization='trust_region' (official SDPO): teacher logits = lerp(initial, current, rate)."""
+    rate = 0.3
+    kw = dict(full_logit_distillation=True, distillation_alpha=0.5, distillation_is_clip=None, loss_type="grpo")
+    trainer = make_trainer(tmp_path, teacher_regularization="trust_region", teacher_update_rate=rate, **kw)
+    assert trainer.teacher.kind == "trust_region" and trainer.teacher.checkpointed and not trainer.use_fused_linear
+    with torch.no_grad():  # the student moves away from the reference
+        for p in trainer.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    loss = trainer._compute_loss(trainer.model, inputs)
+    keep = inputs["completion_ids"].size(1)
+    s_in = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    s_mask = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    student = completion_logits(trainer.model, s_in, s_mask, keep)
+    with torch.no_grad():
+        t_in, t_mask = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+        reference = completion_logits(trainer.teacher.model, t_in, t_mask, keep)
+        current = completion_logits(trainer.model, t_in, t_mask, keep)
+    per_token = trl_loss.compute_full_logit_self_distillation_loss(
+        student, torch.lerp(reference, current, rate), distillation_alpha=0.5
+    )
+    loss_mask = inputs["completion_mask"].float() * inputs["self_distillation_mask"][:, None]
+    expected = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_trust_region_reference_is_frozen_checkpointed_and_restored(tmp_path):
+    kw = dict(
+        teacher_regularization="trust_region",
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=1,
+        learning_rate=5e-2,
+    )
+    trainer = make_trainer(tmp_path, **kw)
+    initial = trainer.teacher.state_dict()
+    trainer.train()
+    assert all(torch.equal(initial[k], v) for k, v in trainer.teacher.state_dict().items())  # never updated
+    ckpt = os.path.join(str(tmp_path), "checkpoint-1")
+    assert os.path.isfile(os.path.join(ckpt, "sdpo_teacher.pt"))
+    resumed = make_trainer(tmp_path, **kw)
+    with torch.no_grad():  # a different reference before resuming: the checkpoint's must come back
+        for p in resumed.teacher.model.parameters():
+            p.add_(1.0)
+    seen = {}
+
+    class First(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.setdefault("teacher", resumed.teacher.state_dict())
+
+    resumed.add_callback(First())
+    resumed.train(resume_from_checkpoint=ckpt)
+    assert all(torch.equal(initial[k], v) for k, v in seen["teacher"].items())
