@@ -149,6 +149,15 @@ class SDPOConfig(GRPOConfig):
         default="auto",
         metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
     )
+    distillation_rollout_is: bool = field(
+        default=False,
+        metadata={
+            "help": "Multiply the per-token distillation loss by GRPO's vLLM importance-sampling ratio (trainer / "
+            "sampler mismatch), as the official SDPO's `rollout_is` does: token or sequence level and truncation "
+            "by `vllm_importance_sampling_mode` ('token_truncate' + `vllm_importance_sampling_clip_max=2.0` is the "
+            "official setting). Needs `use_vllm=True` and `vllm_importance_sampling_correction=True`."
+        },
+    )
     shuffle_generation_batch: bool = field(
         default=False,
         metadata={
@@ -306,6 +315,7 @@ class SDPOConfig(GRPOConfig):
         else:
             self.distillation_mode = "topk_logits" if self.distillation_topk is not None else "full_logits"
         self._validate_teacher_server()
+        self._validate_rollout_is()
         single = self.num_generations == 1
         if single:
             self.num_generations = _OneGeneration(1)
@@ -354,6 +364,13 @@ class SDPOConfig(GRPOConfig):
             )
         for note in notes:
             warnings.warn(f"SDPOConfig differs from TRL 1.16's SDPO here: {note}.", UserWarning, stacklevel=3)
+
+    def _validate_rollout_is(self) -> None:
+        if self.distillation_rollout_is and not (self.use_vllm and self.vllm_importance_sampling_correction):
+            raise ValueError(
+                "`distillation_rollout_is=True` needs GRPO's vLLM importance-sampling ratio: set `use_vllm=True` and "
+                "`vllm_importance_sampling_correction=True`."
+            )
 
     def _validate_teacher_server(self) -> None:
         """`use_teacher_server` needs a live teacher on GRPO's vLLM server and a loss the server's top-k can serve."""
@@ -427,10 +444,19 @@ class SDPOConfig(GRPOConfig):
         Top-K 100 distillation with a tail bucket, JSD alpha 0.5, IS clip 2, token-mean aggregation, success
         threshold 0.5, environment feedback on (only without a demonstration), thinking removed from
         demonstrations, the official templates, an EMA teacher at rate 0.05, 8 rollouts per prompt, lr 1e-5.
-        Not carried over: the official right-truncation of long teacher prompts (here the last
-        `max_reprompt_len` tokens are kept, as TRL does) and its rollout IS weights (vLLM token truncation at 2).
+        With `use_vllm=True` in `overrides`, also the official rollout IS weights on the distillation term
+        (token level, truncated at 2). Not carried over: the official right-truncation of long teacher prompts (here
+        the last `max_reprompt_len` tokens are kept, as TRL does).
         """
-        return cls(**{**cls.OFFICIAL_DEFAULTS, **overrides})
+        rollout_is = {}
+        if overrides.get("use_vllm"):
+            rollout_is = dict(
+                distillation_rollout_is=True,
+                vllm_importance_sampling_correction=True,
+                vllm_importance_sampling_mode="token_truncate",
+                vllm_importance_sampling_clip_max=2.0,
+            )
+        return cls(**{**cls.OFFICIAL_DEFAULTS, **rollout_is, **overrides})
 
     @property
     def effective_teacher_update_rate(self) -> float:

@@ -605,6 +605,9 @@ class SDPOTrainer(GRPOTrainer):
                 dist_mask, args.distillation_aggregation, max_completion_length=self.max_completion_length
             )
             w = w / self._accumulation_steps(mode)
+        ratio = inputs.get("importance_sampling_ratio")
+        if args.distillation_rollout_is and ratio is not None:  # official SDPO's rollout IS, [B, T] or [B, 1]
+            w = w * ratio.to(w.dtype).expand_as(w)
         return w * args.distillation_loss_weight
 
     def _weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:

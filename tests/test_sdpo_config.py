@@ -220,3 +220,12 @@ def test_official_defaults_match_the_official_recipe():
     )
     with pytest.raises(ValueError, match="distillation_alpha"):
         SDPOConfig.official_defaults(output_dir="o", use_cpu=True, bf16=False, distillation_alpha=2.0)
+
+
+def test_distillation_rollout_is_needs_vllm_and_official_defaults_enable_it_under_vllm():
+    with pytest.raises(ValueError, match="distillation_rollout_is"):
+        make(distillation_rollout_is=True)
+    c = SDPOConfig.official_defaults(output_dir="unused", bf16=False, use_cpu=True, use_vllm=True)
+    assert c.distillation_rollout_is and c.vllm_importance_sampling_mode == "token_truncate"
+    assert c.vllm_importance_sampling_clip_max == 2.0
+    assert not SDPOConfig.official_defaults(output_dir="unused", bf16=False, use_cpu=True).distillation_rollout_is

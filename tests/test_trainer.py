@@ -811,3 +811,23 @@ def test_trust_region_reference_is_frozen_checkpointed_and_restored(tmp_path):
     resumed.add_callback(First())
     resumed.train(resume_from_checkpoint=ckpt)
     assert all(torch.equal(initial[k], v) for k, v in seen["teacher"].items())
+
+
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_rollout_is_weights_scale_the_distillation_term(tmp_path, fused):
+    """distillation_rollout_is: per-token distillation losses × GRPO's vLLM IS ratio ([B, 1] or [B, T])."""
+    trainer = make_trainer(tmp_path, full_logit_distillation=True, distillation_fused_linear=fused)
+    trainer.model.train()
+    inputs = manual_batch(trainer)
+    plain = trainer._compute_loss(trainer.model, inputs)
+    trainer.args.distillation_rollout_is = True  # (the config accepts it under vLLM only)
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, inputs), plain)  # no ratio in the batch
+    inputs["importance_sampling_ratio"] = torch.full((4, 1), 0.5)
+    torch.testing.assert_close(trainer._compute_loss(trainer.model, inputs), 0.5 * plain)
+    ratio = torch.ones(4, 6)
+    ratio[0] = 0.0  # drop row 0 by its ratio ...
+    inputs["importance_sampling_ratio"] = ratio
+    with_ratio = trainer._compute_loss(trainer.model, inputs)
+    inputs["self_distillation_mask"] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # ... = drop it by the mask ('trl' / B)
+    trainer.args.distillation_rollout_is = False
+    torch.testing.assert_close(with_ratio, trainer._compute_loss(trainer.model, inputs), rtol=1e-5, atol=1e-7)
