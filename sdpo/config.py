@@ -243,6 +243,26 @@ class SDPOConfig(GRPOConfig):
     def __post_init__(self):
         self._resolve_trl_116_spellings()
         # Validate the SDPO fields first: their errors are the actionable ones.
+        self._validate_loss_fields()
+        self._validate_teacher_and_other_fields()
+        # After construction `distillation_mode` always names the sdpo_kernels loss mode.
+        if not self.full_logit_distillation:
+            self.distillation_mode = "sampled_token"
+        else:
+            self.distillation_mode = "topk_logits" if self.distillation_topk is not None else "full_logits"
+        self._validate_teacher_server()
+        self._validate_rollout_is()
+        single = self.num_generations == 1
+        if single:
+            self.num_generations = _OneGeneration(1)
+        try:
+            super().__post_init__()
+        finally:
+            if single:
+                self.num_generations = 1
+        self._warn_on_trl_differences()
+
+    def _validate_loss_fields(self) -> None:
         if self.distillation_topk is not None and not self.full_logit_distillation:
             raise ValueError(
                 "`distillation_topk` requires `full_logit_distillation=True` (top-K is a logit-level approximation); "
@@ -273,6 +293,8 @@ class SDPOConfig(GRPOConfig):
                 f"`distillation_aggregation` must be one of {DISTILLATION_AGGREGATIONS}, "
                 f"got {self.distillation_aggregation!r}."
             )
+
+    def _validate_teacher_and_other_fields(self) -> None:
         if self.teacher_regularization not in TEACHER_REGULARIZATIONS:
             raise ValueError(
                 f"`teacher_regularization` must be one of {TEACHER_REGULARIZATIONS}, "
@@ -309,22 +331,6 @@ class SDPOConfig(GRPOConfig):
             raise ValueError(f"`teacher_update_rate` must be in [0, 1], got {self.effective_teacher_update_rate}.")
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {SUPPORTED_LOSS_TYPES} for SDPO, got {self.loss_type!r}.")
-        # After construction `distillation_mode` always names the sdpo_kernels loss mode.
-        if not self.full_logit_distillation:
-            self.distillation_mode = "sampled_token"
-        else:
-            self.distillation_mode = "topk_logits" if self.distillation_topk is not None else "full_logits"
-        self._validate_teacher_server()
-        self._validate_rollout_is()
-        single = self.num_generations == 1
-        if single:
-            self.num_generations = _OneGeneration(1)
-        try:
-            super().__post_init__()
-        finally:
-            if single:
-                self.num_generations = 1
-        self._warn_on_trl_differences()
 
     def _warn_on_trl_differences(self) -> None:
         """One warning per setting in which this trainer deliberately trains differently from TRL 1.16's SDPO."""

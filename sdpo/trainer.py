@@ -219,14 +219,7 @@ class SDPOTrainer(GRPOTrainer):
             "eval": defaultdict(int),
         }
         self._last_rewards_per_func: torch.Tensor | None = None
-        # Teacher log-probs from GRPO's vLLM server (TRL 1.16's `use_teacher_server`): a read-only scoring client.
-        self.use_teacher_server = args.use_teacher_server
-        self.teacher_client = None
-        if self.use_teacher_server:
-            from trl.generation.vllm_client import VLLMClient
-
-            base_url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
-            self.teacher_client = VLLMClient(base_url=base_url, connection_timeout=args.vllm_server_timeout)
+        self._setup_teacher_client()
 
         # The student computes its loss inside its own forward (see sdpo.modeling); patch the causal LM.
         lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -249,6 +242,17 @@ class SDPOTrainer(GRPOTrainer):
         # Keep `privileged_context` (environment feedback) when remove_unused_columns=True.
         if self._signature_columns is None:
             self._signature_columns = ["prompt", "image", "images", "privileged_context"]
+
+    def _setup_teacher_client(self) -> None:
+        """Teacher log-probs from GRPO's vLLM server (TRL 1.16's `use_teacher_server`): a read-only scoring client."""
+        args = self.args
+        self.use_teacher_server = args.use_teacher_server
+        self.teacher_client = None
+        if self.use_teacher_server:
+            from trl.generation.vllm_client import VLLMClient
+
+            base_url = args.vllm_server_base_url or f"http://{args.vllm_server_host}:{args.vllm_server_port}"
+            self.teacher_client = VLLMClient(base_url=base_url, connection_timeout=args.vllm_server_timeout)
 
     def _setup_teacher(self) -> None:
         """Build the teacher; register the EMA callback. A separate teacher model is prepared like TRL's ref model."""
@@ -640,6 +644,18 @@ class SDPOTrainer(GRPOTrainer):
             with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
                 return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
 
+    def _teacher_outputs(self, model, inputs: dict[str, Any], fused: bool) -> Any:
+        """The teacher's side of the loss: (hidden, head weight, bias) on the fused path, else logits [B, T, V].
+
+        Under autocast like the student: fp32 weights with bf16=True give bf16 logits on both sides.
+        """
+        with self.accelerator.autocast():
+            if fused:
+                return self._teacher_head(model, inputs, self._teacher_fused_head)
+            if self.teacher.kind == "trust_region":
+                return self._trust_region_teacher_logits(model, inputs)
+            return self._teacher_head(model, inputs, head_logits)
+
     def _trust_region_teacher_logits(self, model, inputs: dict[str, Any]) -> torch.Tensor:
         """The official SDPO's trust-region teacher: lerp(reference logits, current student logits, rate) [B, T, V],
         both on the teacher's reprompted inputs (the reference is the initial student; no gradient)."""
@@ -701,16 +717,7 @@ class SDPOTrainer(GRPOTrainer):
         # logits path would hold the [B, T, V] logits, the peak a fused-linear run is sized without.
         fused = self.use_fused_linear and (has_teacher or hybrid)
 
-        teacher_out = None
-        if has_teacher:
-            # Under autocast like the student: fp32 weights with bf16=True give bf16 logits on both sides.
-            with self.accelerator.autocast():
-                if fused:
-                    teacher_out = self._teacher_head(model, inputs, self._teacher_fused_head)
-                elif self.teacher.kind == "trust_region":
-                    teacher_out = self._trust_region_teacher_logits(model, inputs)
-                else:
-                    teacher_out = self._teacher_head(model, inputs, head_logits)
+        teacher_out = self._teacher_outputs(model, inputs, fused) if has_teacher else None
 
         def student_head(hidden: torch.Tensor, lm: nn.Module) -> dict[str, torch.Tensor]:
             if teacher_out is None and w_pol is None:
