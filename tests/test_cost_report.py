@@ -63,6 +63,25 @@ NESTED_SASS = """
         /*0090*/                   BRA `(.L_x_2);
 """
 
+# A loop with three if-regions in a row (8 paths): arms of 2, 1 and 1 instructions.
+DIAMONDS_SASS = """
+        /*0000*/                   MOV R0, RZ ;
+        /*0010*/                   ISETP.GT.AND P0, PT, R0, 0x1, PT ;
+        /*0020*/               @P0 BRA 0x50 ;
+        /*0030*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0040*/                   IADD3 R1, R1, 0x1, RZ ;
+        /*0050*/                   ISETP.GT.AND P1, PT, R0, 0x2, PT ;
+        /*0060*/               @P1 BRA 0x80 ;
+        /*0070*/                   IADD3 R2, R2, 0x1, RZ ;
+        /*0080*/                   ISETP.GT.AND P2, PT, R0, 0x3, PT ;
+        /*0090*/               @P2 BRA 0xb0 ;
+        /*00a0*/                   FADD R3, R3, 1 ;
+        /*00b0*/                   IADD3 R0, R0, 0x1, RZ ;
+        /*00c0*/                   ISETP.LT.AND P3, PT, R0, 0x10, PT ;
+        /*00d0*/               @P3 BRA 0x10 ;
+        /*00e0*/                   EXIT ;
+"""
+
 LAT = {"alu": 4, "conv": 6, "mufu": 18, "shfl": 30, "lds": 30, "ldg": 600, "ldc": 10, "s2r": 20, "bar": 20}
 
 
@@ -142,6 +161,21 @@ def test_nested_loops_collapse_and_line_info():
     assert len(paths[0].instrs) == 7
     inner_paths, _ = cr.loop_paths(cfg, inner)
     assert len(inner_paths) == 1 and len(inner_paths[0].instrs) == 3
+
+
+def test_many_paths_fold_the_smallest_regions_to_their_heavier_arm():
+    cfg = cr.build_cfg(cr.parse_sass(DIAMONDS_SASS))
+    (loop,) = cfg.loops
+    paths, folded = cr.loop_paths(cfg, loop, limit=8)
+    assert len(paths) == 8 and folded == 0
+    paths, folded = cr.loop_paths(cfg, loop, limit=2)
+    # the two one-instruction regions keep their (non-empty) arm; the two-instruction one stays a branch
+    assert len(paths) == 2 and folded == 1
+    for p in paths:
+        starts = {cfg.blocks[b].start for b in p.blocks}
+        assert {0x70, 0xA0} <= starts
+    assert sorted(len(p.instrs) for p in paths) == [11, 13]
+    assert len(cr.heaviest_path_instrs(cfg, loop)) == 13
 
 
 def test_occupancy():

@@ -667,57 +667,163 @@ class Path:
         return Counter(ins.base for ins in self.instrs)
 
 
-def loop_paths(cfg: Cfg, loop: Loop, limit: int = 4096) -> tuple[list[Path], bool]:
-    """Acyclic paths header → back edge of `loop`, child loops collapsed. (paths, truncated)."""
+@dataclass
+class _LoopDag:
+    """A loop body as a DAG: own blocks (int ids) and collapsed child loops (("loop", header) keys)."""
+
+    loop: Loop
+    succs: dict  # node -> successor nodes inside the loop (back edges and exits removed)
+    closes: set  # nodes with a back edge to the header
+    instrs: dict  # node -> instructions (a child loop: its heaviest path, once)
+    children: dict  # ("loop", header) -> Loop
+    order: list  # topological order from the header
+
+
+def _loop_dag(cfg: Cfg, loop: Loop) -> _LoopDag:
     owner: dict[int, object] = {b: b for b in loop.body}
+    children = {}
     for child in loop.children:
+        key = ("loop", child.header)
+        children[key] = child
         for b in child.body:
-            owner[b] = child
-    latches = set(loop.latches)
-
-    def node_succs(node: object) -> tuple[list[object], bool]:
-        """Successor nodes inside the loop, and whether the node closes an iteration (back edge)."""
-        members = node.body if isinstance(node, Loop) else {node}
-        out, back = [], False
-        for b in sorted(members):
+            owner[b] = key
+    members: dict[object, set] = {}
+    for b, node in owner.items():
+        members.setdefault(node, set()).add(b)
+    succs, closes = {}, set()
+    for node, blocks in members.items():
+        out = []
+        for b in sorted(blocks):
             for s in cfg.blocks[b].succs:
-                if s == loop.header and b in latches:
-                    back = True
-                elif s in owner and owner[s] is not node and s not in members:
-                    if owner[s] not in out:
-                        out.append(owner[s])
-        return out, back
+                if s == loop.header and b in loop.latches:
+                    closes.add(node)
+                elif s in owner and owner[s] != node and owner[s] not in out:
+                    out.append(owner[s])
+        succs[node] = out
+    # topological order by DFS from the header; an edge closing an (irreducible) cycle is cut
+    order, state = [], {}
 
-    child_instrs = {id(c): _heaviest_path_instrs(cfg, c, limit) for c in loop.children}
-    paths: list[list[object]] = []
-    truncated = False
-    stack: list[tuple[object, list[object]]] = [(loop.header, [loop.header])]
-    while stack:
-        node, nodes = stack.pop()
-        succs, back = node_succs(node)
-        if back:
-            if len(paths) >= limit:
-                truncated = True
-                break
-            paths.append(nodes)
-        for s in reversed(succs):
-            if s in nodes:  # irreducible remainder: cut
+    def visit(root):
+        stack = [(root, iter(succs[root]))]
+        state[root] = 1
+        while stack:
+            node, it = stack[-1]
+            nxt = next(it, None)
+            if nxt is None:
+                state[node] = 2
+                order.append(node)
+                stack.pop()
+            elif state.get(nxt) == 1:
+                succs[node] = [x for x in succs[node] if x != nxt]
+            elif nxt not in state:
+                state[nxt] = 1
+                stack.append((nxt, iter(list(succs[nxt]))))
+
+    visit(loop.header)
+    order.reverse()
+    instrs = {}
+    for node in order:
+        if node in children:
+            instrs[node] = heaviest_path_instrs(cfg, children[node])
+        else:
+            instrs[node] = cfg.blocks[node].instrs
+    return _LoopDag(loop=loop, succs=succs, closes=closes, instrs=instrs, children=children, order=order)
+
+
+def heaviest_path_instrs(cfg: Cfg, loop: Loop) -> list[Instr]:
+    """Instructions of the loop's path (header to back edge) with the most instructions (DP, no enumeration)."""
+    dag = _loop_dag(cfg, loop)
+    best: dict = {}  # node -> (instructions to the end, next node or None)
+    for node in reversed(dag.order):
+        cands = [(len(dag.instrs[node]) + best[s][0], s) for s in dag.succs[node] if s in best]
+        if node in dag.closes:
+            cands.append((len(dag.instrs[node]), None))
+        if cands:
+            best[node] = max(cands, key=lambda c: c[0])
+    out, node = [], loop.header if loop.header in best else None
+    while node is not None:
+        out.extend(dag.instrs[node])
+        node = best[node][1]
+    return out or [i for b in sorted(loop.body) for i in cfg.blocks[b].instrs]
+
+
+def _count_paths(dag: _LoopDag, succs: dict) -> int:
+    count: dict = {}
+    for node in reversed(dag.order):
+        count[node] = (1 if node in dag.closes else 0) + sum(count.get(s, 0) for s in succs[node])
+    return count.get(dag.loop.header, 0)
+
+
+def _fold_small_branches(dag: _LoopDag, limit: int) -> tuple[dict, int]:
+    """Successor lists where the smallest branch regions keep only their heavier arm, so that at most
+    `limit` paths remain. Returns (successors, largest folded region in instructions; 0 if none)."""
+    end = ("end",)
+    succ_e = {n: list(dag.succs[n]) + ([end] if n in dag.closes else []) for n in dag.order}
+    succ_e[end] = []
+    order = [*dag.order, end]
+    # post-dominator sets as bitsets over this order
+    bit = {n: 1 << i for i, n in enumerate(order)}
+    pdom = {end: bit[end]}
+    for n in reversed(dag.order):
+        ss = [pdom[x] for x in succ_e[n] if x in pdom]
+        if ss:
+            pdom[n] = bit[n] | functools.reduce(lambda a, b: a & b, ss)
+    weight = {n: len(dag.instrs[n]) for n in dag.order}
+    weight[end] = 0
+    regions = []  # (size, branch node, kept successor)
+    for n in dag.order:
+        outs = [x for x in succ_e[n] if x in pdom]
+        if len(outs) < 2 or n not in pdom:
+            continue
+        rest = pdom[n] & ~bit[n]
+        ipdom = next((m for m in order if rest & bit[m] and pdom[m] == rest), None)
+        if ipdom is None:
+            continue
+        # heaviest distance from each node to ipdom (exclusive of ipdom)
+        dist: dict = {ipdom: 0}
+        for x in reversed(order):
+            if x is ipdom or x not in pdom:
                 continue
-            stack.append((s, [*nodes, s]))
-    result = []
-    for nodes in paths:
-        ins: list[Instr] = []
-        for n in nodes:
-            ins.extend(child_instrs[id(n)] if isinstance(n, Loop) else cfg.blocks[n].instrs)
-        result.append(Path(loop=loop, nodes=nodes, instrs=ins))
-    return result, truncated
+            ds = [dist[y] for y in succ_e[x] if y in dist]
+            if ds and pdom[x] & bit[ipdom]:
+                dist[x] = weight[x] + max(ds)
+        arms = {x: dist[x] for x in outs if x in dist}
+        if len(arms) >= 2:
+            regions.append((max(arms.values()), n, max(arms, key=arms.get)))
+    regions.sort(key=lambda r: r[0])
+    succs = {n: list(dag.succs[n]) for n in dag.order}
+    folded = 0
+    for size, n, keep in regions:
+        if _count_paths(dag, succs) <= limit:
+            break
+        succs[n] = [keep] if keep is not end else []
+        folded = size
+    return succs, folded
 
 
-def _heaviest_path_instrs(cfg: Cfg, loop: Loop, limit: int) -> list[Instr]:
-    paths, _ = loop_paths(cfg, loop, limit)
-    if not paths:
-        return [i for b in sorted(loop.body) for i in cfg.blocks[b].instrs]
-    return max(paths, key=lambda p: len(p.instrs)).instrs
+def loop_paths(cfg: Cfg, loop: Loop, limit: int = 4096) -> tuple[list[Path], int]:
+    """Acyclic paths header → back edge of `loop`, child loops collapsed (each: its heaviest path, once).
+
+    When there are more than `limit` paths (many small if-regions), the smallest single-entry
+    single-exit branch regions keep only their heavier arm until at most `limit` remain. Returns
+    (paths, size in instructions of the largest region folded so; 0 when none was)."""
+    dag = _loop_dag(cfg, loop)
+    succs, folded = dag.succs, 0
+    if _count_paths(dag, succs) > limit:
+        succs, folded = _fold_small_branches(dag, limit)
+    result: list[Path] = []
+    stack: list[list] = [[loop.header]]
+    while stack:
+        nodes = stack.pop()
+        node = nodes[-1]
+        if node in dag.closes:
+            ins = [i for n in nodes for i in dag.instrs[n]]
+            result.append(Path(loop=loop, nodes=[dag.children.get(n, n) for n in nodes], instrs=ins))
+        for s in reversed(succs[node]):
+            stack.append([*nodes, s])
+        if len(result) > limit:
+            break
+    return result, folded
 
 
 # ----------------------------------------------------------------------------------------------
@@ -971,8 +1077,12 @@ def address_params(cfg: Cfg, params: list[tuple[str, int, int]]) -> dict[int, fr
 
 
 def _alu_pipe(ins: Instr) -> bool:
+    """Issued to the INT32/ALU pipe (16 lanes per scheduler on sm_80+): integer, logic, compare and
+    select. IMAD runs on the FMA pipe (ptxas emits IMAD.MOV/IMAD.SHL to offload the ALU), uniform
+    U* instructions on the uniform datapath."""
     base = ins.base
-    return (ins.cls == "int" and not base.startswith("U") and base != "R2UR") or base in _ALU_PIPE_FP
+    int_alu = ins.cls == "int" and not base.startswith("U") and base not in ("R2UR", "IMAD", "IMUL")
+    return int_alu or base in _ALU_PIPE_FP
 
 
 def critical_path(instrs: list[Instr], latency: dict = LATENCY) -> int:
@@ -1062,6 +1172,11 @@ def source_line(file: str, line: int) -> str:
     return linecache.getline(file, line).strip()
 
 
+@functools.cache
+def _line_matches(pattern: str, file: str, line: int) -> bool:
+    return re.search(pattern, source_line(file, line)) is not None
+
+
 def _runs(source, pattern: str) -> bool:
     rx = re.compile(pattern)
     return any(rx.search(source_line(f, n)) for f, n in source)
@@ -1074,12 +1189,27 @@ class PathCost:
     blocks: list[int]  # start addresses of the path's blocks
     children: list[str]  # collapsed inner loops on the path
     features: dict  # structural features used to label the path
-    source: frozenset = frozenset()  # (file, line) of every instruction on the path, inlining sites included
+    source: Counter = field(default_factory=Counter)  # (file, line) -> instructions (inlining sites included)
     fraction: float = 0.0  # of the loop's iterations (set by the path mix)
+    siblings: list = field(default_factory=list, repr=False)  # every path of the loop, this one included
+
+    def count(self, pattern: str) -> int:
+        """Instructions on the path from source lines matching `pattern` (a regex)."""
+        cache = self.__dict__.setdefault("_counts", {})
+        if pattern not in cache:
+            cache[pattern] = sum(n for (f, line), n in self.source.items() if _line_matches(pattern, f, line))
+        return cache[pattern]
 
     def runs(self, pattern: str) -> bool:
-        """Whether the path executes code from a source line matching `pattern` (a regex), e.g. r"tighten\\("."""
-        return _runs(self.source, pattern)
+        """Whether the path executes code of a source line matching `pattern` (e.g. r"tighten\\(") beyond
+        what every path of its loop executes (compilers move a few instructions of a line into shared
+        blocks, so presence alone does not tell a branch)."""
+        floor = self.__dict__.setdefault("_floors", {})  # shared with the siblings below
+        if pattern not in floor:
+            least = min((p.count(pattern) for p in self.siblings), default=0)
+            for p in self.siblings:
+                p.__dict__.setdefault("_floors", {})[pattern] = least
+        return self.count(pattern) > floor[pattern]
 
 
 @dataclass
@@ -1094,7 +1224,7 @@ class LoopCost:
     bytes_per_elem: float = 0.0  # HBM bytes per [N, V] element this loop streams
     source: tuple = ()  # (file, line) of the back-edge branch (the `for` / `while`), inlining sites included
     parent: str = ""  # label of the enclosing loop
-    body_source: frozenset = frozenset()  # (file, line) of every instruction of the loop
+    body_source: frozenset = frozenset()  # (file, line) of the instructions of the loop outside its inner loops
 
     @property
     def where(self) -> str:
@@ -1104,7 +1234,12 @@ class LoopCost:
         return f"{pathlib.Path(f).name}:{n} `{source_line(f, n)}`"
 
     def runs(self, pattern: str) -> bool:
+        """Whether the loop's own code (inner loops excluded) comes from a source line matching `pattern`."""
         return _runs(self.body_source, pattern)
+
+    def loops_over(self, pattern: str) -> bool:
+        """Whether the loop's `for` / `while` line (its back-edge branch) matches `pattern`."""
+        return bool(self.source) and re.search(pattern, source_line(*self.source[0])) is not None
 
 
 @dataclass
@@ -1150,7 +1285,7 @@ def _block_size(constexprs: dict) -> int:
     return int(max(blocks.values()))
 
 
-def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 4096) -> KernelAnalysis:
+def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256) -> KernelAnalysis:
     """Compile one KernelLaunch and cost its streaming loops, paths and the rest."""
     fn = _unwrap(launch.kernel)
     comp = compile_launch(fn, launch.args, launch.num_warps, _launch_stages(launch), arch)
@@ -1180,12 +1315,20 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
                     out.append((ins, set(hit)))
         return out
 
-    streaming = []
-    for lp in cfg.loops:
-        own = cfg.own_blocks(lp)
-        if stream_accesses(own):
-            streaming.append(lp)
-    streaming = [lp for lp in streaming if not any(o is not lp and o.body < lp.body for o in streaming)]
+    # The vocabulary loops: those whose `for`/`while` line (line info of the back-edge branch) names
+    # an argument equal to V (e.g. n_cols) and that load or store an [N, V] tensor. Without line
+    # info: the innermost loops whose own blocks load or store one.
+    vocab_names = [n for n, v in launch.args.items() if type(v) is int and v == vocab]
+    vocab_rx = re.compile(r"\b(" + "|".join(map(re.escape, vocab_names)) + r")\b") if vocab_names else None
+
+    def names_vocab(lp: Loop) -> bool:
+        src = cfg.blocks[lp.latches[0]].instrs[-1].source
+        return bool(vocab_rx and src and vocab_rx.search(source_line(*src[0])))
+
+    streaming = [lp for lp in cfg.loops if names_vocab(lp) and stream_accesses(sorted(lp.body))]
+    if not streaming:
+        streaming = [lp for lp in cfg.loops if stream_accesses(cfg.own_blocks(lp))]
+        streaming = [lp for lp in streaming if not any(o is not lp and o.body < lp.body for o in streaming)]
     if not streaming:
         warnings.append("no loop streams an [N, V] tensor")
 
@@ -1218,9 +1361,13 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
     stream_ids = set().union(*(lp.body for lp in streaming)) if streaming else set()
 
     def loop_cost(lp: Loop, is_stream: bool) -> LoopCost:
-        paths, truncated = loop_paths(cfg, lp, path_limit)
-        if truncated:
-            warnings.append(f"{lp.label}: more than {path_limit} paths, enumeration truncated")
+        paths, folded = loop_paths(cfg, lp, path_limit)
+        truncated = bool(folded)
+        if folded:
+            warnings.append(
+                f"{lp.label}: over {path_limit} paths; branch regions of up to {folded} instructions "
+                "folded to their heavier arm"
+            )
         pcs = []
         for p in paths:
             ops = p.ops()
@@ -1244,9 +1391,11 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
                     blocks=[cfg.blocks[b].start for b in p.blocks],
                     children=[c.label for c in p.children],
                     features=features,
-                    source=frozenset(loc for i in p.instrs for loc in i.source),
+                    source=Counter(loc for i in p.instrs for loc in i.source),
                 )
             )
+        for pc in pcs:
+            pc.siblings = pcs
         return LoopCost(
             label=lp.label,
             header=cfg.blocks[lp.header].start,
@@ -1258,11 +1407,12 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
             bytes_per_elem=loop_bytes.get(id(lp), 0.0),
             source=cfg.blocks[lp.latches[0]].instrs[-1].source,
             parent=lp.parent.label if lp.parent else "",
-            body_source=frozenset(loc for b in lp.body for i in cfg.blocks[b].instrs for loc in i.source),
+            body_source=frozenset(loc for b in cfg.own_blocks(lp) for i in cfg.blocks[b].instrs for loc in i.source),
         )
 
     loops = [loop_cost(lp, True) for lp in streaming]
     others = [loop_cost(lp, False) for lp in cfg.loops if lp not in streaming]
+    _relabel_loops(fn.__name__, launch, loops, others, {lc.label for lc in loops})
     outside = Cost.of([i for b in cfg.blocks if b.id not in stream_ids for i in b.instrs])
     programs = math.prod(launch.grid) if launch.grid else 1
     ka = KernelAnalysis(
@@ -1287,6 +1437,33 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 409
     return ka
 
 
+def _relabel_loops(name: str, launch, loops: list[LoopCost], others: list[LoopCost], streaming: set) -> None:
+    """Give loops the names `label_loop` chooses (unique), and update every reference to them."""
+    every = loops + others
+    parents = {lc.label: lc.parent for lc in every}
+
+    def inside_stream(label: str) -> bool:
+        while label:
+            if label in streaming:
+                return True
+            label = parents.get(label, "")
+        return False
+
+    rename, used = {}, set()
+    for lc in every:
+        new = label_loop(name, launch, lc, inside_stream(lc.parent)) or lc.label
+        base, k = new, 2
+        while new in used:
+            new, k = f"{base} #{k}", k + 1
+        used.add(new)
+        rename[lc.label] = new
+    for lc in every:
+        lc.label = rename[lc.label]
+        lc.parent = rename.get(lc.parent, lc.parent)
+        for p in lc.paths:
+            p.children = [rename.get(c, c) for c in p.children]
+
+
 def assign_mix(ka: KernelAnalysis) -> None:
     """Label every path (`label_paths`) and give it its share of the loop's iterations (`path_mix`)."""
     mix = path_mix(ka.name, ka.launch, ka) or {}
@@ -1296,18 +1473,30 @@ def assign_mix(ka: KernelAnalysis) -> None:
         for p, lab in zip(lc.paths, labels):
             p.label = lab
         names = [p.label for p in lc.paths]
-        known = {n: mix[n] for n in set(names) if n in mix}
-        if len(set(names)) == 1:
-            known = {names[0]: 1.0}
+        distinct = sorted({n for n in names if n})
+        known = {n: mix[n] for n in distinct if n in mix}
+        if len(distinct) == 1:
+            known = {distinct[0]: 1.0}
         elif not known:
-            ka.warnings.append(f"{lc.label}: no path mix for labels {sorted(set(names))}; equal split")
-            known = {n: 1.0 for n in set(names)}
+            ka.warnings.append(f"{lc.label}: no path mix for labels {distinct}; equal split")
+            known = {n: 1.0 for n in distinct}
         total = sum(known.values())
+        for n, f in known.items():
+            # SASS paths sharing a label (small diamonds, inner loops entered or not): the heaviest one
+            # takes the label's share (conservative); the others are listed with fraction 0.
+            heaviest = max((p for p in lc.paths if p.label == n), key=lambda p: p.cost.instrs)
+            heaviest.fraction = f / total if total else 0.0
         for p in lc.paths:
-            share = known.get(p.label, 0.0) / total if total else 0.0
-            p.fraction = share / names.count(p.label)
-        if any(names.count(n) > 1 for n in known):
-            ka.warnings.append(f"{lc.label}: several SASS paths share a label; its fraction is split evenly")
+            if not p.label:
+                p.label = "(not in mix)"
+    labels = {p.label for lc in ka.loops for p in lc.paths}
+    lost = sorted(n for n, f in mix.items() if f > 0 and n not in labels)
+    if lost:
+        ka.warnings.append(f"path mix labels without a SASS path: {lost} (their share is dropped)")
+    names = {lc.label for lc in ka.loops + ka.other_loops}
+    lost = sorted(n for n in ka.extras if n != "bytes" and n not in names)
+    if lost:
+        ka.warnings.append(f"row extras for loops not found: {lost}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1545,9 +1734,21 @@ def kernel_report(ka: KernelAnalysis, direction: str) -> dict:
     for lc in ka.loops:
         paths = []
         for p in lc.paths:
+            if p.fraction <= 0 and len(lc.paths) > 8:  # compact entry for the many paths outside the mix
+                paths.append(
+                    {
+                        "label": p.label,
+                        "fraction": 0.0,
+                        "instrs_per_iter": p.cost.instrs,
+                        "critical_cycles_per_iter": p.cost.critical_cycles,
+                        "inner_loops": p.children,
+                    }
+                )
+                continue
             paths.append(
                 {
                     "label": p.label,
+                    "sass_paths_with_label": sum(1 for q in lc.paths if q.label == p.label),
                     "fraction": p.fraction,
                     "instrs_per_iter": p.cost.instrs,
                     "per_elem": p.cost.scaled(per_elem),
@@ -1561,6 +1762,7 @@ def kernel_report(ka: KernelAnalysis, direction: str) -> dict:
             )
         loops.append(
             {
+                "where": lc.where,
                 "label": lc.label,
                 "depth": lc.depth,
                 "iterations_per_row": lc.trips_per_row,
@@ -1569,21 +1771,22 @@ def kernel_report(ka: KernelAnalysis, direction: str) -> dict:
                 "paths": paths,
             }
         )
-    others = [
-        {
-            "label": lc.label,
-            "depth": lc.depth,
-            "paths": [
-                {
-                    "instrs_per_iter": p.cost.instrs,
-                    "critical_cycles_per_iter": p.cost.critical_cycles,
-                    "by_class": p.cost.by_class,
-                }
-                for p in lc.paths
-            ],
-        }
-        for lc in ka.other_loops
-    ]
+    others = []
+    for lc in ka.other_loops:
+        heaviest = max(lc.paths, key=lambda p: p.cost.instrs) if lc.paths else None
+        others.append(
+            {
+                "label": lc.label,
+                "inside": lc.parent,
+                "where": lc.where,
+                "header": f"{lc.header:#06x}",
+                "paths": len(lc.paths),
+                "instrs_per_iter": heaviest.cost.instrs if heaviest else 0,
+                "critical_cycles_per_iter": heaviest.cost.critical_cycles if heaviest else 0,
+                "by_class_per_iter": heaviest.cost.by_class if heaviest else {},
+                "extra_iterations_per_row": ka.extras.get(lc.label, 0.0),
+            }
+        )
     return {
         "kernel": ka.name,
         "direction": direction,
@@ -1674,6 +1877,11 @@ def _classes(per_elem: dict) -> str:
     return " · ".join(f"{CLASS_ABBR[c]} {per_elem[c]:.3g}" for c in CLASSES if per_elem.get(c, 0) >= 0.005)
 
 
+def _limiter(t: dict) -> str:
+    names = [t[g.name]["limiter"] for g in GPUS]
+    return names[0] if len(set(names)) == 1 else " / ".join(names)
+
+
 def render_markdown(report: dict) -> str:
     gpus = " / ".join(g["name"] for g in report["gpus"])
     bandwidths = ", ".join(f"{g['name']} {g['hbm_bytes_per_s'] / 1e12:g} TB/s" for g in report["gpus"])
@@ -1682,16 +1890,18 @@ def render_markdown(report: dict) -> str:
         f"# {report['title']} ({report['date']})",
         "",
         f"**All times are {PREDICTED}.** Triton {report['triton']}, {report['arch']} SASS of each kernel as the "
-        f"launcher launches it. Time pairs are {gpus} (ms); ratios are to the HBM floor.",
+        f"launcher launches it. Time pairs are {gpus} in ms; ratios are to the HBM floor.",
         "",
         f"- HBM floor: bytes of the [N, V] tensors each kernel streams (+ row statistics) / bandwidth ({bandwidths}).",
         "- static bound: max(HBM floor, warp-instructions / (SMs · 4 schedulers · clock), MUFU pipe "
-        "(16 lanes/clk/SM), INT/ALU pipe (64 lanes/clk/SM)); 132 SMs at 1.755 GHz.",
+        "(16 lanes/clk/SM), INT/ALU pipe (integer, logic, compare, select but not IMAD: 64 lanes/clk/SM)); "
+        "132 SMs at 1.755 GHz; the binding term in brackets.",
         "- latency-aware: per loop iteration max(one warp's in-order dependent critical path, issue/pipe cycles "
         "of all resident warps, HBM share), at the real CTAs per SM, over ceil(programs / (SMs · CTAs)) waves; "
         f"latencies (cycles): {lat}.",
-        "- path rows: the figures if every iteration took that path; **mix** rows weight the paths by "
-        "`path_mix` (iid logits for the top-K filter); 'outside loops': per-row code amortised over V.",
+        "- path rows: per thread per vocabulary element, and the times if every iteration took that path; "
+        "**mix** rows weight the paths by `path_mix` (iid logits for the top-K filter) and add the code outside "
+        "the streaming loop ('outside loops': once per row) and the inner loops' extra iterations.",
         "",
     ]
     for shape in report["shapes"]:
@@ -1702,39 +1912,72 @@ def render_markdown(report: dict) -> str:
             "| crit. path cyc/iter | floor ms | static bound ms | ratio | latency-aware ms | ratio |"
         )
         out.append("|" + "---|" * 15)
+        inner = []
         for entry in shape["variants"]:
             for kr in entry["kernels"]:
                 kname = f"{kr['direction']} `{kr['kernel']}`"
                 ctas = str(kr["ctas_per_sm"][report["gpus"][0]["name"]])
                 regs = f"{kr['registers']}" + (f" ({kr['local_bytes']} B spill)" if kr["local_bytes"] else "")
+                row = f"| {entry['name']} | {kname} |"
                 for lp in kr["loops"]:
                     for p in lp["paths"]:
+                        if p["fraction"] <= 0 and len(lp["paths"]) > 1:
+                            continue
                         t = p["if_every_iteration"]
+                        label = p["label"]
+                        if len(kr["loops"]) > 1:
+                            label = f"{lp['label']}: {label}"
+                        if p["sass_paths_with_label"] > 1:
+                            label += f" (heaviest of {p['sass_paths_with_label']})"
+                        if p["inner_loops"]:
+                            label += " ⟲ " + ", ".join(p["inner_loops"])
                         out.append(
-                            f"| {entry['name']} | {kname} | {p['label']} | {p['fraction']:.3f} | {regs} | {ctas} "
+                            f"{row} {label} | {p['fraction']:.3f} | {regs} | {ctas} "
                             f"| {p['per_elem']['instrs']:.1f} | {_classes(p['per_elem'])} | {lp['bytes_per_elem']:g} "
                             f"| {p['critical_cycles_per_iter']} | {_pair(t, 'hbm_floor')} | {_pair(t, 'static_bound')} "
                             f"| {_pair(t, 'static_ratio', _ratio)} | {_pair(t, 'latency_aware')} "
                             f"| {_pair(t, 'latency_ratio', _ratio)} |"
                         )
+                    hidden = sum(1 for p in lp["paths"] if p["fraction"] <= 0)
+                    if hidden and len(lp["paths"]) > 1:
+                        note = f"({hidden} more SASS paths, not in the mix: see the JSON)"
+                        out.append(f"{row} {note} | 0 | | | | | | | | | | | |")
                 o = kr["outside_loops_per_row"]
+                per_row = " · ".join(f"{CLASS_ABBR[c]} {o['by_class'][c]}" for c in CLASSES if o["by_class"][c])
                 out.append(
-                    f"| {entry['name']} | {kname} | outside loops ({o['instrs']} instr/row) | — | {regs} | {ctas} "
-                    f"| {o['per_elem']['instrs']:.2f} | {_classes(o['per_elem'])} | — | {o['critical_cycles']} "
-                    "| — | — | — | — | — |"
+                    f"{row} outside loops, per row: {o['instrs']} instr ({per_row}) | — | {regs} | {ctas} "
+                    f"| {o['per_elem']['instrs']:.2f} | | — | {o['critical_cycles']} | | | | | |"
                 )
                 t = kr["at_mix"]
                 out.append(
-                    f"| {entry['name']} | {kname} | **mix** | 1 | {regs} | {ctas} | | | {kr['hbm_bytes_per_elem']:g} | "
-                    f"| {_pair(t, 'hbm_floor')} | **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
+                    f"{row} **mix** | 1 | {regs} | {ctas} | | | {kr['hbm_bytes_per_elem']:g} | "
+                    f"| {_pair(t, 'hbm_floor')} | **{_pair(t, 'static_bound')}** ({_limiter(t)}) "
+                    f"| {_pair(t, 'static_ratio', _ratio)} "
                     f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
                 )
+                for lo in kr["other_loops"]:
+                    inner.append(
+                        f"| {entry['name']} | {kname} | {lo['label']} | {lo['inside'] or '—'} | {lo['where']} "
+                        f"| {lo['instrs_per_iter']} | {lo['critical_cycles_per_iter']} "
+                        f"| {lo['extra_iterations_per_row']:g} |"
+                    )
             t = entry["total"]
             out.append(
                 f"| {entry['name']} | **forward + backward** | | | | | | | | | {_pair(t, 'hbm_floor')} "
                 f"| **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
                 f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
             )
+        if inner:
+            out += [
+                "",
+                "Other loops (inner loops appear collapsed in the paths above, counted once; code outside the "
+                "streaming loop counts each of its loops once per row; `row_extras` adds the iterations beyond):",
+                "",
+                "| mode | kernel | loop | inside | source | instr/iter (heaviest path) | crit. path cyc/iter "
+                "| extra iterations/row |",
+                "|" + "---|" * 8,
+                *inner,
+            ]
         notes = sorted(
             {f"{kr['kernel']}: {w}" for e in shape["variants"] for kr in e["kernels"] for w in kr["warnings"]}
         )
@@ -1779,24 +2022,73 @@ def main(argv: list[str] | None = None) -> int:
 # ==============================================================================================
 # PATH LABELS AND PATH MIX: update this section when a kernel's control flow changes.
 #
-#   label_paths(kernel_name, launch, loop, analysis) -> list[str]   one label per SASS path
+#   label_loop(kernel_name, launch, loop, in_stream) -> str | None      a stable name for a loop
+#   label_paths(kernel_name, launch, loop, analysis) -> list[str | None]   one label per SASS path
 #   path_mix(kernel_name, launch, analysis) -> {label: fraction of the streaming loop's iterations}
-#   row_extras(kernel_name, launch, analysis) -> {loop label: iterations per row, "bytes": HBM bytes per row}
+#   row_extras(kernel_name, launch, analysis) -> {loop label: extra iterations per row, "bytes": HBM bytes per row}
 #
-# Labels come from structural features of each path (`PathCost.features`: global/shared stores,
-# barriers, shuffles, instruction count, inner loops), never from block addresses. A loop with
-# one path needs no entry. Fractions are normalised per loop; SASS paths sharing a label split
-# its fraction evenly.
+# Labels come from structural features of each path, never from block addresses:
+# `PathCost.features` (global/shared stores, barriers, shuffles, instructions, inner loops) and
+# `PathCost.runs(regex)` / `LoopCost.runs(regex)`: whether the path (loop) executes code of a
+# source line matching the regex (nvdisasm line info, inlining sites included; robust to edits
+# that move lines). A loop with one path needs no entry. Fractions are normalised per loop; of
+# the SASS paths sharing a label (small diamonds, inner loops entered or not) the heaviest takes
+# the label's fraction; a None label keeps a path out of the mix.
+#
+# Costs: a path counts each collapsed inner loop once (its heaviest path); code outside the
+# streaming loops (the row loop's body, the final selection, prologue/epilogue) counts once per
+# row, each of its loops once. `row_extras` adds the iterations beyond those, per row.
 # ==============================================================================================
+
+
+def _is_threshold_topk(launch) -> bool:
+    """The top-K forward with a float threshold and candidate scratch (else: the per-block sort)."""
+    return "SCRATCH" in launch.args
+
+
+def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str | None:
+    if loop.streaming:
+        return "vocab loop"
+    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+        where = "stream" if in_stream else "final"
+        if loop.loops_over(r"for row in range\("):
+            return "row loop"
+        if loop.loops_over(r"while \(hi - lo"):
+            return f"{where} bisection"
+        if loop.runs(r"ordered_key\(z\) >= key"):
+            return f"{where} count chunk"
+        if loop.runs(r"tie_rank"):
+            return f"{where} compact chunk"
+        if loop.runs(r"top_z = tl\.maximum"):
+            return f"{where} max chunk"
+    return None
 
 
 def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalysis) -> list[str]:
     paths = loop.paths
     if len(paths) == 1:
         return ["stream"]
+    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+        labels = []
+        for p in paths:
+            # Triton 3.9's line info has the inlining sites (the `tighten(` call); 3.6's only the
+            # innermost lines, hence lines of tighten's own body as well.
+            if p.runs(r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"):
+                labels.append("tighten")  # scratch full: bisection selection, then append
+                continue
+            if p.runs(r"tl\.reshape\(z"):
+                lab = "first block"  # the threshold from K' group maxima, then append
+            elif p.runs(r"tl\.store\(cand \+ slot"):
+                lab = "append"  # some entries pass the threshold
+            else:
+                lab = "skip"  # none passes: tail sums only
+            if p.runs(r"\b_rebase\(|reset = stale &"):
+                lab += " + rebase"  # the rare base raise (overflow / first finite block)
+            labels.append(lab)
+        return labels
     if kernel_name == "topk_forward_kernel":
-        # compaction: the only path that stores to global memory (the candidate scratch);
-        # of the others, the cheapest is the skip path (no candidate), the dearest the full top-K' network.
+        # Per-block sort design: compaction is the only path that stores to global memory (the
+        # candidate scratch); of the others, the cheapest skips, the dearest runs the top-K' network.
         labels = []
         plain = [p for p in paths if p.features["global_stores"] == 0]
         cheapest = min(plain, key=lambda p: p.cost.instrs) if plain else None
@@ -1814,6 +2106,24 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
     return [f"path {i}" for i in range(len(paths))]
 
 
+def path_mix(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+        sim = _threshold_simulation(launch, analysis.vocab)
+        return {k: v / sim["blocks_per_row"] for k, v in sim["blocks"].items()}
+    if kernel_name == "topk_forward_kernel":
+        return topk_iid_mix(analysis.vocab, analysis.block_v, int(analysis.compiled.constexprs["K_POW2"]))
+    return {}  # single-path streams (LSE, gradient)
+
+
+def row_extras(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+        return _threshold_simulation(launch, analysis.vocab)["extras"]
+    return {}
+
+
+# --- per-block sort design (K'-key buffer, compaction, full top-K' network) -------------------
+
+
 def _nb_cdf(k: int, r: int, q: float) -> float:
     """P(X <= k), X ~ negative binomial: failures before the r-th success, success prob 1 - q."""
     if q <= 0.0:
@@ -1827,11 +2137,11 @@ def _nb_cdf(k: int, r: int, q: float) -> float:
 
 
 def topk_iid_mix(vocab: int, block_v: int, k_pow2: int) -> dict[str, float]:
-    """Expected share of blocks taking each path of the top-K' filter, for iid logits in index order.
+    """Expected share of blocks taking each path of the per-block-sort top-K', iid logits in index order.
 
     Block 1 fills the buffer (full network when BLOCK_V > K'). In block b >= 2 the number of keys
     above the buffer's smallest is negative-binomial (a Poisson count whose rate is the tail mass
-    above the (K')-th order statistic of the (b-1)·BLOCK_V keys seen): P(none) = ((b-1)/b)^K'
+    above the K'-th order statistic of the (b-1)·BLOCK_V keys seen): P(none) = ((b-1)/b)^K'
     ≈ exp(-K'/b) → skip; more than K' → full network; otherwise compaction.
     """
     n_blocks = math.ceil(vocab / block_v)
@@ -1848,15 +2158,111 @@ def topk_iid_mix(vocab: int, block_v: int, k_pow2: int) -> dict[str, float]:
     return {"skip": skip / n_blocks, "compaction": comp / n_blocks, "full network": full / n_blocks}
 
 
-def path_mix(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
-    if kernel_name == "topk_forward_kernel":
-        c = analysis.compiled.constexprs
-        return topk_iid_mix(analysis.vocab, analysis.block_v, int(c["K_POW2"]))
-    return {}  # single-path streams (LSE, gradient)
+# --- threshold filter + candidate scratch design -----------------------------------------------
+
+IID_ROWS = 4  # rows simulated (iid normal logits, sigma IID_SIGMA, fixed seed)
+IID_SIGMA = 3.0
 
 
-def row_extras(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
-    return {}
+def _ordered_key(z):
+    import numpy as np
+
+    bits = z.astype(np.float32).view(np.int32).astype(np.int64)
+    return np.where(bits >= 0, bits, (bits ^ 0x7FFFFFFF) + 1)
+
+
+def _key_value(key: int) -> float:
+    import numpy as np
+
+    bits = key if key >= 0 else (key - 1) ^ 0x7FFFFFFF
+    return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
+
+
+def _tighten_sim(cand_z, thr: float, keep_lo: int, keep_hi: int, chunk: int) -> tuple[int, float, dict]:
+    """The kernel's `tighten` on candidate values: (kept, new threshold, loop trips)."""
+    import numpy as np
+
+    n = len(cand_z)
+    chunks = max(1, -(-n // chunk))
+    keys = _ordered_key(cand_z)
+    lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
+    count_hi, found, steps = 0, False, 0
+    while hi - lo > 1 and not found:
+        mid = lo + (hi - lo) // 2
+        count = int((keys >= mid).sum())
+        steps += 1
+        if count >= keep_lo:
+            lo, found = mid, count <= keep_hi
+        else:
+            hi, count_hi = mid, count
+    room = n if found else keep_lo - count_hi
+    kept = int((keys > lo).sum()) + min(int((keys == lo).sum()), room)
+    trips = {"max chunk": chunks, "bisection": steps, "count chunk": steps * chunks, "compact chunk": chunks}
+    return kept, _key_value(lo), trips
+
+
+@functools.cache
+def _threshold_simulation_cached(vocab: int, block_v: int, topk: int, k_pow2: int, scratch: int, chunk: int) -> dict:
+    """Run the kernel's control flow (threshold, appends, tighten) on iid rows: blocks per path, loop trips."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    blocks = Counter()
+    trips = {w: Counter() for w in ("stream", "final")}
+    tightens = Counter()
+    n_blocks = -(-vocab // block_v)
+    for _ in range(IID_ROWS):
+        row = (rng.standard_normal(vocab) * IID_SIGMA).astype(np.float32)
+        thr, cand = -np.inf, np.empty(0, np.float32)
+        for b in range(n_blocks):
+            z = row[b * block_v : (b + 1) * block_v]
+            if b == 0:
+                if vocab >= block_v:
+                    thr = float(z.reshape(k_pow2, block_v // k_pow2).max(1).min())
+                passes = z >= thr
+            else:
+                passes = z > thr
+            n_new = int(passes.sum())
+            if n_new == 0:
+                blocks["skip"] += 1
+                continue
+            if len(cand) + n_new > scratch:
+                kept, thr, t = _tighten_sim(cand, thr, topk, 2 * k_pow2, chunk)
+                cand = np.sort(cand)[::-1][:kept]  # the survivors (their order does not matter here)
+                trips["stream"].update(t)
+                tightens["stream"] += 1
+                passes &= z > thr
+                blocks["tighten"] += 1
+            else:
+                blocks["first block" if b == 0 else "append"] += 1
+            cand = np.concatenate([cand, z[passes]])
+        _, _, t = _tighten_sim(cand, thr, topk, topk, chunk)
+        trips["final"].update(t)
+        tightens["final"] += 1
+    rows = IID_ROWS
+    extras = {}
+    # A path through the vocab loop's tighten counts each of its loops once (bisection with one
+    # count chunk); the final tighten (outside the streaming loop) is counted once likewise.
+    for where in ("stream", "final"):
+        t, n = trips[where], tightens[where]
+        extras[f"{where} max chunk"] = (t["max chunk"] - n) / rows
+        extras[f"{where} bisection"] = (t["bisection"] - n) / rows
+        extras[f"{where} count chunk"] = (t["count chunk"] - t["bisection"]) / rows
+        extras[f"{where} compact chunk"] = (t["compact chunk"] - n) / rows
+    return {
+        "blocks_per_row": n_blocks,
+        "blocks": {k: v / rows for k, v in blocks.items()},
+        "extras": extras,
+        "tightens_per_row": {k: v / rows for k, v in tightens.items()},
+        "trips_per_row": {w: {k: v / rows for k, v in t.items()} for w, t in trips.items()},
+    }
+
+
+def _threshold_simulation(launch, vocab: int) -> dict:
+    a = launch.args
+    return _threshold_simulation_cached(
+        vocab, int(a["BLOCK_V"]), int(a["topk"]), int(a["K_POW2"]), int(a["SCRATCH"]), int(a["CHUNK"])
+    )
 
 
 if __name__ == "__main__":
