@@ -27,6 +27,8 @@ from .triton_topk import topk_forward_kernel
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
 TOPK_CHUNK = 1024
+# Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
+TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
 # Persistent top-K programs per SM: each owns one candidate scratch.
 TOPK_PROGRAMS_PER_SM = 4
@@ -153,6 +155,7 @@ def forward_launches(
                 SCRATCH=scratch,
                 CHUNK=min(TOPK_CHUNK, block),
                 ADD_TAIL=config.add_tail,
+                RUN=TOPK_RUN,
             ),
             num_warps=TOPK_WARPS,
         )

@@ -9,8 +9,9 @@ time (docs/kernels.md walks through the design and its cost):
   maxima (K' groups, each contributes one entry >= thr: ties there are admitted); afterwards
   only entries strictly above thr pass, one float compare each. A block whose maximum (already
   computed for the log-sum-exp) does not exceed thr skips everything else.
-- Candidates. Entries that pass are appended, in index order, to this program's scratch
-  (index, z, raw teacher logit): a cumsum gives their slots. When a block would overflow the
+- Candidates. Entries that pass are appended, in index order, to this program's scratch: only
+  their vocabulary index (a cumsum gives the slots; one store each). Their values are gathered
+  back from the rows when the scratch is next tightened. When a block would overflow the
   scratch, `tighten` selects a new threshold among the candidates (bisection on int32 keys of
   their values, early exit once K..2K' of them reach it) and compacts the survivors in place;
   the evicted ones go to the tail sums. At the end the same routine selects exactly K, ties at
@@ -33,6 +34,31 @@ from .triton_math import LOG2E, divergence_terms, importance_weight, key_value, 
 @triton.jit
 def _add3(a0, b0, c0, a1, b1, c1):
     return a0 + a1, b0 + b1, c0 + c1
+
+
+@triton.jit
+def _exclusive_cumsum(x):
+    """Exclusive prefix sum, in row-major order, of a [rows, RUN] int32 tile whose runs are held by one
+    thread each: sums along a run stay in the thread, only the run totals are scanned across threads."""
+    totals = tl.sum(x, 1)
+    return tl.cumsum(x, 1) - x + (tl.cumsum(totals, 0) - totals)[:, None]
+
+
+@triton.jit
+def _max_all(x):
+    return tl.max(tl.max(x, 1), 0)
+
+
+@triton.jit
+def _sum_all(x):
+    return tl.sum(tl.sum(x, 1), 0)
+
+
+@triton.jit
+def _sum3_all(a, b, c):
+    """Sums of three [rows, RUN] tiles in one reduction (one round of shuffles and barriers)."""
+    a, b, c = tl.reduce((a, b, c), 1, _add3)
+    return tl.reduce((a, b, c), 0, _add3)
 
 
 @triton.jit
@@ -70,6 +96,12 @@ def _count_at_least(cand, n_cand, key, SCRATCH: tl.constexpr, CHUNK: tl.constexp
 def tighten(
     cand,
     n_cand,
+    n_ready,
+    student_row,
+    teacher_row,
+    stride_s_col,
+    stride_t_col,
+    inv_temp,
     thr,
     keep_lo,
     keep_hi,
@@ -85,8 +117,9 @@ def tighten(
     """Keep between keep_lo and keep_hi of the n_cand candidates, the largest ones.
 
     `cand` is this program's scratch: three float32 rows of SCRATCH slots, the vocabulary index
-    (int32 bits), z and the raw teacher logit of each candidate, in index order. The tail sums are
-    first rebased above the candidates' maxima. Bisection over int32 keys in [key(thr), key(max)]
+    (int32 bits), z and the raw teacher logit of each candidate, in index order. The stream appends
+    indices only (one store per candidate); the values of candidates n_ready.. are gathered here from
+    the logits rows (a rare path), and the tail sums rebased above the candidates' maxima. Bisection over int32 keys in [key(thr), key(max)]
     finds a key that keep_lo..keep_hi candidates reach, or else the keep_lo-th largest key exactly;
     the candidates at or above it are compacted to the front (order kept), ties at the keep_lo-th
     key cut at the lowest indices, and the evicted ones' e^z, e^u added to the tail sums.
@@ -98,10 +131,20 @@ def tighten(
     top_u = tl.full([], float("-inf"), tl.float32)
     for start in range(0, n_cand, CHUNK):
         offs = start + lanes
-        top_z = tl.maximum(top_z, tl.max(tl.load(cand + SCRATCH + offs, mask=offs < n_cand, other=float("-inf")), 0))
+        valid = offs < n_cand
+        fresh = valid & (offs >= n_ready)
+        ready = valid & (offs < n_ready)
+        index = tl.load(cand + offs, mask=fresh, other=0.0).to(tl.int32, bitcast=True)
+        z = tl.load(student_row + index * stride_s_col, mask=fresh, other=float("-inf")).to(tl.float32) * inv_temp
+        z = tl.where(fresh, z, tl.load(cand + SCRATCH + offs, mask=ready, other=float("-inf")))
+        tl.store(cand + SCRATCH + offs, z, mask=fresh)
+        top_z = tl.maximum(top_z, tl.max(z, 0))
         if STREAM_TEACHER:
-            u = tl.load(cand + 2 * SCRATCH + offs, mask=offs < n_cand, other=float("-inf"))
+            u = tl.load(teacher_row + index * stride_t_col, mask=fresh, other=float("-inf")).to(tl.float32)
+            u = tl.where(fresh, u, tl.load(cand + 2 * SCRATCH + offs, mask=ready, other=float("-inf")))
+            tl.store(cand + 2 * SCRATCH + offs, u, mask=fresh)
             top_u = tl.maximum(top_u, tl.max(u, 0))
+    tl.debug_barrier()  # the gathered values land before the counting passes read them
     base_z, tail_z = _raise_base(base_z, tail_z, top_z * LOG2E)
     if STREAM_TEACHER:
         base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
@@ -184,9 +227,12 @@ def topk_forward_kernel(
     CHUNK: tl.constexpr,
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
+    RUN: tl.constexpr,
 ):
     neg_inf = float("-inf")
-    lanes = tl.arange(0, BLOCK_V)
+    # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
+    # so reductions and the candidate prefix sum along a run stay inside a thread.
+    lanes = tl.arange(0, BLOCK_V // RUN)[:, None] * RUN + tl.arange(0, RUN)[None, :]
     k_pos = tl.arange(0, K_POW2)
     program = tl.program_id(0)
     cand = scratch_ptr + program.to(tl.int64) * (3 * SCRATCH)  # index bits | z | raw u, one row each
@@ -201,6 +247,7 @@ def topk_forward_kernel(
         tail_u = tl.zeros([], tl.float32)
         thr = tl.full([], neg_inf, tl.float32)
         n_cand = 0
+        n_ready = 0  # candidates whose values are in the scratch (the stream appends indices only)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + lanes
             in_row = offs < n_cols
@@ -208,9 +255,9 @@ def topk_forward_kernel(
             if ADD_TAIL:
                 u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
             if start == 0:
-                base_z = _finite_or_zero(tl.max(z, 0)) * LOG2E
+                base_z = _finite_or_zero(_max_all(z)) * LOG2E
                 if ADD_TAIL:
-                    base_u = _finite_or_zero(tl.max(u, 0)) * u_scale_log2
+                    base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
                 if n_cols >= BLOCK_V:
                     # K' groups of a full block, one entry >= thr each: K' >= K witnesses.
                     thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
@@ -218,29 +265,25 @@ def topk_forward_kernel(
             else:
                 passes = z > thr  # masked lanes hold -inf
             if ADD_TAIL:
-                block_z, block_u, n_new = tl.reduce(
-                    (
-                        tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
-                        tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
-                        passes.to(tl.int32),
-                    ),
-                    0,
-                    _add3,
+                block_z, block_u, n_new = _sum3_all(
+                    tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
+                    tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
+                    passes.to(tl.int32),
                 )
             else:
-                block_z, block_u, n_new = tl.reduce(
-                    (tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)), 0.0 * z, passes.to(tl.int32)), 0, _add3
+                block_z, block_u, n_new = _sum3_all(
+                    tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)), 0.0 * z, passes.to(tl.int32)
                 )
             # Rare: the block overflows the base (a new maximum far above it), or nothing has been
             # summed yet and the block underflows it. Raise the base to the block's maximum.
             stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
             stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
             if stale_z | (stale_u & ADD_TAIL):
-                base_z, tail_z = _rebase(base_z, tail_z, stale_z, tl.max(z, 0) * LOG2E)
-                block_z = tl.sum(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)), 0)
+                base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z) * LOG2E)
+                block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
                 if ADD_TAIL:
-                    base_u, tail_u = _rebase(base_u, tail_u, stale_u, tl.max(u, 0) * u_scale_log2)
-                    block_u = tl.sum(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)), 0)
+                    base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u) * u_scale_log2)
+                    block_u = _sum_all(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)))
             tail_z += block_z
             tail_u += block_u
             if n_new > 0:
@@ -248,6 +291,12 @@ def topk_forward_kernel(
                     n_cand, thr, tail_z, tail_u, base_z, base_u = tighten(
                         cand=cand,
                         n_cand=n_cand,
+                        n_ready=n_ready,
+                        student_row=student_row,
+                        teacher_row=teacher_row,
+                        stride_s_col=stride_s_col,
+                        stride_t_col=stride_t_col,
+                        inv_temp=inv_temp,
                         thr=thr,
                         keep_lo=topk,
                         keep_hi=2 * K_POW2,
@@ -260,28 +309,32 @@ def topk_forward_kernel(
                         CHUNK=CHUNK,
                         STREAM_TEACHER=ADD_TAIL,
                     )
+                    n_ready = n_cand
                     # Entries of this block between the old and the new threshold join the tail. The block
                     # is read again (a cache hit) rather than held in registers across the selection.
                     z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
                     z = z * inv_temp
                     dropped = passes & (z <= thr)
-                    tail_z += tl.sum(tl.where(dropped, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+                    tail_z += _sum_all(tl.where(dropped, tl.math.exp2(z * LOG2E - base_z), 0.0))
                     if ADD_TAIL:
                         u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
-                        tail_u += tl.sum(tl.where(dropped, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
+                        tail_u += _sum_all(tl.where(dropped, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
                     passes = passes & (z > thr)
-                    n_new = tl.sum(passes.to(tl.int32), 0)
-                slot = n_cand + tl.cumsum(passes.to(tl.int32), 0) - 1
+                    n_new = _sum_all(passes.to(tl.int32))
+                slot = n_cand + _exclusive_cumsum(passes.to(tl.int32))
                 tl.store(cand + slot, offs.to(tl.float32, bitcast=True), mask=passes)
-                tl.store(cand + SCRATCH + slot, z, mask=passes)
-                if ADD_TAIL:
-                    tl.store(cand + 2 * SCRATCH + slot, u, mask=passes)
                 n_cand += n_new
 
         # Exactly K candidates remain, in index order: the support S.
         n_cand, thr, tail_z, tail_u, base_z, base_u = tighten(
             cand=cand,
             n_cand=n_cand,
+            n_ready=n_ready,
+            student_row=student_row,
+            teacher_row=teacher_row,
+            stride_s_col=stride_s_col,
+            stride_t_col=stride_t_col,
+            inv_temp=inv_temp,
             thr=thr,
             keep_lo=topk,
             keep_hi=topk,
