@@ -111,13 +111,38 @@ def train(argv: list[str]) -> None:
 def demo(argv: list[str]) -> None:
     from .demo import DemoSettings, run_demo
 
-    p = argparse.ArgumentParser(prog="sdpo demo", description="Offline SDPO vs GRPO demo on a tiny char model.")
+    d = DemoSettings
+    p = argparse.ArgumentParser(
+        prog="sdpo demo", description="Offline demo: SDPO (top-K, fused-linear) vs GRPO on a tiny char model."
+    )
     p.add_argument("--out", default="demo_out", help="output directory (metrics.jsonl, curves.png)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--rl_steps", type=int, default=DemoSettings.rl_steps)
-    p.add_argument("--warmup_steps", type=int, default=DemoSettings.warmup_steps)
+    p.add_argument("--seed", type=int, default=d.seed, help="first seed")
+    p.add_argument("--num_seeds", type=int, default=d.num_seeds)
+    p.add_argument("--rl_steps", type=int, default=d.rl_steps)
+    p.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
+    p.add_argument("--topk", type=int, default=d.topk, help="SDPO's top-K support size")
+    p.add_argument(
+        "--token_level_arm",
+        action=argparse.BooleanOptionalAction,
+        default=d.token_level_arm,
+        help="also run SDPO with the token-level (sampled-token) loss",
+    )
+    p.add_argument("--workers", type=int, default=d.workers, help="processes running seeds (0: one per core)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads per process")
     a = p.parse_args(argv)
-    run_demo(DemoSettings(out=a.out, seed=a.seed, rl_steps=a.rl_steps, warmup_steps=a.warmup_steps))
+    run_demo(
+        DemoSettings(
+            out=a.out,
+            seed=a.seed,
+            num_seeds=a.num_seeds,
+            rl_steps=a.rl_steps,
+            warmup_steps=a.warmup_steps,
+            topk=a.topk,
+            token_level_arm=a.token_level_arm,
+            workers=a.workers,
+            threads=a.threads,
+        )
+    )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,4 +1,5 @@
-"""Offline demo: SDPO vs a GRPO baseline on a tiny char-level model, on CPU, in a few minutes.
+"""Offline demo: SDPO (top-K logit distillation through sdpo_kernels' fused-linear loss) vs a GRPO baseline on a
+tiny char-level model, on CPU, in about 3 minutes on 2 cores.
 
 Task (verifiable, with textual environment feedback): reverse a 3-letter string over "abcdef",
 e.g. prompt "abd>" -> completion "dba" (216 strings: 100 for training, 116 held out). Reward 1 for an exact
@@ -13,19 +14,34 @@ starts at ~5-20% sampled success on training prompts (logged as `train_sampled_s
 all-fail or all-success, see `frac_reward_zero_std`), yet it copies an answer shown in its context perfectly
 (`train_accuracy_with_feedback` = 1.0), i.e. the self-teacher is good.
 
-Steps, repeated for `num_seeds` seeds (each seed: its own train/held-out split, init and warm-up):
-(1) char tokenizer + tiny Llama built in code; (2) supervised warm-up (above; it shows demonstration-only,
-feedback-only and both-in-context prompts); (3) from the same weights and seed, an SDPO run and a GRPO run with
-identical lr, steps, batch (4 prompts x 8 generations), temperature and loss aggregation. SDPO uses the library
-defaults (distillation_only, sampled-token reverse KL, EMA teacher at the default rate, successful siblings as
-demonstrations) plus `include_environment_feedback=True` and task-sized templates; nothing is tuned per method.
-Held-out (never-trained) strings measure generalisation. Writes `metrics.jsonl` (one row per step and per eval,
-with `seed`), `curves.png` (held-out accuracy, reward and share of equal-reward groups vs step; per-seed thin
-lines and seed means) and prints a verdict computed from the data (`verdict`).
+Steps, repeated for `num_seeds` (12) seeds (each seed: its own train/held-out split, init and warm-up; seeds run
+in parallel worker processes, one per core):
+(1) char tokenizer (18 tokens) + tiny Llama (2 layers, width 64) built in code; (2) supervised warm-up (above;
+it shows demonstration-only, feedback-only and both-in-context prompts); (3) from the same weights and seed,
+an SDPO run and a GRPO run with identical lr, steps (150), batch (4 prompts x 8 generations), temperature and
+loss aggregation. SDPO uses the recommended top-K logit distillation (K=100 of a ~150k vocabulary, tail bucket,
+JSD alpha 0.5, IS clip 2), with K scaled to this vocabulary: `full_logit_distillation=True`,
+`distillation_topk=6` (a third of the 18 tokens), `distillation_add_tail=True`, `distillation_alpha=0.5`,
+`distillation_is_clip=2.0`, computed by `sdpo_kernels.linear_self_distillation_loss` from the hidden states and
+the head weight (`distillation_fused_linear="always"`: the run fails rather than silently take the logits
+path; on CPU the kernel library runs its PyTorch reference backend, on CUDA its Triton kernels). Everything else
+is at the library defaults (distillation_only, EMA teacher, successful siblings as demonstrations) plus
+`include_environment_feedback=True` and task-sized templates; nothing is tuned per method. With
+`token_level_arm=True` (`sdpo demo --token_level_arm`) a third arm runs SDPO's token-level surrogate (the
+library default loss: sampled-token reverse KL) from the same weights.
 
-The gap is modest and varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and
-held-out accuracy is a noisy 116-string greedy eval), which is why several seeds are run and the verdict
-only names a winner that is ahead on the mean AND in most seeds.
+Held-out (never-trained) strings measure generalisation. Writes `metrics.jsonl` (first row: package versions,
+thread counts and settings; then one row per step and per eval, with `seed`; each SDPO run's first row records
+its resolved loss mode and whether the fused-linear path ran), `curves.png` (held-out accuracy, reward and
+share of equal-reward groups vs step; per-seed thin lines and seed means) and prints a verdict computed from
+the data (`verdict`): the mean final held-out gap SDPO - GRPO with a 95% paired-bootstrap CI over seeds, and
+the per-seed wins. A winner is named only when the mean gap is >= 0.05, the CI excludes 0 and it wins most
+seeds. The gap varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and held-out
+accuracy is a noisy 116-string greedy eval), which is why 12 seeds are run.
+
+Threads: each process uses one intra-op and one inter-op torch thread (`threads`), and tokenizers' Rust pool
+is off: for a model this small more threads only spin, and when other processes shared the cores, spinning
+pools slowed the demo 40x.
 """
 
 from __future__ import annotations
@@ -35,12 +51,13 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from tqdm.auto import tqdm
 
 ALPHABET = "abcdef"
+TOKEN_CHARS = ALPHABET + " >;:" + "nsxpectdf"  # everything prompts, answers and feedback use: 15 + 3 special
 REPROMPT = "{solution}{feedback}{prompt}"  # hint first: the completion directly follows the question
 SOLUTION = "ans {successful_previous_attempt};"
 FEEDBACK = "fb {feedback_raw};"
@@ -50,7 +67,7 @@ FEEDBACK = "fb {feedback_raw};"
 class DemoSettings:
     out: str = "demo_out"
     seed: int = 0  # first seed; the demo repeats the whole pipeline for seeds seed, seed+1, ...
-    num_seeds: int = 5
+    num_seeds: int = 12
     hidden: int = 64
     layers: int = 2
     warmup_steps: int = 300
@@ -62,6 +79,16 @@ class DemoSettings:
     direct_fraction: float = (
         0.08  # share of training strings whose direct answer the warm-up shows (low: sparse reward)
     )
+    topk: int = 6  # SDPO's top-K support: a third of the 18-token vocabulary (the recommended K=100 of ~150k, scaled)
+    token_level_arm: bool = False  # also run SDPO with the token-level surrogate (library default loss)
+    threads: int = 1  # torch intra-op threads per process (inter-op: 1); a 64-wide model gains nothing from more
+    workers: int = 0  # seeds run in this many processes at once; 0: one per usable core (at most one per seed)
+    bootstrap_samples: int = 10000
+    progress: bool = True  # tqdm bars
+
+
+METHODS = {"sdpo": "SDPO top-K", "grpo": "GRPO", "sdpo_token": "SDPO token-level"}
+COLORS = {"sdpo": "tab:blue", "grpo": "tab:orange", "sdpo_token": "tab:green"}
 
 
 def _task(seed: int):
@@ -92,7 +119,7 @@ def _warmup(model, tok, train: list[str], s: DemoSettings) -> None:
         examples.append((REPROMPT.format(solution=demo, feedback=fb, prompt=_prompt(x)), x[::-1]))
     opt = torch.optim.AdamW(model.parameters(), lr=s.learning_rate)
     model.train()
-    bar = tqdm(range(s.warmup_steps), desc="warm-up (supervised)", leave=False)
+    bar = tqdm(range(s.warmup_steps), desc=f"warm-up seed {s.seed}", leave=False, disable=not s.progress)
     for _ in bar:
         batch = rng.sample(examples, 32)
         ids, labels = [], []
@@ -177,15 +204,29 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
         beta=0.0,
         loss_type="grpo",
     )
+    sdpo_common = dict(
+        include_environment_feedback=True,  # the task's feedback column
+        reprompt_template=REPROMPT,
+        solution_template=SOLUTION,
+        feedback_template=FEEDBACK,
+        diagnostics_warning_interval=0,
+    )
     if method == "sdpo":
+        # The recommended top-K logit distillation (K=100 of ~150k tokens, tail bucket, JSD alpha 0.5, IS clip 2),
+        # with K scaled to this vocabulary, through sdpo_kernels' fused-linear loss ("always": an error otherwise).
         args = SDPOConfig(
             **common,
-            include_environment_feedback=True,  # the task's feedback column; every other SDPO knob at its default
-            reprompt_template=REPROMPT,
-            solution_template=SOLUTION,
-            feedback_template=FEEDBACK,
-            diagnostics_warning_interval=0,
+            **sdpo_common,
+            full_logit_distillation=True,
+            distillation_topk=s.topk,
+            distillation_add_tail=True,
+            distillation_alpha=0.5,
+            distillation_is_clip=2.0,
+            distillation_fused_linear="always",
         )
+        trainer_cls = SDPOTrainer
+    elif method == "sdpo_token":  # the library default loss: sampled-token reverse KL (no logits distilled)
+        args = SDPOConfig(**common, **sdpo_common)
         trainer_cls = SDPOTrainer
     else:
         args = GRPOConfig(**common)
@@ -208,7 +249,9 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
 
     class Progress(TrainerCallback):  # one bar per run; per-step metric dicts go to the JSONL, not stdout
         def on_train_begin(self, args_, state, control, **kw):
-            self.bar = tqdm(total=state.max_steps, desc=f"{method.upper()} seed {s.seed}", leave=False)
+            self.bar = tqdm(
+                total=state.max_steps, desc=f"{METHODS[method]} seed {s.seed}", leave=False, disable=not s.progress
+            )
 
         def on_step_end(self, args_, state, control, **kw):
             self.bar.update(1)
@@ -223,16 +266,20 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Progress())
-    log(
-        {
-            "method": method,
-            "seed": s.seed,
-            "step": 0,
-            "heldout_accuracy": accuracy(model, tok, heldout),
-            "train_accuracy": accuracy(model, tok, train),
-        }
-    )
+    start = {
+        "method": method,
+        "seed": s.seed,
+        "step": 0,
+        "heldout_accuracy": accuracy(model, tok, heldout),
+        "train_accuracy": accuracy(model, tok, train),
+    }
+    if isinstance(args, SDPOConfig):  # what the loss really ran: its mode and whether the fused-linear path
+        start["distillation_mode"] = args.distillation_mode
+        start["fused_linear"] = trainer.use_fused_linear
+    log(start)
+    t0 = time.time()
     trainer.train()
+    log({"method": method, "seed": s.seed, "run_seconds": round(time.time() - t0, 1)})
 
 
 def _series(rows: list[dict], method: str, key: str) -> dict[int, dict[int, float]]:
@@ -252,6 +299,12 @@ def _mean_curve(per_seed: dict[int, dict[int, float]]) -> tuple[list[int], list[
     return steps, [sum(v[t] for v in per_seed.values()) / len(per_seed) for t in steps]
 
 
+def _methods(rows: list[dict]) -> list[str]:
+    """The RL arms present in `rows`, in display order."""
+    present = {r.get("method") for r in rows}
+    return [m for m in METHODS if m in present]
+
+
 def _plot(rows: list[dict], path: str) -> None:
     import matplotlib
 
@@ -259,13 +312,14 @@ def _plot(rows: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for method, color in (("sdpo", "tab:blue"), ("grpo", "tab:orange")):
+    for method in _methods(rows):
+        color, label = COLORS[method], METHODS[method]
         acc = _series(rows, method, "heldout_accuracy")
         for curve in acc.values():  # one thin line per seed
-            axes[0].plot(*zip(*sorted(curve.items())), color=color, alpha=0.3, lw=1)
+            axes[0].plot(*zip(*sorted(curve.items())), color=color, alpha=0.25, lw=1)
         steps, mean = _mean_curve(acc)
         if steps:
-            axes[0].plot(steps, mean, marker="o", color=color, lw=2.5, label=f"{method.upper()} (mean of {len(acc)})")
+            axes[0].plot(steps, mean, marker="o", color=color, lw=2.5, label=f"{label} (mean of {len(acc)} seeds)")
         steps, vals = _mean_curve(_series(rows, method, "reward"))
         if steps:
             k = 5  # moving average: per-step rewards over 32 rollouts are noisy
@@ -273,11 +327,11 @@ def _plot(rows: list[dict], path: str) -> None:
                 sum(vals[max(0, i - k + 1) : i + 1]) / len(vals[max(0, i - k + 1) : i + 1]) for i in range(len(vals))
             ]
             axes[1].plot(steps, vals, color=color, alpha=0.2)
-            axes[1].plot(steps, smooth, color=color, lw=2, label=f"{method.upper()} (seed mean, 5-step avg)")
+            axes[1].plot(steps, smooth, color=color, lw=2, label=f"{label} (seed mean, 5-step avg)")
         steps, vals = _mean_curve(_series(rows, method, "frac_reward_zero_std"))
         if steps:
             smooth = [sum(vals[max(0, i - 9) : i + 1]) / len(vals[max(0, i - 9) : i + 1]) for i in range(len(vals))]
-            axes[2].plot(steps, smooth, color=color, lw=2, label=f"{method.upper()} (seed mean, 10-step avg)")
+            axes[2].plot(steps, smooth, color=color, lw=2, label=f"{label} (seed mean, 10-step avg)")
     axes[0].set(
         title="held-out accuracy (greedy, unseen strings)", xlabel="RL step", ylabel="exact match", ylim=(-0.02, 1.02)
     )
@@ -286,45 +340,93 @@ def _plot(rows: list[dict], path: str) -> None:
         title="groups with equal rewards (GRPO advantage 0)", xlabel="RL step", ylabel="fraction", ylim=(-0.02, 1.02)
     )
     for ax in axes:
-        ax.legend(loc="lower left" if ax is axes[2] else "upper left")
+        ax.legend(loc="lower left" if ax is axes[2] else "upper left", fontsize=8)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def verdict(rows: list[dict]) -> str:
-    """One line summarising what the curves show: final held-out accuracy (mean over seeds) and late reward.
+def final_accuracies(rows: list[dict], method: str) -> dict[int, float]:
+    """{seed: held-out accuracy at the last evaluated step} for one arm."""
+    return {seed: v[max(v)] for seed, v in _series(rows, method, "heldout_accuracy").items()}
 
-    A method is called ahead only when its mean final held-out accuracy is >= 0.05 higher AND it is strictly
-    ahead in a majority of seeds; otherwise the line says there is no clear difference.
+
+def paired_bootstrap_ci(diffs: list[float], samples: int = 10000, level: float = 0.95, seed: int = 0):
+    """Percentile CI of the mean of paired per-seed differences, resampling seeds with replacement.
+
+    With few seeds the percentile interval is somewhat too narrow (it cannot show more spread than the
+    seeds have), which is why the verdict also needs a majority of per-seed wins."""
+    if not diffs:
+        return 0.0, 0.0
+    rng = random.Random(seed)
+    n = len(diffs)
+    means = sorted(sum(rng.choice(diffs) for _ in range(n)) / n for _ in range(samples))
+    lo = means[int((1 - level) / 2 * samples)]
+    hi = means[min(samples - 1, int((1 + level) / 2 * samples))]
+    return lo, hi
+
+
+def compare(rows: list[dict], a: str, b: str, samples: int = 10000) -> dict:
+    """Paired per-seed comparison of final held-out accuracy, arm `a` minus arm `b`."""
+    fa, fb = final_accuracies(rows, a), final_accuracies(rows, b)
+    seeds = sorted(set(fa) & set(fb))
+    diffs = [fa[k] - fb[k] for k in seeds]
+    mean = sum(diffs) / max(len(diffs), 1)
+    lo, hi = paired_bootstrap_ci(diffs, samples)
+    return {
+        "seeds": seeds,
+        "diffs": diffs,
+        "mean": mean,
+        "ci": (lo, hi),
+        "wins": sum(d > 0 for d in diffs),
+        "losses": sum(d < 0 for d in diffs),
+    }
+
+
+def _call(c: dict, a: str, b: str) -> str:
+    """'X ahead ...' only when the mean gap is >= 0.05, its 95% CI excludes 0 and X wins a majority of seeds."""
+    n, (lo, hi) = len(c["diffs"]), c["ci"]
+    stats = (
+        f"mean held-out gap {c['mean']:+.2f} ({METHODS[a]} - {METHODS[b]}), 95% paired-bootstrap CI "
+        f"[{lo:+.2f}, {hi:+.2f}] over {n} seeds, {METHODS[a]} ahead in {c['wins']}/{n} seeds"
+        + (f", behind in {c['losses']}/{n}" if c["losses"] else "")
+    )
+    if c["mean"] >= 0.05 and lo > 0 and c["wins"] > n / 2:
+        return f"{METHODS[a]} ahead of {METHODS[b]}: {stats}"
+    if c["mean"] <= -0.05 and hi < 0 and c["losses"] > n / 2:
+        return f"{METHODS[b]} ahead of {METHODS[a]}: {stats}"
+    return f"no clear difference between {METHODS[a]} and {METHODS[b]}: {stats}"
+
+
+def verdict(rows: list[dict], samples: int = 10000) -> str:
+    """One line summarising what the curves show, computed from `rows`.
+
+    The call compares SDPO top-K with GRPO on final held-out accuracy, paired by seed: a method is called ahead
+    only when its mean gap is >= 0.05, the 95% paired-bootstrap CI of the mean gap excludes 0 and it is strictly
+    ahead in a majority of seeds; otherwise the line says there is no clear difference. The token-level SDPO
+    arm, when present, gets the same comparison with GRPO. Then per arm: held-out accuracy first->last (seed
+    means), final train accuracy and the mean reward over the last 10 steps.
     """
-    parts, finals = [], {}
-    for method in ("sdpo", "grpo"):
+    methods = _methods(rows)
+    calls = [_call(compare(rows, "sdpo", "grpo", samples), "sdpo", "grpo")]
+    if "sdpo_token" in methods:
+        calls.append(_call(compare(rows, "sdpo_token", "grpo", samples), "sdpo_token", "grpo"))
+    parts = []
+    for method in methods:
         acc = _series(rows, method, "heldout_accuracy")
-        finals[method] = {seed: v[max(v)] for seed, v in acc.items()}
-        first = sum(v[min(v)] for v in acc.values()) / max(len(acc), 1)
-        last = sum(finals[method].values()) / max(len(acc), 1)
+        if not acc:
+            continue
+        first = sum(v[min(v)] for v in acc.values()) / len(acc)
+        last = sum(v[max(v)] for v in acc.values()) / len(acc)
         rew = [
             sum(list(v.values())[-10:]) / len(list(v.values())[-10:]) for v in _series(rows, method, "reward").values()
         ]
-        late = sum(rew) / max(len(rew), 1)
+        late = f", last-10-step reward {sum(rew) / len(rew):.2f}" if rew else ""
         tr = [v[max(v)] for v in _series(rows, method, "train_accuracy").values()]
         train = f", train acc {sum(tr) / len(tr):.2f}" if tr else ""
-        parts.append(f"{method.upper()} held-out acc {first:.2f}->{last:.2f}{train}, last-10-step reward {late:.2f}")
-    seeds = sorted(set(finals["sdpo"]) & set(finals["grpo"]))
-    diffs = [finals["sdpo"][k] - finals["grpo"][k] for k in seeds]
-    diff = sum(diffs) / max(len(diffs), 1)
-    leader = "SDPO" if diff > 0 else "GRPO"
-    wins = sum((d > 0) if diff > 0 else (d < 0) for d in diffs)
-    if abs(diff) >= 0.05 and wins > len(diffs) / 2:
-        call = f"{leader} ahead by {abs(diff):.2f} mean held-out accuracy, ahead in {wins}/{len(diffs)} seeds"
-    else:
-        call = (
-            f"no clear difference in held-out accuracy (mean gap {diff:+.2f} SDPO-GRPO, "
-            f"SDPO ahead in {sum(d > 0 for d in diffs)}/{len(diffs)} seeds)"
-        )
-    return f"VERDICT: {call} ({'; '.join(parts)})."
+        parts.append(f"{METHODS[method]} held-out acc {first:.2f}->{last:.2f}{train}{late}")
+    return f"VERDICT: {calls[0]} ({'; '.join(parts)})." + "".join(f" Also: {c}." for c in calls[1:])
 
 
 def versions() -> dict[str, str]:
@@ -342,22 +444,114 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_demo(settings: DemoSettings | None = None) -> str:
-    """Run the whole demo; returns the verdict line (also printed). Outputs go to `settings.out`."""
+def _limit_threads(n: int) -> int:
+    """`n` intra-op and one inter-op torch thread: a model this small gains nothing from more, and when other
+    processes share the cores, spinning thread pools slowed the demo 40x. Returns the previous intra-op count.
+    The inter-op pool can only be sized before its first use (else it is left as it is)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already started (e.g. in a test session that ran torch work first)
+        pass
+    return previous
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
     from transformers import logging as hf_logging
 
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, per process
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool either
+    hf_logging.set_verbosity_error()
+
+
+def default_workers(num_seeds: int) -> int:
+    """One process per usable core, at most one per seed."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(num_seeds, cores))
+
+
+def run_seed(s: DemoSettings, log) -> None:
+    """Warm-up, then every RL arm from the warmed-up weights, for seed `s.seed`; rows go to `log(row)`.
+
+    Everything is seeded from `s.seed` alone, so a seed gives the same rows in any process and order."""
     from .tiny import build_char_tokenizer, build_tiny_model
 
-    base = settings or DemoSettings()
-    os.makedirs(base.out, exist_ok=True)
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    hf_logging.set_verbosity_error()
     start = time.time()
-    tok = build_char_tokenizer(ALPHABET + " >;:" + "nsxpectdf")
+    torch.manual_seed(s.seed)
+    tok = build_char_tokenizer(TOKEN_CHARS)
+
+    def build():
+        return build_tiny_model(tok, hidden_size=s.hidden, num_layers=s.layers, seed=s.seed)
+
+    train, heldout = _task(s.seed)
+    model = build()
+    _warmup(model, tok, train, s)
+    init_state = {k: v.clone() for k, v in model.state_dict().items()}
+    log(
+        {
+            "method": "warmup",
+            "seed": s.seed,
+            "step": 0,
+            "heldout_accuracy": accuracy(model, tok, heldout),
+            "train_accuracy": accuracy(model, tok, train),
+            "train_sampled_success": sampled_success(model, tok, train),
+            "train_accuracy_with_demonstration": accuracy(model, tok, train, hint="demo"),
+            "train_accuracy_with_feedback": accuracy(model, tok, train, hint="feedback"),
+            "seconds": round(time.time() - start, 1),
+        }
+    )
+    for method in _arms(s):
+        _run_rl(method, init_state, tok, build, train, heldout, s, log)
+
+
+def _arms(s: DemoSettings) -> list[str]:
+    return ["sdpo", "grpo"] + (["sdpo_token"] if s.token_level_arm else [])
+
+
+def _seed_worker(s: DemoSettings) -> list[dict]:
+    """One seed in a worker process (spawned: a fresh interpreter, single-threaded torch, no progress bars)."""
+    _limit_threads(s.threads)
+    _quiet_libraries()
+    rows: list[dict] = []
+    run_seed(replace(s, progress=False), rows.append)
+    return rows
+
+
+def run_demo(settings: DemoSettings | None = None) -> str:
+    """Run the whole demo; returns the verdict line (also printed). Outputs go to `settings.out`."""
+    base = settings or DemoSettings()
+    previous_threads = _limit_threads(base.threads)
+    try:
+        return _run_demo(base)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run_demo(base: DemoSettings) -> str:
+    import concurrent.futures
+    import multiprocessing
+
+    from .tiny import build_char_tokenizer
+
+    os.makedirs(base.out, exist_ok=True)
+    _quiet_libraries()
+    start = time.time()
+    seeds = list(range(base.seed, base.seed + base.num_seeds))
+    workers = base.workers or default_workers(len(seeds))
     metrics_path = os.path.join(base.out, "metrics.jsonl")
     rows: list[dict] = []
+    arms = _arms(base)
     env = versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env.items()))
+    print(f"{len(seeds)} seeds x ({' | '.join(METHODS[m] for m in arms)}), {workers} worker process(es)")
     with open(metrics_path, "w") as f:
 
         def log(row):
@@ -365,42 +559,35 @@ def run_demo(settings: DemoSettings | None = None) -> str:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        log({"versions": env})
+        vocab_size = len(build_char_tokenizer(TOKEN_CHARS))
+        log({"versions": env, "settings": asdict(base), "workers": workers, "vocab_size": vocab_size})
 
-        for seed in range(base.seed, base.seed + base.num_seeds):
-            s = replace(base, seed=seed)
-            torch.manual_seed(seed)
+        def done(seed: int) -> None:
+            final = " ".join(f"{METHODS[m]} {final_accuracies(rows, m).get(seed, float('nan')):.2f}" for m in arms)
+            warm = next(r for r in rows if r.get("method") == "warmup" and r["seed"] == seed)
+            tqdm.write(
+                f"seed {seed} done at {time.time() - start:.0f}s: warm-up sampled success "
+                f"{warm['train_sampled_success']:.2f}, final held-out accuracy {final}"
+            )
 
-            def build(seed=seed):
-                return build_tiny_model(tok, hidden_size=base.hidden, num_layers=base.layers, seed=seed)
-
-            train, heldout = _task(seed)
-            model = build()
-            _warmup(model, tok, train, s)
-            init_state = {k: v.clone() for k, v in model.state_dict().items()}
-            warm = {
-                "method": "warmup",
-                "seed": seed,
-                "step": 0,
-                "heldout_accuracy": accuracy(model, tok, heldout),
-                "train_accuracy": accuracy(model, tok, train),
-                "train_sampled_success": sampled_success(model, tok, train),
-                "train_accuracy_with_demonstration": accuracy(model, tok, train, hint="demo"),
-                "train_accuracy_with_feedback": accuracy(model, tok, train, hint="feedback"),
-                "seconds": round(time.time() - start, 1),
-            }
-            log(warm)
-            tqdm.write(f"seed {seed} after warm-up: {warm}")
-            for method in ("sdpo", "grpo"):
-                _run_rl(method, init_state, tok, build, train, heldout, s, log)
-        line = verdict(rows)
-        f.write(json.dumps({"verdict": line, "seconds": round(time.time() - start, 1)}) + "\n")
+        if workers == 1:
+            for seed in seeds:
+                run_seed(replace(base, seed=seed), log)
+                done(seed)
+        else:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch/OpenMP state
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                futures = [pool.submit(_seed_worker, replace(base, seed=seed)) for seed in seeds]
+                for seed, fut in zip(seeds, tqdm(futures, desc="seeds", disable=not base.progress)):
+                    for row in fut.result():  # in seed order: the file does not depend on the scheduling
+                        log(row)
+                    done(seed)
+        line = verdict(rows, base.bootstrap_samples)
+        f.write(json.dumps({"verdict": line, "seconds": round(time.time() - start, 1), "versions": env}) + "\n")
     _plot(rows, os.path.join(base.out, "curves.png"))
     print(f"wrote {metrics_path} and {os.path.join(base.out, 'curves.png')} in {time.time() - start:.0f}s")
-    per_seed = _series(rows, "sdpo", "heldout_accuracy"), _series(rows, "grpo", "heldout_accuracy")
-    finals = ", ".join(
-        f"seed {k}: {v[max(v)]:.2f}/{per_seed[1][k][max(per_seed[1][k])]:.2f}" for k, v in per_seed[0].items()
-    )
-    print(f"final held-out accuracy SDPO/GRPO per seed: {finals}")
+    finals = {m: final_accuracies(rows, m) for m in arms}
+    per_seed = ", ".join(f"seed {k}: " + "/".join(f"{finals[m][k]:.2f}" for m in arms) for k in sorted(finals["sdpo"]))
+    print(f"final held-out accuracy {'/'.join(METHODS[m] for m in arms)} per seed: {per_seed}")
     print(line)
     return line

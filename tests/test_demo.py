@@ -1,10 +1,10 @@
-"""The demo pipeline end to end at toy size: JSONL, PNG and a verdict line."""
+"""The demo pipeline end to end at toy size: JSONL, PNG and a verdict line computed from the data."""
 
 import json
 
 import pytest
 
-from sdpo.demo import DemoSettings, reward_exact, run_demo, verdict
+from sdpo.demo import DemoSettings, paired_bootstrap_ci, reward_exact, run_demo, verdict
 
 
 def _rows(final: dict[str, list[float]]) -> list[dict]:
@@ -24,29 +24,73 @@ def test_reward_and_verdict():
         {"method": "grpo", "step": 0, "heldout_accuracy": 0.1},
         {"method": "grpo", "step": 1, "reward": 0.2, "heldout_accuracy": 0.2},
     ]
-    assert verdict(rows).startswith("VERDICT: SDPO ahead by 0.40 mean held-out accuracy, ahead in 1/1 seeds")
+    line = verdict(rows)
+    assert line.startswith("VERDICT: SDPO top-K ahead of GRPO: mean held-out gap +0.40 (SDPO top-K - GRPO)")
+    assert "CI [+0.40, +0.40] over 1 seeds, SDPO top-K ahead in 1/1 seeds" in line
+    assert "SDPO top-K held-out acc 0.10->0.60" in line and "GRPO held-out acc 0.10->0.20" in line
+
+
+def test_paired_bootstrap_ci():
+    assert paired_bootstrap_ci([0.1] * 5) == pytest.approx((0.1, 0.1))
+    lo, hi = paired_bootstrap_ci([0.3, -0.1, 0.2, 0.1, 0.25, 0.0])
+    assert -0.1 <= lo < 0.125 < hi <= 0.3  # around the mean 0.125, within the data's range
+    assert paired_bootstrap_ci([0.3, -0.1, 0.2, 0.1, 0.25, 0.0]) == (lo, hi)  # seeded: reproducible
+    assert paired_bootstrap_ci([]) == (0.0, 0.0)
 
 
 def test_verdict_follows_the_data_across_seeds():
-    assert verdict(_rows({"sdpo": [0.2, 0.3, 0.2], "grpo": [0.5, 0.6, 0.4]})).startswith("VERDICT: GRPO ahead by 0.27")
+    line = verdict(_rows({"sdpo": [0.2, 0.3, 0.2], "grpo": [0.5, 0.6, 0.4]}))
+    assert line.startswith("VERDICT: GRPO ahead of SDPO top-K: mean held-out gap -0.27")
     # a large mean gap carried by one seed only is not a clear difference
     line = verdict(_rows({"sdpo": [0.9, 0.3, 0.2], "grpo": [0.2, 0.3, 0.3]}))
-    assert line.startswith("VERDICT: no clear difference") and "SDPO ahead in 1/3 seeds" in line
+    assert line.startswith("VERDICT: no clear difference") and "SDPO top-K ahead in 1/3 seeds, behind in 1/3" in line
     assert verdict(_rows({"sdpo": [0.31, 0.3], "grpo": [0.3, 0.31]})).startswith("VERDICT: no clear difference")
+    # ahead on the mean and in most seeds, but the CI of the mean gap includes 0: no call either
+    sdpo, grpo = [0.8, 0.32, 0.31, 0.0, 0.33], [0.3, 0.3, 0.3, 0.3, 0.3]
+    line = verdict(_rows({"sdpo": sdpo, "grpo": grpo}))
+    assert line.startswith("VERDICT: no clear difference") and "ahead in 4/5 seeds" in line
+    lo = float(line.split("CI [")[1].split(",")[0])
+    assert lo < 0
+    # consistent gains over enough seeds: called, with the CI above 0
+    line = verdict(_rows({"sdpo": [0.4, 0.5, 0.3, 0.45, 0.2, 0.35], "grpo": [0.2, 0.25, 0.2, 0.3, 0.22, 0.1]}))
+    assert line.startswith("VERDICT: SDPO top-K ahead of GRPO") and "ahead in 5/6 seeds, behind in 1/6" in line
+    assert float(line.split("CI [")[1].split(",")[0]) > 0
+
+
+def test_verdict_with_the_token_level_arm():
+    rows = _rows({"sdpo": [0.5, 0.6], "grpo": [0.2, 0.3], "sdpo_token": [0.3, 0.2]})
+    line = verdict(rows)
+    assert line.startswith("VERDICT: SDPO top-K ahead of GRPO")
+    assert "SDPO token-level held-out acc 0.10->0.25" in line
+    assert line.endswith(
+        "Also: no clear difference between SDPO token-level and GRPO: mean held-out gap +0.00 "
+        "(SDPO token-level - GRPO), 95% paired-bootstrap CI [-0.10, +0.10] over 2 seeds, "
+        "SDPO token-level ahead in 1/2 seeds, behind in 1/2."
+    )
 
 
 @pytest.mark.slow
 def test_demo_runs_and_writes_outputs(tmp_path):
+    """Two seeds in two worker processes, all three arms, a few steps each."""
     out = tmp_path / "demo"
-    line = run_demo(DemoSettings(out=str(out), warmup_steps=10, rl_steps=2, eval_every=1, num_seeds=2))
-    assert line.startswith("VERDICT:") and "/2 seeds" in line
+    settings = DemoSettings(
+        out=str(out), warmup_steps=10, rl_steps=2, eval_every=1, num_seeds=2, workers=2, token_level_arm=True
+    )
+    line = run_demo(settings)
+    assert line.startswith("VERDICT:") and "over 2 seeds" in line and "Also:" in line
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     methods = {r.get("method") for r in rows}
-    assert {"warmup", "sdpo", "grpo"} <= methods
+    assert {"warmup", "sdpo", "grpo", "sdpo_token"} <= methods
     assert {r["seed"] for r in rows if "seed" in r} == {0, 1}
     warm = [r for r in rows if r.get("method") == "warmup"]
     assert all(0.0 <= r["train_sampled_success"] <= 1.0 for r in warm)
+    # SDPO ran top-K logit distillation through the fused-linear loss; the token-level arm the sampled token
+    starts = {(r["method"], r["seed"]): r for r in rows if "fused_linear" in r}
+    assert all(starts[("sdpo", k)]["distillation_mode"] == "topk_logits" for k in (0, 1))
+    assert all(starts[("sdpo", k)]["fused_linear"] for k in (0, 1))
+    assert all(starts[("sdpo_token", k)]["distillation_mode"] == "sampled_token" for k in (0, 1))
     assert rows[-1]["verdict"] == line
     env = rows[0]["versions"]  # the run records what it ran with
     assert {"torch", "transformers", "trl", "triton"} <= set(env) and env["torch"].startswith("2.")
+    assert rows[0]["settings"]["topk"] == DemoSettings.topk < rows[0]["vocab_size"] and rows[0]["workers"] == 2
     assert (out / "curves.png").stat().st_size > 1000
