@@ -11,17 +11,27 @@ Every time it prints is PREDICTED (static SASS model), NOT MEASURED. What it doe
    stride/int == 1 → constexpr, 16-byte divisibility, i32/i64 by value, pointer dtypes) and
    `triton.compile` keeps Triton's default options and its own ptxas flags, so the cubin is the
    launched one (registers included). Target sm_90a by default.
-2. Disassembles it (`nvdisasm -c -gi`, bundled in the triton wheel; with source line info), builds
-   the control-flow graph (basic blocks, dominators, back edges → natural loops and their nesting), classifies every
-   instruction (fp32, int, mufu, conv, gmem, smem, sync = SHFL/BAR/…, ctrl, other).
-3. Finds the vocabulary streaming loop(s): the innermost loops whose own body loads or stores
-   an [N, V] tensor (address dataflow from the kernel parameters through the SASS), enumerates
-   the acyclic paths of each loop body from header to back edge (inner loops collapsed into one
-   node, reported separately) and costs each path per thread per iteration and per element.
+2. Disassembles it (`nvdisasm -c -gi`, bundled in the triton wheel; with source line info),
+   builds the control-flow graph (basic blocks, dominators, back edges → natural loops and their
+   nesting) and classifies every instruction (fp32, int, mufu, conv, gmem, smem, sync =
+   SHFL/BAR/…, ctrl, other). Registers and local memory from `cuobjdump --dump-resource-usage`.
+3. Finds the vocabulary loop(s): those whose `for` line names an argument equal to V (n_cols)
+   and that load or store an [N, V] tensor (address dataflow from the kernel parameters through
+   the SASS; without line info, the innermost loops doing so). Enumerates the acyclic paths of
+   each loop body from header to back edge (inner loops collapsed into one node and reported
+   separately) and costs each path per thread per iteration and per element; code outside these
+   loops counts once per row.
 4. Time model for an H100 SXM and an H200 (`GPUS`): HBM floor, a static lower bound (HBM, issue,
    MUFU pipe, INT/ALU pipe) and a latency-aware estimate (one warp's in-order dependent critical
-   path per iteration against the issue cycles of all resident warps), with the real CTAs per SM.
-5. Weights the paths with `path_mix` (bottom of this module: update it when a kernel changes).
+   path per iteration against the issue cycles of all resident warps), with the real CTAs per SM
+   and the launch's waves (persistent grids included).
+5. Weights the paths with `path_mix` and adds `row_extras` (the section at the bottom of this
+   module: update it when a kernel's control flow changes).
+
+Public entry points: `build_report` / `render_markdown` / `main` (the CLI), `analyze(launch, rows,
+vocab)` → `KernelAnalysis` and `time_model(analysis, gpu)` for one launch, `compile_launch` (also
+used by `compile_check`), and the SASS tools `parse_sass`, `build_cfg`, `loop_paths`,
+`critical_path`, `address_params`.
 """
 
 from __future__ import annotations
@@ -1166,10 +1176,23 @@ def ctas_per_sm(regs: int, smem_per_cta: int, num_warps: int, gpu: Gpu = H100) -
 
 
 @functools.cache
+def _resolve_source(file: str) -> str:
+    """The loaded module's file for a line-info path. Triton's cache is keyed by source text, so a
+    cubin may carry the path of another checkout with the same source (whose file may have changed
+    since): a loaded module with the same package/file name wins."""
+    path = pathlib.Path(file)
+    loaded = [pathlib.Path(m.__file__) for m in list(sys.modules.values()) if getattr(m, "__file__", None)]
+    if any(q == path for q in loaded):
+        return file
+    same = [q for q in loaded if q.parts[-2:] == path.parts[-2:]]
+    return str(same[0]) if same else file
+
+
+@functools.cache
 def source_line(file: str, line: int) -> str:
     import linecache
 
-    return linecache.getline(file, line).strip()
+    return linecache.getline(_resolve_source(file), line).strip()
 
 
 @functools.cache
@@ -1219,7 +1242,7 @@ class LoopCost:
     depth: int
     streaming: bool
     paths: list[PathCost]
-    truncated: bool
+    truncated: bool  # more paths than the limit: small if-regions folded to their heavier arm
     trips_per_row: float  # iterations per row (streaming loops: ceil(V / BLOCK_V))
     bytes_per_elem: float = 0.0  # HBM bytes per [N, V] element this loop streams
     source: tuple = ()  # (file, line) of the back-edge branch (the `for` / `while`), inlining sites included
@@ -1295,8 +1318,10 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
     if cfg.irreducible:
         warnings.append("irreducible control flow: some cycles are not natural loops (cut in path enumeration)")
     spills = sum(1 for i in instrs if i.base in ("LDL", "STL"))
-    if comp.local_bytes or spills:
-        warnings.append(f"register spills: {comp.local_bytes} B local memory, {spills} LDL/STL instructions")
+    if comp.local_bytes:
+        warnings.append(f"register spills: {comp.local_bytes} B local memory per thread, {spills} LDL/STL")
+    elif spills:
+        warnings.append(f"{spills} LDL/STL with no local memory ({comp.stack_bytes} B stack: call frames)")
     if any(i.base == "CALL" for b in cfg.blocks for i in b.instrs):
         warnings.append("CALL to a subroutine (slow path, e.g. division): its body is not costed")
 
@@ -1433,6 +1458,13 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
         vocab=vocab,
         warnings=warnings,
     )
+    ctas, limit = ka.occupancy(H100)
+    rest = programs % (H100.sms * ctas)
+    if programs < rows and rest:  # a persistent grid that does not fill whole waves
+        ka.warnings.append(
+            f"persistent grid of {programs} programs, {ctas} CTAs/SM fit ({limit}): "
+            f"a partial wave of {rest} programs follows {programs // (H100.sms * ctas)} full one(s)"
+        )
     assign_mix(ka)
     return ka
 
@@ -1517,7 +1549,7 @@ class Timing:
     limiter: str
     latency_aware: float
     ctas_per_sm: int
-    row_cycles: float  # latency-aware SM cycles per row (at the resident CTAs per SM)
+    row_cycles: float  # latency-aware SM cycles per row (at the resident CTAs per SM of a full wave)
 
     @property
     def static_ratio(self) -> float:
@@ -1545,30 +1577,24 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
     """Whole-launch times at the path mix, or as if every iteration took path `only`."""
     warps = ka.compiled.num_warps
     ctas, _ = ka.occupancy(gpu)
-    conc = max(1, min(ctas, math.ceil(ka.programs / gpu.sms)))
-    instrs = mufu = alu = 0.0  # per thread per row
-    row_cycles = 0.0
+    weighted: list[tuple[Cost, float, float]] = []  # (cost, executions per row, streamed bytes per execution)
     for lc in ka.loops:
         paths = [(only, 1.0)] if only is not None and only in lc.paths else [(p, p.fraction) for p in lc.paths]
-        for p, f in paths:
-            n = lc.trips_per_row * f
-            instrs += n * p.cost.instrs
-            mufu += n * p.cost.mufu
-            alu += n * p.cost.alu_pipe
-            row_cycles += n * _iteration_cycles(p.cost, conc, warps, ka.block_v * lc.bytes_per_elem, gpu)
+        weighted += [(p.cost, lc.trips_per_row * f, ka.block_v * lc.bytes_per_elem) for p, f in paths]
     extra_bytes = float(ka.extras.get("bytes", 0.0))
-    pieces = [(ka.outside, 1.0)]
+    weighted.append((ka.outside, 1.0, 0.0))
     all_loops = {lc.label: lc for lc in ka.loops + ka.other_loops}
     for name, count in ka.extras.items():
         if name in all_loops and all_loops[name].paths:
-            lc = all_loops[name]
-            heaviest = max(lc.paths, key=lambda p: p.cost.instrs)
-            pieces.append((heaviest.cost, float(count)))
-    for cost, count in pieces:
-        instrs += count * cost.instrs
-        mufu += count * cost.mufu
-        alu += count * cost.alu_pipe
-        row_cycles += count * _iteration_cycles(cost, conc, warps, 0.0, gpu)
+            heaviest = max(all_loops[name].paths, key=lambda p: p.cost.instrs)
+            weighted.append((heaviest.cost, float(count), 0.0))
+    instrs = sum(n * c.instrs for c, n, _ in weighted)  # per thread per row
+    mufu = sum(n * c.mufu for c, n, _ in weighted)
+    alu = sum(n * c.alu_pipe for c, n, _ in weighted)
+
+    def row_cycles(conc: int) -> float:
+        """Latency-aware SM cycles per row with `conc` CTAs resident per SM."""
+        return sum(n * _iteration_cycles(c, conc, warps, b, gpu) for c, n, b in weighted)
 
     rows, clk = ka.rows, gpu.clock_hz
     hbm = rows * (ka.vocab * ka.bytes_per_elem + ka.row_bytes + extra_bytes) / gpu.hbm_bytes_per_s
@@ -1578,9 +1604,11 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
     terms = {"HBM": hbm, "issue": issue, "MUFU pipe": mufu_t, "ALU pipe": alu_t}
     limiter = max(terms, key=terms.get)
     static = terms[limiter]
-    waves = math.ceil(ka.programs / (gpu.sms * ctas))
+    # Programs run in waves of SMs · CTAs; a partial last wave runs at its own (lower) concurrency.
+    full_waves, rest = divmod(ka.programs, gpu.sms * ctas)
     rows_per_program = math.ceil(rows / ka.programs)
-    latency = max(static, waves * rows_per_program * row_cycles / clk)
+    cycles = full_waves * row_cycles(ctas) + (row_cycles(math.ceil(rest / gpu.sms)) if rest else 0.0)
+    latency = max(static, rows_per_program * cycles / clk)
     return Timing(
         gpu=gpu.name,
         hbm_floor=hbm,
@@ -1591,7 +1619,7 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
         limiter=limiter,
         latency_aware=latency,
         ctas_per_sm=ctas,
-        row_cycles=row_cycles,
+        row_cycles=row_cycles(min(ctas, math.ceil(ka.programs / gpu.sms))),
     )
 
 
@@ -1897,7 +1925,8 @@ def render_markdown(report: dict) -> str:
         "(16 lanes/clk/SM), INT/ALU pipe (integer, logic, compare, select but not IMAD: 64 lanes/clk/SM)); "
         "132 SMs at 1.755 GHz; the binding term in brackets.",
         "- latency-aware: per loop iteration max(one warp's in-order dependent critical path, issue/pipe cycles "
-        "of all resident warps, HBM share), at the real CTAs per SM, over ceil(programs / (SMs · CTAs)) waves; "
+        "of all resident warps, HBM share), at the real CTAs per SM, in waves of SMs · CTAs programs (a partial last "
+        "wave at its own concurrency); "
         f"latencies (cycles): {lat}.",
         "- path rows: per thread per vocabulary element, and the times if every iteration took that path; "
         "**mix** rows weight the paths by `path_mix` (iid logits for the top-K filter) and add the code outside "
