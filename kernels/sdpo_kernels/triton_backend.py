@@ -30,8 +30,9 @@ TOPK_CHUNK = 1024
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
-# Persistent top-K programs per SM: each owns one candidate scratch.
-TOPK_PROGRAMS_PER_SM = 4
+# Persistent top-K programs per SM, each with its own candidate scratch (~36 KB at K = 100); rows
+# are handed out by a counter, so programs beyond what fits on an SM only idle.
+TOPK_PROGRAMS_PER_SM = 8
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,8 @@ def forward_launches(
     if config.mode == "topk_logits":
         k_pow2 = triton.next_power_of_2(config.topk)
         block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
-        scratch = block + 2 * k_pow2  # the tightened survivors (<= 2K') plus one block of candidates
+        # Candidate runs: the tightened survivors (<= 2K' runs) plus one block's runs.
+        scratch_runs = block // TOPK_RUN + 2 * k_pow2
         programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
@@ -146,14 +148,15 @@ def forward_launches(
                 common,
                 index_ptr=index,
                 coef_ptr=coef,
-                scratch_ptr=torch.empty(programs, 3, scratch, **f32),  # candidates: index bits, z, raw u
+                scratch_ptr=torch.empty(programs, scratch_runs * (2 + 2 * TOPK_RUN) + 3 * k_pow2, **f32),
+                row_counter_ptr=torch.zeros(1, dtype=torch.int32, device=dev),
                 n_rows=n,
                 topk=config.topk,
                 tail_floor=TAIL_LOG_FLOOR,
                 K_POW2=k_pow2,
                 BLOCK_V=block,
-                SCRATCH=scratch,
-                CHUNK=min(TOPK_CHUNK, block),
+                SCRATCH_RUNS=scratch_runs,
+                CHUNK_RUNS=min(TOPK_CHUNK, block) // TOPK_RUN,
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
             ),

@@ -18,8 +18,8 @@ time (docs/kernels.md walks through the design and its cost):
   the K-th value resolved towards the lowest index (the scratch is in index order).
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
-  candidates exceed it): no per-block max reduction. One three-operand reduction per block gives
-  both tail sums and the candidate count. The support's mass is added at the end, so LSE =
+  candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
+  both tail sums; the candidates' bit masks per run tell whether there are any. The support's mass is added at the end, so LSE =
   log(tail + support) and the tail log-probs are -log1p(support / tail): accurate whichever of the
   two is tiny.
 Renormalised top-K (no tail) does not stream the teacher at all: it needs u at the support only.
@@ -32,8 +32,8 @@ from .triton_math import LOG2E, divergence_terms, importance_weight, key_value, 
 
 
 @triton.jit
-def _add3(a0, b0, c0, a1, b1, c1):
-    return a0 + a1, b0 + b1, c0 + c1
+def _add2(a0, b0, a1, b1):
+    return a0 + a1, b0 + b1
 
 
 @triton.jit
@@ -55,10 +55,10 @@ def _sum_all(x):
 
 
 @triton.jit
-def _sum3_all(a, b, c):
-    """Sums of three [rows, RUN] tiles in one reduction (one round of shuffles and barriers)."""
-    a, b, c = tl.reduce((a, b, c), 1, _add3)
-    return tl.reduce((a, b, c), 0, _add3)
+def _sum2_all(a, b):
+    """Sums of two [rows, RUN] tiles in one reduction (one round of shuffles and barriers)."""
+    a, b = tl.reduce((a, b), 1, _add2)
+    return tl.reduce((a, b), 0, _add2)
 
 
 @triton.jit
@@ -81,21 +81,37 @@ def _finite_or_zero(x):
 
 
 @triton.jit
-def _count_at_least(cand, n_cand, key, SCRATCH: tl.constexpr, CHUNK: tl.constexpr):
-    """How many of the first n_cand candidates have ordered_key(z) >= key."""
-    lanes = tl.arange(0, CHUNK)
+def _lane_bits(passes, lanes):
+    """[rows, RUN] bool -> [rows] int32 bit masks (bit l: lane l)."""
+    return tl.sum(passes.to(tl.int32) << lanes[None, :], 1)
+
+
+@triton.jit
+def _lanes_set(bits, lanes):
+    """[rows] int32 bit masks -> [rows, RUN] bool."""
+    return ((bits[:, None] >> lanes[None, :]) & 1) != 0
+
+
+@triton.jit
+def _count_at_least(cand, n_runs, key, SCRATCH_RUNS: tl.constexpr, CHUNK_RUNS: tl.constexpr, RUN: tl.constexpr):
+    """How many candidates (set bits of the first n_runs runs) have ordered_key(z) >= key."""
+    runs = tl.arange(0, CHUNK_RUNS)
+    lanes = tl.arange(0, RUN)
     count = 0
-    for start in range(0, n_cand, CHUNK):
-        offs = start + lanes
-        z = tl.load(cand + SCRATCH + offs, mask=offs < n_cand, other=float("-inf"))
-        count += tl.sum(((ordered_key(z) >= key) & (offs < n_cand)).to(tl.int32), 0)
+    for start in range(0, n_runs, CHUNK_RUNS):
+        rows = start + runs
+        in_chunk = rows < n_runs
+        bits = tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
+        valid = _lanes_set(bits, lanes)
+        z = tl.load(cand + 2 * SCRATCH_RUNS + rows[:, None] * RUN + lanes[None, :], mask=valid, other=0.0)
+        count += _sum_all((valid & (ordered_key(z) >= key)).to(tl.int32))
     return count
 
 
 @triton.jit
 def tighten(
     cand,
-    n_cand,
+    n_runs,
     n_ready,
     student_row,
     teacher_row,
@@ -110,52 +126,60 @@ def tighten(
     base_z,
     base_u,
     u_scale_log2,
-    SCRATCH: tl.constexpr,
-    CHUNK: tl.constexpr,
+    SCRATCH_RUNS: tl.constexpr,
+    CHUNK_RUNS: tl.constexpr,
+    RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
 ):
-    """Keep between keep_lo and keep_hi of the n_cand candidates, the largest ones.
+    """Keep between keep_lo and keep_hi of the candidates, the largest ones.
 
-    `cand` is this program's scratch: three float32 rows of SCRATCH slots, the vocabulary index
-    (int32 bits), z and the raw teacher logit of each candidate, in index order. The stream appends
-    indices only (one store per candidate); the values of candidates n_ready.. are gathered here from
-    the logits rows (a rare path), and the tail sums rebased above the candidates' maxima. Bisection over int32 keys in [key(thr), key(max)]
-    finds a key that keep_lo..keep_hi candidates reach, or else the keep_lo-th largest key exactly;
-    the candidates at or above it are compacted to the front (order kept), ties at the keep_lo-th
-    key cut at the lowest indices, and the evicted ones' e^z, e^u added to the tail sums.
-    Returns (n_kept, new threshold, tail_z, tail_u, base_z, base_u).
+    `cand` is this program's scratch, in runs of RUN consecutive vocabulary entries (index order):
+    run numbers [SCRATCH_RUNS], candidate bit masks [SCRATCH_RUNS], z [SCRATCH_RUNS, RUN] and the
+    raw teacher logits [SCRATCH_RUNS, RUN] (int32 values stored as float32 bits). The stream appends
+    run numbers and masks only; the values of runs n_ready.. are gathered here from the logits rows
+    (16-byte loads), and the tail sums rebased above the candidates' maxima. Bisection over int32
+    keys in [key(thr), key(max)] finds a key that keep_lo..keep_hi candidates reach, or else the
+    keep_lo-th largest key exactly; candidates below it are evicted (their e^z, e^u go to the tail
+    sums), ties at the keep_lo-th key cut at the lowest indices, and runs left empty are compacted
+    away in place. Returns (runs kept, new threshold, tail_z, tail_u, base_z, base_u).
     """
+    run_ids = cand
+    masks = cand + SCRATCH_RUNS
+    zs = cand + 2 * SCRATCH_RUNS
+    us = cand + (2 + RUN) * SCRATCH_RUNS
+    runs = tl.arange(0, CHUNK_RUNS)
+    lanes = tl.arange(0, RUN)
     tl.debug_barrier()  # the appends of every thread land before the scratch is read back
-    lanes = tl.arange(0, CHUNK)
     top_z = tl.full([], float("-inf"), tl.float32)
     top_u = tl.full([], float("-inf"), tl.float32)
-    for start in range(0, n_cand, CHUNK):
-        offs = start + lanes
-        valid = offs < n_cand
-        fresh = valid & (offs >= n_ready)
-        ready = valid & (offs < n_ready)
-        index = tl.load(cand + offs, mask=fresh, other=0.0).to(tl.int32, bitcast=True)
-        z = tl.load(student_row + index * stride_s_col, mask=fresh, other=float("-inf")).to(tl.float32) * inv_temp
-        z = tl.where(fresh, z, tl.load(cand + SCRATCH + offs, mask=ready, other=float("-inf")))
-        tl.store(cand + SCRATCH + offs, z, mask=fresh)
-        top_z = tl.maximum(top_z, tl.max(z, 0))
+    for start in range(0, n_runs, CHUNK_RUNS):
+        rows = start + runs
+        in_chunk = rows < n_runs
+        fresh = (in_chunk & (rows >= n_ready))[:, None]
+        valid = _lanes_set(tl.load(masks + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        col = tl.load(run_ids + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes
+        at = rows[:, None] * RUN + lanes[None, :]
+        z = tl.load(student_row + col * stride_s_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
+        z = tl.where(fresh, z * inv_temp, tl.load(zs + at, mask=valid & ~fresh, other=float("-inf")))
+        tl.store(zs + at, z, mask=fresh)
+        top_z = tl.maximum(top_z, _max_all(z))
         if STREAM_TEACHER:
-            u = tl.load(teacher_row + index * stride_t_col, mask=fresh, other=float("-inf")).to(tl.float32)
-            u = tl.where(fresh, u, tl.load(cand + 2 * SCRATCH + offs, mask=ready, other=float("-inf")))
-            tl.store(cand + 2 * SCRATCH + offs, u, mask=fresh)
-            top_u = tl.maximum(top_u, tl.max(u, 0))
+            u = tl.load(teacher_row + col * stride_t_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
+            u = tl.where(fresh, u, tl.load(us + at, mask=valid & ~fresh, other=float("-inf")))
+            tl.store(us + at, u, mask=fresh)
+            top_u = tl.maximum(top_u, _max_all(u))
     tl.debug_barrier()  # the gathered values land before the counting passes read them
     base_z, tail_z = _raise_base(base_z, tail_z, top_z * LOG2E)
     if STREAM_TEACHER:
         base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
 
-    lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) = n_cand >= keep_lo
+    lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
     hi = ordered_key(top_z).to(tl.int64) + 1  # count(hi) = 0
     count_hi = 0
     found = 0
     while (hi - lo > 1) & (found == 0):
         mid = lo + (hi - lo) // 2
-        count = _count_at_least(cand, n_cand, mid.to(tl.int32), SCRATCH, CHUNK)
+        count = _count_at_least(cand, n_runs, mid.to(tl.int32), SCRATCH_RUNS, CHUNK_RUNS, RUN)
         if count >= keep_lo:
             lo = mid
             found = (count <= keep_hi).to(tl.int32)
@@ -164,33 +188,70 @@ def tighten(
             count_hi = count
     lo_key = lo.to(tl.int32)
     # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
-    room = tl.where(found != 0, n_cand, keep_lo - count_hi)
+    room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
     n_kept = 0
     ties = 0
-    for start in range(0, n_cand, CHUNK):
-        offs = start + lanes
-        valid = offs < n_cand
-        index = tl.load(cand + offs, mask=valid, other=0.0)
-        z = tl.load(cand + SCRATCH + offs, mask=valid, other=float("-inf"))
+    for start in range(0, n_runs, CHUNK_RUNS):
+        rows = start + runs
+        in_chunk = rows < n_runs
+        run_id = tl.load(run_ids + rows, mask=in_chunk, other=0.0)
+        valid = _lanes_set(tl.load(masks + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        at = rows[:, None] * RUN + lanes[None, :]
+        z = tl.load(zs + at, mask=valid, other=float("-inf"))
         key = ordered_key(z)
         tie = valid & (key == lo_key)
-        tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - 1
+        tie_rank = ties + _exclusive_cumsum(tie.to(tl.int32))
         keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
         evict = valid & ~keep
-        tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+        tail_z += _sum_all(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0))
         if STREAM_TEACHER:
-            u = tl.load(cand + 2 * SCRATCH + offs, mask=valid, other=float("-inf"))
-            tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
-        slot = n_kept + tl.cumsum(keep.to(tl.int32), 0) - 1
+            u = tl.load(us + at, mask=valid, other=float("-inf"))
+            tail_u += _sum_all(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
+        bits = _lane_bits(keep, lanes)
+        kept_run = bits != 0
+        slot = n_kept + tl.cumsum(kept_run.to(tl.int32), 0) - kept_run.to(tl.int32)
         tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
-        tl.store(cand + slot, index, mask=keep)
-        tl.store(cand + SCRATCH + slot, z, mask=keep)
+        to = slot[:, None] * RUN + lanes[None, :]
+        tl.store(run_ids + slot, run_id, mask=kept_run)
+        tl.store(masks + slot, bits.to(tl.float32, bitcast=True), mask=kept_run)
+        tl.store(zs + to, z, mask=kept_run[:, None])
         if STREAM_TEACHER:
-            tl.store(cand + 2 * SCRATCH + slot, u, mask=keep)
-        n_kept += tl.sum(keep.to(tl.int32), 0)
-        ties += tl.sum(tie.to(tl.int32), 0)
+            tl.store(us + to, u, mask=kept_run[:, None])
+        n_kept += tl.sum(kept_run.to(tl.int32), 0)
+        ties += _sum_all(tie.to(tl.int32))
     tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
     return n_kept, key_value(lo_key), tail_z, tail_u, base_z, base_u
+
+
+@triton.jit
+def _flatten_support(
+    cand,
+    n_runs,
+    support,
+    SCRATCH_RUNS: tl.constexpr,
+    CHUNK_RUNS: tl.constexpr,
+    RUN: tl.constexpr,
+    K_POW2: tl.constexpr,
+    STREAM_TEACHER: tl.constexpr,
+):
+    """Write the K candidates left in the scratch runs as flat [K'] index | z | raw u rows, index order."""
+    runs = tl.arange(0, CHUNK_RUNS)
+    lanes = tl.arange(0, RUN)
+    n_done = 0
+    for start in range(0, n_runs, CHUNK_RUNS):
+        rows = start + runs
+        in_chunk = rows < n_runs
+        valid = _lanes_set(tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        run_id = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
+        at = rows[:, None] * RUN + lanes[None, :]
+        slot = n_done + _exclusive_cumsum(valid.to(tl.int32))
+        index = run_id[:, None] * RUN + lanes[None, :]
+        tl.store(support + slot, index.to(tl.float32, bitcast=True), mask=valid)
+        tl.store(support + K_POW2 + slot, tl.load(cand + 2 * SCRATCH_RUNS + at, mask=valid), mask=valid)
+        if STREAM_TEACHER:
+            tl.store(support + 2 * K_POW2 + slot, tl.load(cand + (2 + RUN) * SCRATCH_RUNS + at, mask=valid), mask=valid)
+        n_done += _sum_all(valid.to(tl.int32))
+    tl.debug_barrier()  # the flat support lands before it is read back
 
 
 @triton.jit
@@ -205,6 +266,7 @@ def topk_forward_kernel(
     index_ptr,
     coef_ptr,
     scratch_ptr,
+    row_counter_ptr,
     n_rows,
     n_cols,
     rows_inner,
@@ -223,8 +285,8 @@ def topk_forward_kernel(
     tail_floor,
     K_POW2: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SCRATCH: tl.constexpr,
-    CHUNK: tl.constexpr,
+    SCRATCH_RUNS: tl.constexpr,
+    CHUNK_RUNS: tl.constexpr,
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
@@ -232,13 +294,18 @@ def topk_forward_kernel(
     neg_inf = float("-inf")
     # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
     # so reductions and the candidate prefix sum along a run stay inside a thread.
-    lanes = tl.arange(0, BLOCK_V // RUN)[:, None] * RUN + tl.arange(0, RUN)[None, :]
+    block_runs = tl.arange(0, BLOCK_V // RUN)
+    run_lanes = tl.arange(0, RUN)
+    lanes = block_runs[:, None] * RUN + run_lanes[None, :]
     k_pos = tl.arange(0, K_POW2)
     program = tl.program_id(0)
-    cand = scratch_ptr + program.to(tl.int64) * (3 * SCRATCH)  # index bits | z | raw u, one row each
+    # Candidate runs (see `tighten`), then the support as K' indices, z and raw u.
+    cand = scratch_ptr + program.to(tl.int64) * (SCRATCH_RUNS * (2 + 2 * RUN) + 3 * K_POW2)
+    support = cand + SCRATCH_RUNS * (2 + 2 * RUN)
     u_scale_log2 = inv_temp * LOG2E
-    for row in range(program, n_rows, tl.num_programs(0)):
-        row = tl.cast(row, tl.int64)
+    # Rows come from a shared counter: programs that find no room on an SM start late and take fewer.
+    row = tl.atomic_add(row_counter_ptr, 1).to(tl.int64)
+    while row < n_rows:
         student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
         teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
         base_z = tl.zeros([], tl.float32)  # tail_z = Σ_{not S} 2^(z·log2(e) - base_z), z = logits / T
@@ -246,8 +313,8 @@ def topk_forward_kernel(
         tail_z = tl.zeros([], tl.float32)
         tail_u = tl.zeros([], tl.float32)
         thr = tl.full([], neg_inf, tl.float32)
-        n_cand = 0
-        n_ready = 0  # candidates whose values are in the scratch (the stream appends indices only)
+        n_runs = 0  # runs of RUN entries in the scratch with at least one candidate
+        n_ready = 0  # runs whose values are in the scratch (the stream appends run numbers and bit masks)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + lanes
             in_row = offs < n_cols
@@ -264,16 +331,15 @@ def topk_forward_kernel(
                 passes = in_row & (z >= thr)
             else:
                 passes = z > thr  # masked lanes hold -inf
+            bits = _lane_bits(passes, run_lanes)  # the candidates of each run, one bit each (in-thread)
             if ADD_TAIL:
-                block_z, block_u, n_new = _sum3_all(
+                block_z, block_u = _sum2_all(
                     tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
                     tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
-                    passes.to(tl.int32),
                 )
             else:
-                block_z, block_u, n_new = _sum3_all(
-                    tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)), 0.0 * z, passes.to(tl.int32)
-                )
+                block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
+                block_u = 0.0
             # Rare: the block overflows the base (a new maximum far above it), or nothing has been
             # summed yet and the block underflows it. Raise the base to the block's maximum.
             stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
@@ -286,11 +352,13 @@ def topk_forward_kernel(
                     block_u = _sum_all(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)))
             tail_z += block_z
             tail_u += block_u
-            if n_new > 0:
-                if n_cand + n_new > SCRATCH:
-                    n_cand, thr, tail_z, tail_u, base_z, base_u = tighten(
+            if tl.max(bits, 0) != 0:
+                has = bits != 0
+                n_new_runs = tl.sum(has.to(tl.int32), 0)
+                if n_runs + n_new_runs > SCRATCH_RUNS:
+                    n_runs, thr, tail_z, tail_u, base_z, base_u = tighten(
                         cand=cand,
-                        n_cand=n_cand,
+                        n_runs=n_runs,
                         n_ready=n_ready,
                         student_row=student_row,
                         teacher_row=teacher_row,
@@ -305,11 +373,12 @@ def topk_forward_kernel(
                         base_z=base_z,
                         base_u=base_u,
                         u_scale_log2=u_scale_log2,
-                        SCRATCH=SCRATCH,
-                        CHUNK=CHUNK,
+                        SCRATCH_RUNS=SCRATCH_RUNS,
+                        CHUNK_RUNS=CHUNK_RUNS,
+                        RUN=RUN,
                         STREAM_TEACHER=ADD_TAIL,
                     )
-                    n_ready = n_cand
+                    n_ready = n_runs
                     # Entries of this block between the old and the new threshold join the tail. The block
                     # is read again (a cache hit) rather than held in registers across the selection.
                     z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
@@ -320,15 +389,20 @@ def topk_forward_kernel(
                         u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
                         tail_u += _sum_all(tl.where(dropped, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
                     passes = passes & (z > thr)
-                    n_new = _sum_all(passes.to(tl.int32))
-                slot = n_cand + _exclusive_cumsum(passes.to(tl.int32))
-                tl.store(cand + slot, offs.to(tl.float32, bitcast=True), mask=passes)
-                n_cand += n_new
+                    bits = _lane_bits(passes, run_lanes)
+                    has = bits != 0
+                    n_new_runs = tl.sum(has.to(tl.int32), 0)
+                # One slot per run with candidates: its number and bit mask, two stores per run.
+                slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
+                run_id = start // RUN + block_runs
+                tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
+                tl.store(cand + SCRATCH_RUNS + slot, bits.to(tl.float32, bitcast=True), mask=has)
+                n_runs += n_new_runs
 
         # Exactly K candidates remain, in index order: the support S.
-        n_cand, thr, tail_z, tail_u, base_z, base_u = tighten(
+        n_runs, thr, tail_z, tail_u, base_z, base_u = tighten(
             cand=cand,
-            n_cand=n_cand,
+            n_runs=n_runs,
             n_ready=n_ready,
             student_row=student_row,
             teacher_row=teacher_row,
@@ -343,18 +417,20 @@ def topk_forward_kernel(
             base_z=base_z,
             base_u=base_u,
             u_scale_log2=u_scale_log2,
-            SCRATCH=SCRATCH,
-            CHUNK=CHUNK,
+            SCRATCH_RUNS=SCRATCH_RUNS,
+            CHUNK_RUNS=CHUNK_RUNS,
+            RUN=RUN,
             STREAM_TEACHER=ADD_TAIL,
         )
+        _flatten_support(cand, n_runs, support, SCRATCH_RUNS, CHUNK_RUNS, RUN, K_POW2, ADD_TAIL)
         in_support = k_pos < topk
-        idx = tl.load(cand + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-        z_s = tl.load(cand + SCRATCH + k_pos, mask=in_support, other=neg_inf)
+        idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+        z_s = tl.load(support + K_POW2 + k_pos, mask=in_support, other=neg_inf)
         support_z = tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
         lse_z = base_z / LOG2E + tl.log(tail_z + support_z)
         a = z_s - lse_z
         if ADD_TAIL:
-            u_s = tl.load(cand + 2 * SCRATCH + k_pos, mask=in_support, other=neg_inf)
+            u_s = tl.load(support + 2 * K_POW2 + k_pos, mask=in_support, other=neg_inf)
             support_u = tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
             b = u_s * inv_temp - (base_u / LOG2E + tl.log(tail_u + support_u))
             # log(tail / (tail + support)) without cancellation when the support holds ~all or ~no mass.
@@ -398,3 +474,4 @@ def topk_forward_kernel(
         tl.store(dense_ptr + row, dense)
         tl.store(index_ptr + row * topk + k_pos, idx, mask=in_support)
         tl.store(coef_ptr + row * topk + k_pos, sparse, mask=in_support)
+        row = tl.atomic_add(row_counter_ptr, 1).to(tl.int64)
