@@ -10,7 +10,6 @@ every argument by name) without launching it: the cost report compiles exactly t
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -53,13 +52,7 @@ def _block(n_cols: int, cap: int, floor: int = 16) -> int:
 
 
 def _divergence_args(config: LossConfig) -> dict:
-    a = config.alpha
-    return dict(
-        alpha=a,
-        log_alpha=math.log(a) if a > 0 else 0.0,
-        log1m_alpha=math.log1p(-a) if a < 1 else 0.0,
-        DIVERGENCE=config.divergence,
-    )
+    return dict(alpha=config.alpha, DIVERGENCE=config.divergence)
 
 
 def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:

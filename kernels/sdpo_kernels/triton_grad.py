@@ -39,8 +39,6 @@ def grad_kernel(
     stride_t_col,
     inv_temp,
     alpha,
-    log_alpha,
-    log1m_alpha,
     BLOCK_V: tl.constexpr,
     SPARSE_POW2: tl.constexpr,
     HAS_DENSE: tl.constexpr,
@@ -68,7 +66,7 @@ def grad_kernel(
             grad = tl.where(p > 0, dense * p, 0.0)  # absent (-inf) entries: exactly zero
             if lse_teacher_ptr is not None:
                 u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
-                _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, log_alpha, log1m_alpha, DIVERGENCE)
+                _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, DIVERGENCE)
                 grad += w * d_terms
             grad = tl.where(g == 0.0, 0.0, g * grad)
         else:

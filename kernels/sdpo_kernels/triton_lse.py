@@ -35,8 +35,6 @@ def lse_forward_kernel(
     stride_t_col,
     inv_temp,
     alpha,
-    log_alpha,
-    log1m_alpha,
     is_clip,
     BLOCK_V: tl.constexpr,
     FULL: tl.constexpr,
@@ -80,9 +78,7 @@ def lse_forward_kernel(
             in_row = offs < n_cols
             z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
             u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
-            terms, d_terms = divergence_terms(
-                z * inv_temp - lse_z, u * inv_temp - lse_u, alpha, log_alpha, log1m_alpha, DIVERGENCE
-            )
+            terms, d_terms = divergence_terms(z * inv_temp - lse_z, u * inv_temp - lse_u, alpha, DIVERGENCE)
             total += terms
             d_total += d_terms
         tl.store(loss_ptr + row, w * tl.sum(total, 0))

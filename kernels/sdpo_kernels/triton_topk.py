@@ -19,9 +19,9 @@ time (docs/kernels.md walks through the design and its cost):
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
   candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
-  both tail sums; the candidates' bit masks per run tell whether there are any. The support's mass is added at the end, so LSE =
-  log(tail + support) and the tail log-probs are -log1p(support / tail): accurate whichever of the
-  two is tiny.
+  both tail sums; the candidates' bit masks per run tell whether there are any. The support's
+  mass is added at the end, so LSE = log(tail + support) and the tail log-probs are
+  -log1p(support / tail): accurate whichever of the two is tiny.
 Renormalised top-K (no tail) does not stream the teacher at all: it needs u at the support only.
 """
 
@@ -241,7 +241,9 @@ def _flatten_support(
     for start in range(0, n_runs, CHUNK_RUNS):
         rows = start + runs
         in_chunk = rows < n_runs
-        valid = _lanes_set(tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        valid = _lanes_set(
+            tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes
+        )
         run_id = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
         at = rows[:, None] * RUN + lanes[None, :]
         slot = n_done + _exclusive_cumsum(valid.to(tl.int32))
@@ -279,8 +281,6 @@ def topk_forward_kernel(
     topk,
     inv_temp,
     alpha,
-    log_alpha,
-    log1m_alpha,
     is_clip,
     tail_floor,
     K_POW2: tl.constexpr,
@@ -439,14 +439,14 @@ def topk_forward_kernel(
             floored = a_tail <= tail_floor  # TRL's floor: no gradient through the tail
             a_tail = tl.maximum(a_tail, tail_floor)
             b_tail = tl.maximum(b_tail, tail_floor)
-            tail_term, d_tail = divergence_terms(a_tail, b_tail, alpha, log_alpha, log1m_alpha, DIVERGENCE)
+            tail_term, d_tail = divergence_terms(a_tail, b_tail, alpha, DIVERGENCE)
             d_tail = tl.where(floored, 0.0, d_tail)
         else:
             u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_support, other=neg_inf).to(tl.float32) * inv_temp
             a = z_s - (tl.max(z_s, 0) + tl.log(tl.sum(tl.exp(z_s - tl.max(z_s, 0)), 0)))
             b = u_s - (tl.max(u_s, 0) + tl.log(tl.sum(tl.exp(u_s - tl.max(u_s, 0)), 0)))
         tl.debug_barrier()  # the next row's appends wait for these reads of the scratch
-        terms, d_terms = divergence_terms(a, b, alpha, log_alpha, log1m_alpha, DIVERGENCE)
+        terms, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
         loss = tl.sum(terms, 0)
         if ADD_TAIL:
             loss += tail_term
