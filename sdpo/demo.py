@@ -385,8 +385,10 @@ def compare(rows: list[dict], a: str, b: str, samples: int = 10000) -> dict:
 
 
 def _call(c: dict, a: str, b: str) -> str:
-    """'X ahead ...' only when the mean gap is >= 0.05, its 95% CI excludes 0 and X wins a majority of seeds."""
-    n, (lo, hi) = len(c["diffs"]), c["ci"]
+    """'X ahead ...' only when the mean gap is >= 0.05, its 95% CI (at the 2 printed decimals) excludes 0 and X
+    wins a majority of seeds."""
+    n = len(c["diffs"])
+    lo, hi = (round(x, 2) + 0.0 for x in c["ci"])  # judged as printed: a CI shown as [+0.00, ...] is no call
     stats = (
         f"mean held-out gap {c['mean']:+.2f} ({METHODS[a]} - {METHODS[b]}), 95% paired-bootstrap CI "
         f"[{lo:+.2f}, {hi:+.2f}] over {n} seeds, {METHODS[a]} ahead in {c['wins']}/{n} seeds"
