@@ -1331,12 +1331,17 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
     }
     access = address_params(cfg, comp.params)
 
+    # The tag analysis joins over the CFG, so a register reused for another base pointer carries both
+    # tags: a store that also derives from a non-[N, V] pointer (e.g. the top-K scratch) is not a stream.
+    other_pointers = {n for n in tensors if n not in stream_params}
+
     def stream_accesses(block_ids) -> list[tuple[Instr, set]]:
         out = []
         for b in block_ids:
             for ins in cfg.blocks[b].instrs:
-                hit = access.get(ins.addr, frozenset()) & stream_params
-                if hit:
+                tags = access.get(ins.addr, frozenset())
+                hit = tags & stream_params
+                if hit and not (ins.base in ("STG", "ST", "RED", "REDG") and tags & other_pointers):
                     out.append((ins, set(hit)))
         return out
 
@@ -1460,7 +1465,7 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
     )
     ctas, limit = ka.occupancy(H100)
     rest = programs % (H100.sms * ctas)
-    if programs < rows and rest:  # a persistent grid that does not fill whole waves
+    if programs < rows and rest and "row_counter_ptr" not in launch.args:  # static rows: a partial wave
         ka.warnings.append(
             f"persistent grid of {programs} programs, {ctas} CTAs/SM fit ({limit}): "
             f"a partial wave of {rest} programs follows {programs // (H100.sms * ctas)} full one(s)"
@@ -1604,11 +1609,18 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
     terms = {"HBM": hbm, "issue": issue, "MUFU pipe": mufu_t, "ALU pipe": alu_t}
     limiter = max(terms, key=terms.get)
     static = terms[limiter]
-    # Programs run in waves of SMs · CTAs; a partial last wave runs at its own (lower) concurrency.
-    full_waves, rest = divmod(ka.programs, gpu.sms * ctas)
-    rows_per_program = math.ceil(rows / ka.programs)
-    cycles = full_waves * row_cycles(ctas) + (row_cycles(math.ceil(rest / gpu.sms)) if rest else 0.0)
-    latency = max(static, rows_per_program * cycles / clk)
+    if "row_counter_ptr" in ka.launch.args:
+        # Rows handed out by a counter: the resident CTAs (at most the programs) share them evenly;
+        # programs beyond what fits start when the rows are gone.
+        resident = min(ka.programs, gpu.sms * ctas)
+        conc = math.ceil(resident / gpu.sms)
+        latency = max(static, math.ceil(rows / resident) * row_cycles(conc) / clk)
+    else:
+        # Programs run in waves of SMs · CTAs; a partial last wave runs at its own (lower) concurrency.
+        full_waves, rest = divmod(ka.programs, gpu.sms * ctas)
+        rows_per_program = math.ceil(rows / ka.programs)
+        cycles = full_waves * row_cycles(ctas) + (row_cycles(math.ceil(rest / gpu.sms)) if rest else 0.0)
+        latency = max(static, rows_per_program * cycles / clk)
     return Timing(
         gpu=gpu.name,
         hbm_floor=hbm,
@@ -2072,7 +2084,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_threshold_topk(launch) -> bool:
     """The top-K forward with a float threshold and candidate scratch (else: the per-block sort)."""
-    return "SCRATCH" in launch.args
+    return "SCRATCH_RUNS" in launch.args
 
 
 def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str | None:
@@ -2080,8 +2092,10 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
         return "vocab loop"
     if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
         where = "stream" if in_stream else "final"
-        if loop.loops_over(r"for row in range\("):
+        if loop.loops_over(r"while row < n_rows"):
             return "row loop"
+        if loop.runs(r"n_done \+="):
+            return "final flatten chunk"
         if loop.loops_over(r"while \(hi - lo"):
             return f"{where} bisection"
         if loop.runs(r"ordered_key\(z\) >= key"):
@@ -2102,7 +2116,10 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
         for p in paths:
             # Triton 3.9's line info has the inlining sites (the `tighten(` call); 3.6's only the
             # innermost lines, hence lines of tighten's own body as well.
-            if p.runs(r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"):
+            # More than a stray instruction or two of the call: the compiler hoists argument set-up
+            # of the `tighten(` call into the append path.
+            tighten = r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"
+            if p.count(tighten) - min(q.count(tighten) for q in paths) >= 16:
                 labels.append("tighten")  # scratch full: bisection selection, then append
                 continue
             if p.runs(r"tl\.reshape\(z"):
@@ -2207,12 +2224,11 @@ def _key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
 
 
-def _tighten_sim(cand_z, thr: float, keep_lo: int, keep_hi: int, chunk: int) -> tuple[int, float, dict]:
-    """The kernel's `tighten` on candidate values: (kept, new threshold, loop trips)."""
+def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk_runs: int):
+    """The kernel's `tighten` on candidate values: (kept mask, new threshold, loop trips)."""
     import numpy as np
 
-    n = len(cand_z)
-    chunks = max(1, -(-n // chunk))
+    chunks = max(1, -(-n_runs // chunk_runs))
     keys = _ordered_key(cand_z)
     lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
     count_hi, found, steps = 0, False, 0
@@ -2224,15 +2240,19 @@ def _tighten_sim(cand_z, thr: float, keep_lo: int, keep_hi: int, chunk: int) -> 
             lo, found = mid, count <= keep_hi
         else:
             hi, count_hi = mid, count
-    room = n if found else keep_lo - count_hi
-    kept = int((keys > lo).sum()) + min(int((keys == lo).sum()), room)
+    room = len(cand_z) if found else keep_lo - count_hi
+    keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
     trips = {"max chunk": chunks, "bisection": steps, "count chunk": steps * chunks, "compact chunk": chunks}
-    return kept, _key_value(lo), trips
+    return keep, _key_value(lo), trips
 
 
 @functools.cache
-def _threshold_simulation_cached(vocab: int, block_v: int, topk: int, k_pow2: int, scratch: int, chunk: int) -> dict:
-    """Run the kernel's control flow (threshold, appends, tighten) on iid rows: blocks per path, loop trips."""
+def _threshold_simulation_cached(
+    vocab: int, block_v: int, topk: int, k_pow2: int, scratch_runs: int, chunk_runs: int, run: int, tighten_keep: int
+) -> dict:
+    """Replay the kernel's control flow on iid rows: the first-block threshold, appends of runs of
+    `run` entries with candidates, tightening when the runs would overflow the scratch, the final
+    selection. Returns blocks per path, the inner loops' extra trips per row, tightens per row."""
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -2242,7 +2262,7 @@ def _threshold_simulation_cached(vocab: int, block_v: int, topk: int, k_pow2: in
     n_blocks = -(-vocab // block_v)
     for _ in range(IID_ROWS):
         row = (rng.standard_normal(vocab) * IID_SIGMA).astype(np.float32)
-        thr, cand = -np.inf, np.empty(0, np.float32)
+        thr, cand = -np.inf, np.empty(0, np.int64)  # candidate indices, in index order
         for b in range(n_blocks):
             z = row[b * block_v : (b + 1) * block_v]
             if b == 0:
@@ -2251,21 +2271,22 @@ def _threshold_simulation_cached(vocab: int, block_v: int, topk: int, k_pow2: in
                 passes = z >= thr
             else:
                 passes = z > thr
-            n_new = int(passes.sum())
-            if n_new == 0:
+            if not passes.any():
                 blocks["skip"] += 1
                 continue
-            if len(cand) + n_new > scratch:
-                kept, thr, t = _tighten_sim(cand, thr, topk, 2 * k_pow2, chunk)
-                cand = np.sort(cand)[::-1][:kept]  # the survivors (their order does not matter here)
+            new = b * block_v + np.flatnonzero(passes)
+            n_runs = len(np.unique(cand // run))
+            if n_runs + len(np.unique(new // run)) > scratch_runs:
+                keep, thr, t = _tighten_sim(row[cand], n_runs, thr, topk, tighten_keep, chunk_runs)
+                cand = cand[keep]
                 trips["stream"].update(t)
                 tightens["stream"] += 1
-                passes &= z > thr
+                new = new[row[new] > thr]
                 blocks["tighten"] += 1
             else:
                 blocks["first block" if b == 0 else "append"] += 1
-            cand = np.concatenate([cand, z[passes]])
-        _, _, t = _tighten_sim(cand, thr, topk, topk, chunk)
+            cand = np.concatenate([cand, new])
+        _, _, t = _tighten_sim(row[cand], len(np.unique(cand // run)), thr, topk, topk, chunk_runs)
         trips["final"].update(t)
         tightens["final"] += 1
     rows = IID_ROWS
@@ -2290,7 +2311,14 @@ def _threshold_simulation_cached(vocab: int, block_v: int, topk: int, k_pow2: in
 def _threshold_simulation(launch, vocab: int) -> dict:
     a = launch.args
     return _threshold_simulation_cached(
-        vocab, int(a["BLOCK_V"]), int(a["topk"]), int(a["K_POW2"]), int(a["SCRATCH"]), int(a["CHUNK"])
+        vocab,
+        int(a["BLOCK_V"]),
+        int(a["topk"]),
+        int(a["K_POW2"]),
+        int(a["SCRATCH_RUNS"]),
+        int(a["CHUNK_RUNS"]),
+        int(a["RUN"]),
+        int(a["tighten_keep"]),
     )
 
 

@@ -29,6 +29,16 @@ TOPK_CHUNK = 1024
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
+# A mid-row tightening of the candidate scratch keeps between K and tighten_keep(K) of them (the
+# bisection stops as soon as the count falls in that range); the scratch holds that many runs, one
+# block's runs and TOPK_SCRATCH_SLACK·K' more, so that tightenings stay rare.
+TOPK_SCRATCH_SLACK = 0
+
+
+def tighten_keep(topk: int) -> int:
+    return 2 * triton.next_power_of_2(topk)
+
+
 # Persistent top-K programs per SM, each with its own candidate scratch (~36 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.
 TOPK_PROGRAMS_PER_SM = 8
@@ -129,8 +139,9 @@ def forward_launches(
     if config.mode == "topk_logits":
         k_pow2 = triton.next_power_of_2(config.topk)
         block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
-        # Candidate runs: the tightened survivors (<= 2K' runs) plus one block's runs.
-        scratch_runs = block // TOPK_RUN + 2 * k_pow2
+        # Candidate runs: the tightened survivors plus one block's runs.
+        keep = tighten_keep(config.topk)
+        scratch_runs = block // TOPK_RUN + keep + TOPK_SCRATCH_SLACK * k_pow2
         programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
@@ -145,6 +156,7 @@ def forward_launches(
                 row_counter_ptr=torch.zeros(1, dtype=torch.int32, device=dev),
                 n_rows=n,
                 topk=config.topk,
+                tighten_keep=keep,
                 tail_floor=TAIL_LOG_FLOOR,
                 K_POW2=k_pow2,
                 BLOCK_V=block,

@@ -103,7 +103,8 @@ def _count_at_least(cand, n_runs, key, SCRATCH_RUNS: tl.constexpr, CHUNK_RUNS: t
         in_chunk = rows < n_runs
         bits = tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
         valid = _lanes_set(bits, lanes)
-        z = tl.load(cand + 2 * SCRATCH_RUNS + rows[:, None] * RUN + lanes[None, :], mask=valid, other=0.0)
+        # Not masked by `valid`: the load need not wait for the bit masks (every slot is allocated).
+        z = tl.load(cand + 2 * SCRATCH_RUNS + rows[:, None] * RUN + lanes[None, :], mask=in_chunk[:, None])
         count += _sum_all((valid & (ordered_key(z) >= key)).to(tl.int32))
     return count
 
@@ -160,12 +161,12 @@ def tighten(
         col = tl.load(run_ids + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes
         at = rows[:, None] * RUN + lanes[None, :]
         z = tl.load(student_row + col * stride_s_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
-        z = tl.where(fresh, z * inv_temp, tl.load(zs + at, mask=valid & ~fresh, other=float("-inf")))
+        z = tl.where(fresh, z * inv_temp, tl.where(valid, tl.load(zs + at, mask=in_chunk[:, None]), float("-inf")))
         tl.store(zs + at, z, mask=fresh)
         top_z = tl.maximum(top_z, _max_all(z))
         if STREAM_TEACHER:
             u = tl.load(teacher_row + col * stride_t_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
-            u = tl.where(fresh, u, tl.load(us + at, mask=valid & ~fresh, other=float("-inf")))
+            u = tl.where(fresh, u, tl.where(valid, tl.load(us + at, mask=in_chunk[:, None]), float("-inf")))
             tl.store(us + at, u, mask=fresh)
             top_u = tl.maximum(top_u, _max_all(u))
     tl.debug_barrier()  # the gathered values land before the counting passes read them
@@ -197,7 +198,7 @@ def tighten(
         run_id = tl.load(run_ids + rows, mask=in_chunk, other=0.0)
         valid = _lanes_set(tl.load(masks + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
         at = rows[:, None] * RUN + lanes[None, :]
-        z = tl.load(zs + at, mask=valid, other=float("-inf"))
+        z = tl.where(valid, tl.load(zs + at, mask=in_chunk[:, None]), float("-inf"))
         key = ordered_key(z)
         tie = valid & (key == lo_key)
         tie_rank = ties + _exclusive_cumsum(tie.to(tl.int32))
@@ -205,7 +206,7 @@ def tighten(
         evict = valid & ~keep
         tail_z += _sum_all(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0))
         if STREAM_TEACHER:
-            u = tl.load(us + at, mask=valid, other=float("-inf"))
+            u = tl.where(valid, tl.load(us + at, mask=in_chunk[:, None]), float("-inf"))
             tail_u += _sum_all(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
         bits = _lane_bits(keep, lanes)
         kept_run = bits != 0
@@ -279,6 +280,7 @@ def topk_forward_kernel(
     stride_t_inner,
     stride_t_col,
     topk,
+    tighten_keep,
     inv_temp,
     alpha,
     is_clip,
@@ -367,7 +369,7 @@ def topk_forward_kernel(
                         inv_temp=inv_temp,
                         thr=thr,
                         keep_lo=topk,
-                        keep_hi=2 * K_POW2,
+                        keep_hi=tighten_keep,
                         tail_z=tail_z,
                         tail_u=tail_u,
                         base_z=base_z,
