@@ -26,6 +26,8 @@ def summary(report: dict, vocab: int, gpu: str) -> str:
         f_static = sum(next(v for n, v in k["at_mix"].items() if gpu in n)["static_bound"] for k in fwd)
         f_lat = sum(next(v for n, v in k["at_mix"].items() if gpu in n)["latency_aware"] for k in fwd)
         t = next(v for n, v in entry["total"].items() if gpu in n)
+        f_floor, f_static, f_lat = (1e3 * x for x in (f_floor, f_static, f_lat))  # seconds -> ms
+        t = {k: 1e3 * v if not k.endswith("ratio") else v for k, v in t.items()}
         lines.append(
             f"| {entry['name']} | {f_floor:.2f} / {f_static:.2f} ({f_static / f_floor:.1f}×) / "
             f"{f_lat:.2f} ({f_lat / f_floor:.1f}×) | {t['hbm_floor']:.2f} / {t['static_bound']:.2f} "
