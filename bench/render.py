@@ -320,6 +320,13 @@ def render(paths: list[Path], baselines: tuple[str, ...], out: Path | None = Non
     return md, png
 
 
+def _is_benchmark_json(path: Path) -> bool:
+    try:
+        return "benchmarks" in json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("paths", nargs="*", type=Path, help="JSON files or folders (default: bench/results)")
@@ -331,7 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     baselines = tuple(args.baseline) if args.baseline else DEFAULT_BASELINES
     files = []
     for p in args.paths or [RESULTS]:
-        files += sorted(p.glob("*.json")) if p.is_dir() else [p]
+        # Folders: pytest-benchmark results only (cost-report-* and cpu-trainer-* have their own renderers).
+        files += sorted(f for f in p.glob("*.json") if _is_benchmark_json(f)) if p.is_dir() else [p]
     if args.out:
         md, png = render(files, baselines, args.out)
         print(f"{len(files)} files -> {md}, {png}")

@@ -306,7 +306,7 @@ def topk_forward_kernel(
     support = cand + SCRATCH_RUNS * (2 + 2 * RUN)
     u_scale_log2 = inv_temp * LOG2E
     # Rows come from a shared counter: programs that find no room on an SM start late and take fewer.
-    row = tl.atomic_add(row_counter_ptr, 1).to(tl.int64)
+    row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
     while row < n_rows:
         student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
         teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
@@ -476,4 +476,4 @@ def topk_forward_kernel(
         tl.store(dense_ptr + row, dense)
         tl.store(index_ptr + row * topk + k_pos, idx, mask=in_support)
         tl.store(coef_ptr + row * topk + k_pos, sparse, mask=in_support)
-        row = tl.atomic_add(row_counter_ptr, 1).to(tl.int64)
+        row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
