@@ -44,3 +44,38 @@ def tie_free_logits(*shape: int, dtype: torch.dtype = torch.float32, scale: floa
         n *= r
     perm = torch.stack([torch.randperm(vocab) for _ in range(n)]).to(torch.float64)
     return ((perm - vocab / 2) * scale).view(*shape).to(dtype)
+
+
+def trl_tail_condition(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    mode: str = "topk_logits",
+    topk: int | None = 100,
+    add_tail: bool = True,
+    temperature: float = 1.0,
+    **_: object,
+) -> float:
+    """Ulps of the loss that one rounding in TRL's tail bucket can become (0 where it forms none).
+
+    TRL forms the tail as log(-expm1(log P_K)), log P_K = logsumexp(z_K - LSE): the ulp of |z / T| or
+    |LSE| that log P_K carries becomes a relative error of (1 + max|z / T|) ulps / P_tail in log P_tail.
+    The divergence weighs log P_tail of one distribution by the tail mass of the other (or of the mixture),
+    so the loss and its gradient err by about (1 + max|z / T|) * (1 + max(P_T / P_S, P_S / P_T)) ulps,
+    P_S, P_T the student's and the teacher's mass outside the student's top-K. Returns the max over rows.
+    0 also where the support holds every finite entry (both tails empty; TRL's clamp gives them equal
+    mass). Masked (-inf) entries are ignored.
+    """
+    if mode != "topk_logits" or not add_tail:
+        return 0.0
+    z, u = student_logits.double() / temperature, teacher_logits.double() / temperature
+    if topk >= int(torch.isfinite(z).sum(-1).max()):
+        return 0.0
+    idx = z.topk(topk, dim=-1).indices
+    tails = []
+    for x in (z, u):
+        log_p = x - torch.logsumexp(x, -1, keepdim=True)
+        tails.append((-torch.expm1(torch.logsumexp(log_p.gather(-1, idx), -1))).clamp_min(1e-300))
+    ratio = torch.maximum(tails[0] / tails[1], tails[1] / tails[0])
+    big = torch.stack([x.masked_fill(~torch.isfinite(x), 0).abs().amax(-1) for x in (z, u)]).amax(0)
+    return float(((1 + big) * (1 + ratio)).max())
