@@ -62,9 +62,7 @@ def make_inputs(n=12, vocab=40, dim=8, dtype=torch.float64, bias=True, device="c
     return inp
 
 
-def trl_policy_loss(
-    student_logits, completion_ids, old_logps, advantages, eps_low, eps_high, temperature, delta=None
-):
+def trl_policy_loss(student_logits, completion_ids, old_logps, advantages, eps_low, eps_high, temperature, delta=None):
     """TRL 1.16 `SDPOTrainer._compute_policy_loss` (= GRPO's token-level clipped surrogate) per token;
     `delta` as GRPOTrainer's two-sided clipping."""
     per_token_logps = selective_log_softmax(student_logits / temperature, completion_ids)
@@ -94,8 +92,14 @@ def materialised(inp, *, use_old=True, policy=None, backend="reference", **kw):
         # (16-bit logits: the policy log-prob in float32, as the fused path computes it)
         z = ls if ls.dtype == torch.float64 else ls.float()
         pol = trl_policy_loss(
-            z, inp["ids"], old, policy["advantages"], policy["epsilon_low"], policy["epsilon_high"],
-            kw.get("temperature", 1.0), policy.get("delta"),
+            z,
+            inp["ids"],
+            old,
+            policy["advantages"],
+            policy["epsilon_low"],
+            policy["epsilon_high"],
+            kw.get("temperature", 1.0),
+            policy.get("delta"),
         )
         total = total + (policy["weights"] * pol).sum()
     return total, per, pol
@@ -104,9 +108,18 @@ def materialised(inp, *, use_old=True, policy=None, backend="reference", **kw):
 def fused(inp, *, use_old=True, chunk_size=None, backend="reference", tied=False, **kw):
     kw.setdefault("topk", 5)
     return linear_self_distillation_loss(
-        inp["hs"], inp["W"], inp["ht"], inp["W"] if tied else inp["Wt"], inp["ids"], inp["old"] if use_old else None,
-        weights=inp["weights"], student_bias=inp["bs"], teacher_bias=inp["bt"], chunk_size=chunk_size,
-        backend=backend, **kw,
+        inp["hs"],
+        inp["W"],
+        inp["ht"],
+        inp["W"] if tied else inp["Wt"],
+        inp["ids"],
+        inp["old"] if use_old else None,
+        weights=inp["weights"],
+        student_bias=inp["bs"],
+        teacher_bias=inp["bt"],
+        chunk_size=chunk_size,
+        backend=backend,
+        **kw,
     )
 
 
@@ -271,8 +284,12 @@ def test_upstream_gradient_scales_and_double_backward_raises():
 @pytest.mark.parametrize("setting", [SETTINGS[0], SETTINGS[3], SETTINGS[6], SETTINGS[9]], ids=str)
 def test_chunk_size_does_not_change_results(chunk_size, setting):
     inp = make_inputs(n=12)
-    pol = dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2, epsilon_high=0.28,
-               weights=torch.rand(12, dtype=torch.float64))
+    pol = dict(
+        advantages=torch.randn(12, dtype=torch.float64),
+        epsilon_low=0.2,
+        epsilon_high=0.28,
+        weights=torch.rand(12, dtype=torch.float64),
+    )
     base = fused(inp, policy=pol, **setting)
     base_grads = torch.autograd.grad(base.loss, params(inp))
     out = fused(inp, policy=pol, chunk_size=chunk_size, **setting)
@@ -305,8 +322,8 @@ def test_non_contiguous_hidden():
     inp["hs"] = base[:, ::2]
     loss, _ = fused(inp)
     want = materialised(inp)[0]
-    g, = torch.autograd.grad(loss, base)
-    g_want, = torch.autograd.grad(want, base)
+    (g,) = torch.autograd.grad(loss, base)
+    (g_want,) = torch.autograd.grad(want, base)
     assert_ulps(g, g_want, REWRITE_ULPS)
 
 
@@ -314,16 +331,29 @@ def test_module_form():
     inp = make_inputs()
     module = LinearSelfDistillationLoss(mode="full_logits", alpha=0.25, chunk_size=4)
     assert "full_logits" in repr(module)
-    loss, _ = module(inp["hs"], inp["W"], inp["ht"], inp["Wt"], inp["ids"], inp["old"], weights=inp["weights"],
-                     student_bias=inp["bs"], teacher_bias=inp["bt"])
+    loss, _ = module(
+        inp["hs"],
+        inp["W"],
+        inp["ht"],
+        inp["Wt"],
+        inp["ids"],
+        inp["old"],
+        weights=inp["weights"],
+        student_bias=inp["bs"],
+        teacher_bias=inp["bt"],
+    )
     assert_same(inp, loss, materialised(inp, mode="full_logits", alpha=0.25)[0], REWRITE_ULPS)
 
 
 def test_inputs_not_mutated():
     inp = make_inputs()
     before = {k: v.detach().clone() for k, v in inp.items() if v is not None}
-    loss, _ = fused(inp, policy=dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2,
-                                     epsilon_high=0.2, weights=inp["weights"]))
+    loss, _ = fused(
+        inp,
+        policy=dict(
+            advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2, epsilon_high=0.2, weights=inp["weights"]
+        ),
+    )
     loss.backward()
     for k, v in before.items():
         assert torch.equal(inp[k].detach(), v), k
@@ -346,8 +376,12 @@ def _forbid_gradient_work(monkeypatch):
 @pytest.mark.parametrize("how", ["no_grad", "inference_mode", "nothing_requires_grad"])
 def test_no_gradient_work_without_grad(monkeypatch, how):
     inp = make_inputs()
-    pol = dict(advantages=torch.randn(12, dtype=torch.float64), epsilon_low=0.2, epsilon_high=0.3,
-               weights=torch.rand(12, dtype=torch.float64))
+    pol = dict(
+        advantages=torch.randn(12, dtype=torch.float64),
+        epsilon_low=0.2,
+        epsilon_high=0.3,
+        weights=torch.rand(12, dtype=torch.float64),
+    )
     want = fused(inp, policy=pol)
     _forbid_gradient_work(monkeypatch)
     if how == "nothing_requires_grad":
@@ -367,8 +401,8 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     inp["bs"].requires_grad_(False)
     monkeypatch.setattr(linear_mod, "_accumulate_weight_grad", lambda *a: (_ for _ in ()).throw(AssertionError))
     loss, _ = fused(inp)
-    g, = torch.autograd.grad(loss, inp["hs"])
-    g_want, = torch.autograd.grad(materialised(inp)[0], inp["hs"])
+    (g,) = torch.autograd.grad(loss, inp["hs"])
+    (g_want,) = torch.autograd.grad(materialised(inp)[0], inp["hs"])
     assert_ulps(g, g_want, REWRITE_ULPS)
 
 
@@ -505,14 +539,38 @@ def test_validation(change, match):
         (dict(chunk_size=0), "chunk_size"),
         (dict(backend="cuda"), "backend"),
         (dict(policy=dict(advantages=torch.zeros(12))), "policy"),
-        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=-1, epsilon_high=0.2, weights=torch.ones(12))),
-         "epsilon_low"),
-        (dict(policy=dict(advantages=torch.zeros(3), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12))),
-         "advantages"),
-        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12),
-                          delta=float("inf"))), "delta"),
-        (dict(policy=dict(advantages=torch.zeros(12), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12),
-                          sequence_level=True)), "unknown"),
+        (
+            dict(policy=dict(advantages=torch.zeros(12), epsilon_low=-1, epsilon_high=0.2, weights=torch.ones(12))),
+            "epsilon_low",
+        ),
+        (
+            dict(policy=dict(advantages=torch.zeros(3), epsilon_low=0.2, epsilon_high=0.2, weights=torch.ones(12))),
+            "advantages",
+        ),
+        (
+            dict(
+                policy=dict(
+                    advantages=torch.zeros(12),
+                    epsilon_low=0.2,
+                    epsilon_high=0.2,
+                    weights=torch.ones(12),
+                    delta=float("inf"),
+                )
+            ),
+            "delta",
+        ),
+        (
+            dict(
+                policy=dict(
+                    advantages=torch.zeros(12),
+                    epsilon_low=0.2,
+                    epsilon_high=0.2,
+                    weights=torch.ones(12),
+                    sequence_level=True,
+                )
+            ),
+            "unknown",
+        ),
     ],
 )
 def test_validation_of_settings(kwargs, match):
@@ -572,18 +630,30 @@ def test_interpreter_tied_zero_rows_and_two_calls():
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("setting", [dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=True),
-                                     dict(mode="topk_logits", topk=20, alpha=1.0, add_tail=False),
-                                     dict(mode="full_logits", alpha=0.5),
-                                     dict(mode="sampled_token", alpha=1.0)], ids=str)
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=True),
+        dict(mode="topk_logits", topk=20, alpha=1.0, add_tail=False),
+        dict(mode="full_logits", alpha=0.5),
+        dict(mode="sampled_token", alpha=1.0),
+    ],
+    ids=str,
+)
 def test_gpu_matches_materialised(dtype, setting):
     """Inputs are multiples of 1/4 in [-0.5, 0.5] with D = 16: every logit is exact in bf16, so the
     chunked and the full matmul give the same logits and the comparison is not bf16 noise."""
     n, vocab, dim = 300, 4096, 16
     inp = make_inputs(n=n, vocab=vocab, dim=dim, dtype=dtype, device="cuda")
     q = lambda *shape: (torch.randint(-2, 3, shape, device="cuda") / 4).to(dtype)
-    inp.update(hs=q(n, dim).requires_grad_(), W=q(vocab, dim).requires_grad_(), ht=q(n, dim), Wt=q(vocab, dim),
-               bs=q(vocab).requires_grad_(), bt=q(vocab))
+    inp.update(
+        hs=q(n, dim).requires_grad_(),
+        W=q(vocab, dim).requires_grad_(),
+        ht=q(n, dim),
+        Wt=q(vocab, dim),
+        bs=q(vocab).requires_grad_(),
+        bt=q(vocab),
+    )
     pol = _policy(n, dtype=torch.float32, device="cuda")
     out = fused(inp, policy=pol, backend="triton", chunk_size=64, **setting)
     want, per_want, pol_want = materialised(inp, policy=pol, backend="triton", **setting)
@@ -607,8 +677,14 @@ def test_bf16_matches_materialised(setting):
     and the full matmul agree exactly; what remains is the gradient products' bf16 rounding."""
     inp = make_inputs(n=20, vocab=64, dim=16, dtype=torch.bfloat16)
     q = lambda *shape: (torch.randint(-2, 3, shape) / 4).to(torch.bfloat16)
-    inp.update(hs=q(20, 16).requires_grad_(), W=q(64, 16).requires_grad_(), ht=q(20, 16), Wt=q(64, 16),
-               bs=q(64).requires_grad_(), bt=q(64))
+    inp.update(
+        hs=q(20, 16).requires_grad_(),
+        W=q(64, 16).requires_grad_(),
+        ht=q(20, 16),
+        Wt=q(64, 16),
+        bs=q(64).requires_grad_(),
+        bt=q(64),
+    )
     pol = _policy(20, dtype=torch.float32)
     out = fused(inp, policy=pol, chunk_size=6, **setting)
     want, per_want, pol_want = materialised(inp, policy=pol, **setting)
@@ -652,8 +728,7 @@ def _extra_over_grads(mode, backend, n=256, vocab=16384, dim=8) -> float:
     h, w, ht, wt, ids, weights = _memory_inputs(n, vocab, dim)
 
     def step():
-        loss, _ = linear_self_distillation_loss(h, w, ht, wt, ids, weights=weights, mode=mode, topk=16,
-                                                backend=backend)
+        loss, _ = linear_self_distillation_loss(h, w, ht, wt, ids, weights=weights, mode=mode, topk=16, backend=backend)
         grads = torch.autograd.grad(loss, (h, w))
         del loss, grads
 
@@ -696,8 +771,14 @@ def test_reference_backend_peak_memory():
 def test_autocast_casts_float32_operands_like_linear():
     inp = make_inputs(n=10, vocab=32, dim=8, dtype=torch.float32)
     q = lambda *shape: torch.randint(-2, 3, shape) / 4  # exact in bf16, and so are the logits
-    inp.update(hs=q(10, 8).requires_grad_(), W=q(32, 8).requires_grad_(), ht=q(10, 8), Wt=q(32, 8),
-               bs=q(32).requires_grad_(), bt=q(32))
+    inp.update(
+        hs=q(10, 8).requires_grad_(),
+        W=q(32, 8).requires_grad_(),
+        ht=q(10, 8),
+        Wt=q(32, 8),
+        bs=q(32).requires_grad_(),
+        bt=q(32),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = fused(inp, mode="full_logits")
     assert inp["W"].dtype == torch.float32

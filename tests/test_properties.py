@@ -6,12 +6,12 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tolerances import assert_close, tol
 
 from sdpo_kernels import self_distillation_loss
 
 from conftest import interpret_only
 from oracles import trl_self_distillation_loss, trl_tail_condition
+from tolerances import assert_close, tol
 
 
 @st.composite

@@ -6,12 +6,12 @@ import itertools
 
 import pytest
 import torch
-from tolerances import assert_close, grad_kind
 
 from sdpo_kernels import SelfDistillationLoss, self_distillation_loss
 from sdpo_kernels.reference import topk_lowest_index
 
 from oracles import tie_free_logits, trl_self_distillation_loss, trl_tail_condition
+from tolerances import assert_close, grad_kind
 
 B, T, V = 2, 3, 157  # leading dims [B, T], vocabulary not a power of two
 

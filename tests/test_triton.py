@@ -10,13 +10,13 @@ import itertools
 
 import pytest
 import torch
-from tolerances import TOLERANCES, assert_close, grad_kind
 
 from sdpo_kernels import self_distillation_loss
 from sdpo_kernels.reference import topk_lowest_index
 
 from conftest import HAS_CUDA, INTERPRET, INTERPRET_MARKS, TIERS, gpu_only
 from oracles import tie_free_logits, trl_self_distillation_loss
+from tolerances import TOLERANCES, assert_close, grad_kind
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy's log(0) inside the interpreter
 

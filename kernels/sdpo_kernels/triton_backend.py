@@ -25,7 +25,7 @@ from .triton_topk import topk_forward_kernel
 # streams (LSE, gradient; 8 warps). The top-K scratch walks its candidates in chunks of TOPK_CHUNK.
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
-TOPK_CHUNK = 1024
+TOPK_CHUNK = 512
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
