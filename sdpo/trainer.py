@@ -871,7 +871,7 @@ class SDPOTrainer(GRPOTrainer):
                 # TRL multiplies the per-token policy loss by the (detached) vLLM IS ratio, [B, T] or [B, 1]:
                 # a per-token weight, folded into the policy weights.
                 w_pol = w_pol * inputs["importance_sampling_ratio"].to(w_pol.dtype).expand_as(w_pol)
-            policy = dict(
+            policy = sdpo_kernels.PolicyTerm(
                 advantages=adv.reshape(-1)[flat],
                 epsilon_low=self.epsilon_low,
                 epsilon_high=self.epsilon_high,

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 
 import pytest
 import torch
 from trl.trainer.utils import selective_log_softmax
 
+import sdpo_kernels.chunking as chunking_mod
 import sdpo_kernels.linear as linear_mod
 from sdpo_kernels import reference
 from sdpo_kernels.functional import self_distillation_loss
 from sdpo_kernels.linear import (
     LinearLossOutput,
     LinearSelfDistillationLoss,
+    PolicyTerm,
     default_chunk_rows,
     linear_self_distillation_loss,
 )
@@ -368,9 +371,9 @@ def _forbid_gradient_work(monkeypatch):
         raise AssertionError("gradient work under no_grad")
 
     monkeypatch.setattr(reference, "backward", boom)
-    monkeypatch.setattr(linear_mod, "_accumulate_weight_grad", boom)
-    monkeypatch.setattr(linear_mod, "_fold", boom)
-    monkeypatch.setattr(linear_mod, "_renormalised_policy_grad_", boom)
+    monkeypatch.setattr(chunking_mod, "_accumulate_weight_grad", boom)
+    monkeypatch.setattr(chunking_mod, "fold_policy_grad", boom)
+    monkeypatch.setattr(chunking_mod, "renormalised_policy_grad_", boom)
 
 
 @pytest.mark.parametrize("how", ["no_grad", "inference_mode", "nothing_requires_grad"])
@@ -399,7 +402,7 @@ def test_only_requested_gradients_are_computed(monkeypatch):
     inp = make_inputs()
     inp["W"].requires_grad_(False)
     inp["bs"].requires_grad_(False)
-    monkeypatch.setattr(linear_mod, "_accumulate_weight_grad", lambda *a: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(chunking_mod, "_accumulate_weight_grad", lambda *a: (_ for _ in ()).throw(AssertionError))
     loss, _ = fused(inp)
     (g,) = torch.autograd.grad(loss, inp["hs"])
     (g_want,) = torch.autograd.grad(materialised(inp)[0], inp["hs"])
@@ -483,6 +486,39 @@ def test_policy_only_gradient_matches_trl():
     ls = inp["hs"] @ inp["W"].t() + inp["bs"]
     want = (pol["weights"] * trl_policy_loss(ls, inp["ids"], inp["old"], pol["advantages"], 0.2, 0.28, 0.8)).sum()
     assert_same(inp, out.loss, want, REWRITE_ULPS)
+
+
+@pytest.mark.parametrize("old_kind", ["from_call", "none", "own"])
+def test_policy_term_equals_the_deprecated_dict(old_kind):
+    """`PolicyTerm` and the old dict give bit-identical results; only the dict warns."""
+    inp = make_inputs(n=10)
+    pol = _policy(10)
+    if old_kind != "from_call":
+        pol["old_logps"] = None if old_kind == "none" else inp["old"] + 0.3 * torch.randn_like(inp["old"])
+    term = PolicyTerm(**pol)
+    setting = dict(mode="topk_logits", topk=4, alpha=0.5, add_tail=True, temperature=0.9, is_clip=1.5)
+    with pytest.warns(DeprecationWarning, match="PolicyTerm"):
+        want = fused(inp, policy=pol, **setting)
+    (gw,) = torch.autograd.grad(want.loss, inp["W"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        got = fused(inp, policy=term, **setting)
+    (gg,) = torch.autograd.grad(got.loss, inp["W"])
+    for a, b in [(got.loss, want.loss), (got.policy_per_token, want.policy_per_token), (gg, gw)]:
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_policy_term_is_frozen_and_validated():
+    pol = PolicyTerm(**_policy(12))
+    with pytest.raises(AttributeError):
+        pol.epsilon_low = 0.5
+    inp = make_inputs()
+    with pytest.raises(ValueError, match=r"policy\.epsilon_high"):
+        fused(inp, policy=PolicyTerm(**{**_policy(12), "epsilon_high": float("nan")}))
+    with pytest.raises(ValueError, match=r"policy\.old_logps"):
+        fused(inp, policy=PolicyTerm(**_policy(12), old_logps=torch.zeros(3, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="PolicyTerm"):
+        fused(inp, policy=[1, 2])
 
 
 @pytest.mark.parametrize("policy_old", ["none", "own"])

@@ -1,11 +1,13 @@
 """Validated loss settings shared by every backend.
 
-`LossConfig.from_args` is the one place where user arguments are checked; kernels and the
-reference trust a `LossConfig` completely.
+`LossConfig.from_args` and the `check_*` functions below (the fused-linear loss's hidden states,
+lm_head weights, per-row tensors and policy term) are the one place where user arguments are
+checked; kernels and the reference trust a `LossConfig` completely.
 """
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
@@ -173,3 +175,103 @@ def check_completion_ids(
         lo, hi = (int(v) for v in torch.aminmax(completion_ids))
         if lo < 0 or hi >= vocab:
             raise ValueError(f"completion_ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+
+
+# ----------------------------------------------------------------------------------------------
+# fused-linear arguments (`linear_self_distillation_loss`)
+
+
+def check_tensor(x, name: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x
+
+
+def check_float(x: torch.Tensor, name: str) -> None:
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, bfloat16, float16 (or float64, reference only), got {x.dtype}")
+
+
+def check_same(x: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
+    if x.dtype != ref.dtype:
+        raise ValueError(f"{name} must have the dtype of {ref_name} ({ref.dtype}), got {x.dtype}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} must be on the device of {ref_name} ({ref.device}), got {x.device}")
+
+
+def check_linear(hidden, weight, bias, prefix: str) -> tuple[int, int]:
+    """Checks one side (student or teacher) of the fused-linear loss; returns (V, D)."""
+    hidden = check_tensor(hidden, f"{prefix}_hidden")
+    weight = check_tensor(weight, f"{prefix}_weight")
+    check_float(hidden, f"{prefix}_hidden")
+    if hidden.dim() < 1 or hidden.shape[-1] < 1:
+        raise ValueError(f"{prefix}_hidden must be [..., D] with D >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] < 1:
+        raise ValueError(f"{prefix}_weight must be [V, D] with V >= 1, got {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"{prefix}_weight must be [V, {hidden.shape[-1]}] ({prefix}_hidden's last dim), got {tuple(weight.shape)}"
+        )
+    check_same(weight, f"{prefix}_weight", hidden, f"{prefix}_hidden")
+    if bias is not None:
+        bias = check_tensor(bias, f"{prefix}_bias")
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"{prefix}_bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+        check_same(bias, f"{prefix}_bias", hidden, f"{prefix}_hidden")
+    return weight.shape[0], weight.shape[1]
+
+
+def check_linear_pair(student: tuple, teacher: tuple) -> tuple[int, torch.Size]:
+    """Checks both sides, each `(hidden, weight, bias)`, and that they match; returns (V, row shape)."""
+    vocab, _ = check_linear(*student, "student")
+    vocab_t, _ = check_linear(*teacher, "teacher")
+    if vocab_t != vocab:
+        raise ValueError(f"teacher_weight must have the student's vocabulary size {vocab}, got {vocab_t}")
+    rows_shape = student[0].shape[:-1]
+    if teacher[0].shape[:-1] != rows_shape:
+        raise ValueError(
+            f"teacher_hidden must have the leading dims of student_hidden {tuple(rows_shape)}, "
+            f"got {tuple(teacher[0].shape[:-1])}"
+        )
+    check_same(teacher[0], "teacher_hidden", student[0], "student_hidden")
+    return vocab, rows_shape
+
+
+def check_rows(x, name: str, rows_shape: torch.Size, device: torch.device) -> torch.Tensor:
+    """A floating-point per-row tensor ([...], the hidden states without D) on `device`."""
+    x = check_tensor(x, name)
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+    if x.shape != rows_shape:
+        raise ValueError(
+            f"{name} must have shape {tuple(rows_shape)} (the hidden states without D), got {tuple(x.shape)}"
+        )
+    if x.device != device:
+        raise ValueError(f"{name} must be on {device}, got {x.device}")
+    return x
+
+
+def check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be None or an integer >= 1, got {chunk_size!r}")
+
+
+def _is_finite_number(v) -> bool:
+    return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def check_policy(policy, rows_shape: torch.Size, device: torch.device, completion_ids) -> None:
+    """Checks a `sdpo_kernels.policy.PolicyTerm` against the call's rows."""
+    if completion_ids is None:
+        raise ValueError("completion_ids is required when policy is given (the policy term needs log p(y))")
+    check_rows(policy.advantages, "policy.advantages", rows_shape, device)
+    check_rows(policy.weights, "policy.weights", rows_shape, device)
+    old = policy.old_logps  # a [...] tensor, None (ratio 1) or FROM_CALL (the call's old_logps)
+    if old is not None and not (isinstance(old, enum.Enum) and old.name == "FROM_CALL"):
+        check_rows(old, "policy.old_logps", rows_shape, device)
+    for key in ("epsilon_low", "epsilon_high"):
+        v = getattr(policy, key)
+        if not _is_finite_number(v) or v < 0:
+            raise ValueError(f"policy.{key} must be a finite number >= 0, got {v!r}")
+    if policy.delta is not None and (not _is_finite_number(policy.delta) or policy.delta <= 0):
+        raise ValueError(f"policy.delta must be None or a finite number > 0, got {policy.delta!r}")
