@@ -15,6 +15,8 @@ from sdpo.teacher import EMATeacherCallback, SDPOTeacher, ema_update_
 from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 from sdpo.trainer import aggregation_weights, clipped_policy_per_token, distillation_aggregation_weights
 
+from tolerances import assert_close_ulps
+
 TEMPERATURE = 0.9
 
 
@@ -166,12 +168,12 @@ def test_loss_and_grad_equal_trl_formula(tmp_path, case):
     expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
     assert expected.abs() > 1e-6
     # float32: the reference takes logits of the whole sequence, the trainer of the completion slice only.
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert_close_ulps(loss, expected, scale=1.0)
     for g, e in zip(grads, expected_grads):
         if e is None:
             assert g is None or g.abs().max() == 0
         else:
-            torch.testing.assert_close(g, e, rtol=1e-3, atol=1e-5)
+            assert_close_ulps(g, e)
 
 
 def test_masked_batch_gives_attached_zero_loss(tmp_path):
@@ -433,9 +435,9 @@ def test_fused_linear_path_equals_logits_path(tmp_path, rollout_logps, teacher_r
         loss = trainer._compute_loss(trainer.model, batch)
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    assert_close_ulps(losses[0], losses[1], scale=1.0)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close_ulps(a, b)
 
 
 @pytest.mark.parametrize("ratio_shape", ["token", "sequence", "token+delta"])
@@ -469,16 +471,16 @@ def test_vllm_is_correction_stays_on_the_fused_path(tmp_path, ratio_shape):
         losses.append(loss)
         grads.append(torch.autograd.grad(loss, [p for p in trainer.model.parameters() if p.requires_grad]))
         metrics.append(trainer._metrics["train"]["self_distillation/policy_loss"][-1])
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-7)
+    assert_close_ulps(losses[0], losses[1], scale=1.0)
     for a, b in zip(*grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        assert_close_ulps(a, b)
     assert metrics[0] == pytest.approx(metrics[1], rel=1e-4, abs=1e-7)
     # and both are TRL's GRPO formula (IS ratio on the clipped term, delta) + the distillation term
     expected = trl_reference_loss(trainer, batch, hybrid=True)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    torch.testing.assert_close(losses[1], expected, rtol=1e-4, atol=1e-6)
+    assert_close_ulps(losses[1], expected, scale=1.0)
     for a, b in zip(grads[0], torch.autograd.grad(expected, params)):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        assert_close_ulps(a, b)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
@@ -736,7 +738,7 @@ def test_distillation_aggregation_option_reaches_the_loss(tmp_path, aggregation)
         if dist_mask[r].sum() > 0:
             row = {k: (v[r : r + 1] if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in inputs.items()}
             expected = expected + trl_default._compute_loss(trl_default.model, row) * expected_w[r].sum()
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert_close_ulps(loss, expected, scale=1.0)
 
 
 @pytest.mark.parametrize("fused", ["always", "never"])
@@ -781,7 +783,7 @@ def test_trust_region_teacher_mixes_reference_and_student_logits(tmp_path):
     )
     loss_mask = inputs["completion_mask"].float() * inputs["self_distillation_mask"][:, None]
     expected = ((per_token * loss_mask).sum(-1) / loss_mask.sum(-1).clamp(min=1.0)).mean()
-    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-6)
+    assert_close_ulps(loss, expected, scale=1.0)
 
 
 def test_trust_region_reference_is_frozen_checkpointed_and_restored(tmp_path):
@@ -830,4 +832,4 @@ def test_rollout_is_weights_scale_the_distillation_term(tmp_path, fused):
     with_ratio = trainer._compute_loss(trainer.model, inputs)
     inputs["self_distillation_mask"] = torch.tensor([0.0, 1.0, 0.0, 1.0])  # ... = drop it by the mask ('trl' / B)
     trainer.args.distillation_rollout_is = False
-    torch.testing.assert_close(with_ratio, trainer._compute_loss(trainer.model, inputs), rtol=1e-5, atol=1e-7)
+    assert_close_ulps(with_ratio, trainer._compute_loss(trainer.model, inputs), scale=1.0)

@@ -110,3 +110,22 @@ def grad_kind(dtype: torch.dtype, base: str = "f32_vs_f32") -> str:
 def assert_close(actual, expected, kind: str, *, cond: float = 0.0, vocab: int | None = None, **kwargs) -> None:
     """torch.testing.assert_close with the bounds of table entry `kind` (see `tol`)."""
     torch.testing.assert_close(actual, expected, **tol(kind, cond=cond, vocab=vocab), **kwargs)
+
+
+# Two float32 computations of one quantity through different graphs (the fused-linear chunks vs the
+# materialised logits, the completion slice vs the whole sequence, GRPO's formula vs the trainer):
+# each rounds every operation once and reorders sums over V and D, so they differ by a few ulps of
+# the largest term involved. 64 ulps of that scale; measured ≤ 12 (trainer tests, 2026-11-29).
+PATHS_ULPS = 64
+
+
+def assert_close_ulps(actual, expected, ulps: int = PATHS_ULPS, scale: float | None = None, **kwargs) -> None:
+    """|actual - expected| ≤ ulps · eps32 · scale elementwise, scale = max|expected| unless given.
+
+    Pass scale=1.0 for a loss that is a weighted mean of O(1) per-token terms: its error is ulps of
+    the terms, however small the mean after cancellation.
+    """
+    expected_t = torch.as_tensor(expected)
+    if scale is None:
+        scale = float(expected_t.detach().abs().max()) if expected_t.numel() else 0.0
+    torch.testing.assert_close(actual, expected, rtol=0.0, atol=ulps * EPS32 * max(scale, 1e-30), **kwargs)
