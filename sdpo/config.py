@@ -12,16 +12,22 @@ from typing import Any, ClassVar, Literal, get_args
 
 from trl import GRPOConfig
 
-POLICY_LOSS_MODES = ("distillation_only", "hybrid")
+# The choice fields are typed as `Literal[...]` so that `HfArgumentParser` / `TrlParser` list their values in
+# `sdpo train --help`; the tuples are the same values, for the validators (a `Literal` is not enforced at runtime).
 PolicyLossMode = Literal["distillation_only", "hybrid"]
+POLICY_LOSS_MODES = get_args(PolicyLossMode)
 DistillationAggregation = Literal[
     "trl", "loss_type", "token-mean", "seq-mean-token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"
 ]
 DISTILLATION_AGGREGATIONS = get_args(DistillationAggregation)
 TeacherRegularization = Literal["ema", "none", "base", "trust_region"]
 TEACHER_REGULARIZATIONS = get_args(TeacherRegularization)
-DISTILLATION_MODES = ("sampled_token", "full_logits", "topk_logits")
-FUSED_LINEAR_CHOICES = ("auto", "always", "never")
+DistillationMode = Literal["sampled_token", "full_logits", "topk_logits"]
+DISTILLATION_MODES = get_args(DistillationMode)
+FusedLinearChoice = Literal["auto", "always", "never"]
+FUSED_LINEAR_CHOICES = get_args(FusedLinearChoice)
+TeacherModelKind = Literal["ema", "live", "base"]
+TeacherEmaRounding = Literal["stochastic", "nearest"]
 # Aggregations with a defined meaning for the distillation term (same normalisers as TRL's GRPO policy loss).
 SUPPORTED_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 _DEFAULT_EMA_UPDATE_RATE = 0.05
@@ -46,44 +52,94 @@ class SDPOConfig(GRPOConfig):
     `"topk_logits"`; without → `"full_logits"`; `full_logit_distillation=False` → `"sampled_token"`
     (token-level reverse KL, needs `distillation_alpha=1.0`).
 
-    Parameters (SDPO):
-        distillation_alpha: 0 forward KL, 1 reverse KL, otherwise generalised JSD.
-        distillation_topk: student top-K support size (needs `full_logit_distillation=True`).
-        full_logit_distillation: distill full (or top-K) distributions instead of the sampled token.
-        distillation_is_clip: clip of the IS weight exp(logp - rollout logp); None disables.
-        distillation_add_tail: top-K only: add a bucket for the non-top-K mass.
-        distillation_weight: w. Default (sdpo_policy_loss_mode=None, TRL 1.16): loss = (1 − w)·policy + w·SD,
-            w in [0, 1]. Legacy explicit modes: 'distillation_only' → w·SD, 'hybrid' → policy + w·SD.
-        distillation_aggregation: how per-token SD losses become the loss: 'trl' (default; per-sequence mean over
-            all rows), 'loss_type', or the official SDPO modes 'token-mean', 'seq-mean-token-mean',
-            'seq-mean-token-sum', 'seq-mean-token-sum-norm' (see the field's help).
-        distillation_mode, teacher_model_kind, teacher_sync_steps: TRL 1.16's spellings, accepted so that
-            switching from `trl.experimental.sdpo` is an import change ('live' = teacher_regularization 'none',
-            'base' = 'base').
-        use_teacher_server: TRL 1.16's teacher log-probs from the vLLM server (live teacher; see the field's help).
-        shuffle_generation_batch: shuffle a generation batch before its micro-steps (GRPO); off as in TRL 1.16.
-        teacher_ema_rounding: "stochastic" | "nearest": rounding of bf16 EMA teacher weights (see the field's help).
-        distillation_fused_linear: "auto" | "always" | "never": use `sdpo_kernels.linear_self_distillation_loss`
-            (hidden states × head weight, never materialising logits) when available and the head is a plain linear.
-        diagnostics_warning_interval: warn every N consecutive degenerate steps (0 disables).
-        diagnostics_flat_tolerance: tolerance for "flat rewards" / "no reprompt" diagnostics.
-        dont_reprompt_on_self_success: a rollout is never its own demonstration.
-        sdpo_policy_loss_mode: None (TRL 1.16 blend by distillation_weight), or the legacy "distillation_only" /
-            "hybrid" (GRPO clipped policy loss + w·SD).
-        teacher_regularization: "ema" (EMA copy of the student), "none" (current student, no grad), "trust_region"
-            (logits lerp(initial student, student, teacher_update_rate), as the official SDPO) or "base"
-            (the initial student, frozen; under PEFT the base model with the adapters disabled).
-        teacher_update_rate: EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
-        ema_update_rate: deprecated alias of `teacher_update_rate`.
-        max_reprompt_len: teacher prompts keep their last `max_reprompt_len` tokens.
-        use_successful_as_teacher: successful siblings become demonstrations.
-        success_reward_threshold: reward ≥ threshold counts as success.
-        reprompt_template / solution_template / feedback_template: teacher prompt templates.
-        include_environment_feedback: use the dataset's `privileged_context` column as feedback.
-        environment_feedback_only_without_solution: feedback only for rollouts without a demonstration.
-        remove_thinking_from_demonstration: strip `<think>...</think>` from demonstrations.
+    Parameters:
+        > Parameters that control the distillation loss
+
+        distillation_alpha (`float`, *optional*, defaults to `1.0`):
+            0 forward KL, 1 reverse KL, otherwise generalised JSD.
+        distillation_topk (`int` or `None`, *optional*, defaults to `None`):
+            Student top-K support size (needs `full_logit_distillation=True`).
+        full_logit_distillation (`bool`, *optional*, defaults to `False`):
+            Distill full (or top-K) distributions instead of the sampled token.
+        distillation_is_clip (`float` or `None`, *optional*, defaults to `2.0`):
+            Clip of the IS weight exp(logp - rollout logp); `None` disables.
+        distillation_add_tail (`bool`, *optional*, defaults to `False`):
+            Top-K only: add a bucket for the non-top-K mass.
+        distillation_weight (`float`, *optional*, defaults to `1.0`):
+            w. Default (`sdpo_policy_loss_mode=None`, TRL 1.16): loss = (1 − w)·policy + w·SD, w in [0, 1].
+            Legacy explicit modes: `"distillation_only"` → w·SD, `"hybrid"` → policy + w·SD.
+        sdpo_policy_loss_mode (`Literal["distillation_only", "hybrid"]` or `None`, *optional*, defaults to `None`):
+            `None` (TRL 1.16 blend by `distillation_weight`), or the legacy `"distillation_only"` / `"hybrid"` (GRPO
+            clipped policy loss + w·SD).
+        distillation_aggregation (`str`, *optional*, defaults to `"trl"`):
+            How per-token SD losses become the loss: `"trl"` (per-sequence mean over all rows), `"loss_type"`, or
+            the official SDPO modes `"token-mean"`, `"seq-mean-token-mean"`, `"seq-mean-token-sum"`,
+            `"seq-mean-token-sum-norm"` (see the field's help).
+        distillation_fused_linear (`Literal["auto", "always", "never"]`, *optional*, defaults to `"auto"`):
+            Use `sdpo_kernels.linear_self_distillation_loss` (hidden states × head weight, never materialising
+            logits) when available and the head is a plain linear.
+        distillation_rollout_is (`bool`, *optional*, defaults to `False`):
+            Multiply the per-token distillation loss by GRPO's vLLM importance-sampling ratio (the official SDPO's
+            `rollout_is`; needs `use_vllm=True` and `vllm_importance_sampling_correction=True`).
+
+        > Parameters that control the teacher
+
+        teacher_regularization (`Literal["ema", "none", "base", "trust_region"]`, *optional*, defaults to `"ema"`):
+            `"ema"` (EMA copy of the student), `"none"` (current student, no grad), `"trust_region"` (logits
+            lerp(initial student, student, teacher_update_rate), as the official SDPO) or `"base"` (the initial
+            student, frozen; under PEFT the base model with the adapters disabled).
+        teacher_update_rate (`float` or `None`, *optional*, defaults to `None`):
+            EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
+        ema_update_rate (`float`, *optional*, defaults to `0.05`):
+            Deprecated alias of `teacher_update_rate`.
+        teacher_sync_steps (`int`, *optional*, defaults to `1`):
+            Update the EMA teacher every N optimizer steps (TRL 1.16).
+        teacher_ema_rounding (`Literal["stochastic", "nearest"]`, *optional*, defaults to `"stochastic"`):
+            Rounding of bf16 EMA teacher weights (see the field's help).
+        use_teacher_server (`bool`, *optional*, defaults to `False`):
+            TRL 1.16's teacher log-probs from the vLLM server (live teacher; see the field's help).
+
+        > Parameters that control the teacher context (demonstrations and feedback)
+
+        use_successful_as_teacher (`bool`, *optional*, defaults to `True`):
+            Successful siblings become demonstrations.
+        success_reward_threshold (`float`, *optional*, defaults to `1.0`):
+            Reward ≥ threshold counts as success.
+        dont_reprompt_on_self_success (`bool`, *optional*, defaults to `True`):
+            A rollout is never its own demonstration.
+        max_reprompt_len (`int`, *optional*, defaults to `10240`):
+            Teacher prompts keep their last `max_reprompt_len` tokens.
+        reprompt_template, solution_template, feedback_template (`str`, *optional*):
+            Teacher prompt templates (defaults: see the fields).
+        include_environment_feedback (`bool`, *optional*, defaults to `False`):
+            Use the dataset's `privileged_context` column as feedback.
+        environment_feedback_only_without_solution (`bool`, *optional*, defaults to `False`):
+            Feedback only for rollouts without a demonstration.
+        remove_thinking_from_demonstration (`bool`, *optional*, defaults to `False`):
+            Strip `<think>...</think>` from demonstrations.
+
+        > Parameters that control the generation batch
+
+        shuffle_generation_batch (`bool`, *optional*, defaults to `False`):
+            Shuffle a generation batch before its micro-steps (GRPO); off as in TRL 1.16.
+
+        > Parameters that control the diagnostics
+
+        diagnostics_warning_interval (`int`, *optional*, defaults to `10`):
+            Warn every N consecutive degenerate steps (0 disables).
+        diagnostics_flat_tolerance (`float`, *optional*, defaults to `1e-8`):
+            Tolerance for "flat rewards" / "no reprompt" diagnostics.
+
+        > TRL 1.16 aliases (accepted so that switching from `trl.experimental.sdpo` is an import change)
+
+        distillation_mode (`str` or `None`, *optional*, defaults to `None`):
+            `"sampled_token"`, `"full_logits"` or `"topk_logits"`: sets `full_logit_distillation`; after
+            construction it always holds the resolved loss mode.
+        teacher_model_kind (`Literal["ema", "live", "base"]` or `None`, *optional*, defaults to `None`):
+            `"ema"`, `"live"` (= `teacher_regularization="none"`) or `"base"` (= `"base"`).
     """
 
+    # Parameters that control the distillation loss
     distillation_alpha: float = field(
         default=1.0, metadata={"help": "0 forward KL, 1 reverse KL, otherwise generalised JSD."}
     )
@@ -108,6 +164,15 @@ class SDPOConfig(GRPOConfig):
             "'hybrid' on `policy_loss + w * distillation_loss` (w >= 0)."
         },
     )
+    sdpo_policy_loss_mode: PolicyLossMode | None = field(
+        default=None,
+        metadata={
+            "help": "None (default, TRL 1.16): `distillation_weight` w blends `(1 - w) * policy_loss + w * "
+            "distillation_loss` (w = 1: distillation only). Legacy explicit modes (TRL's first SDPO API): "
+            "'distillation_only' (`w * distillation_loss`) or 'hybrid' (GRPO's clipped policy loss + `w * "
+            "distillation_loss`)."
+        },
+    )
     distillation_aggregation: DistillationAggregation = field(
         default="trl",
         metadata={
@@ -121,31 +186,7 @@ class SDPOConfig(GRPOConfig):
             "'seq-mean-token-sum-norm' (sum of all teacher-token losses / `max_completion_length`)."
         },
     )
-    # TRL 1.16 spellings, accepted so that switching from `trl.experimental.sdpo` is an import change.
-    distillation_mode: str | None = field(
-        default=None,
-        metadata={
-            "help": "TRL 1.16 spelling: 'sampled_token' | 'full_logits' | 'topk_logits'; sets "
-            "`full_logit_distillation`. After construction it always holds the resolved loss mode."
-        },
-    )
-    teacher_model_kind: str | None = field(
-        default=None,
-        metadata={"help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."},
-    )
-    teacher_sync_steps: int = field(
-        default=1,
-        metadata={"help": "Update the EMA teacher every N optimizer steps (TRL 1.16)."},
-    )
-    teacher_ema_rounding: str = field(
-        default="stochastic",
-        metadata={
-            "help": "'stochastic' | 'nearest': rounding of bfloat16 EMA teacher weights after each update. "
-            "'nearest' (TRL's behaviour) loses every increment below half a bf16 ulp, so a slowly tracking "
-            "teacher freezes; 'stochastic' keeps the EMA unbiased. No effect on other dtypes."
-        },
-    )
-    distillation_fused_linear: str = field(
+    distillation_fused_linear: FusedLinearChoice = field(
         default="auto",
         metadata={"help": "'auto' | 'always' | 'never': use sdpo_kernels' fused linear loss when possible."},
     )
@@ -158,41 +199,8 @@ class SDPOConfig(GRPOConfig):
             "official setting). Needs `use_vllm=True` and `vllm_importance_sampling_correction=True`."
         },
     )
-    shuffle_generation_batch: bool = field(
-        default=False,
-        metadata={
-            "help": "Shuffle each generation batch before splitting it into its `steps_per_generation` optimizer "
-            "micro-steps (GRPO's behaviour). False (default) splits it in order, as TRL 1.16's SDPO does."
-        },
-    )
-    use_teacher_server: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute teacher logprobs from the running vLLM generation server instead of a local teacher "
-            "forward. Only supported for `teacher_model_kind='live'` (teacher_regularization='none') with "
-            "`use_vllm=True`, `vllm_mode='server'`, `distillation_weight=1.0` (pure distillation), and "
-            "`distillation_mode` in {'sampled_token', 'topk_logits'} (the server returns the teacher's top-k "
-            "logprobs, not the full vocabulary; `topk_logits` distills over the teacher's own top-k support)."
-        },
-    )
-    diagnostics_warning_interval: int = field(
-        default=10, metadata={"help": "Warn every N consecutive degenerate steps; 0 disables."}
-    )
-    diagnostics_flat_tolerance: float = field(
-        default=1e-8, metadata={"help": "Tolerance for flat-reward / inactive-distillation diagnostics."}
-    )
-    dont_reprompt_on_self_success: bool = field(
-        default=True, metadata={"help": "Never use a rollout as its own demonstration."}
-    )
-    sdpo_policy_loss_mode: PolicyLossMode | None = field(
-        default=None,
-        metadata={
-            "help": "None (default, TRL 1.16): `distillation_weight` w blends `(1 - w) * policy_loss + w * "
-            "distillation_loss` (w = 1: distillation only). Legacy explicit modes (TRL's first SDPO API): "
-            "'distillation_only' (`w * distillation_loss`) or 'hybrid' (GRPO's clipped policy loss + `w * "
-            "distillation_loss`)."
-        },
-    )
+
+    # Parameters that control the teacher
     teacher_regularization: TeacherRegularization = field(
         default="ema",
         metadata={
@@ -211,13 +219,40 @@ class SDPOConfig(GRPOConfig):
     ema_update_rate: float = field(
         default=_DEFAULT_EMA_UPDATE_RATE, metadata={"help": "Deprecated alias of `teacher_update_rate`."}
     )
-    max_reprompt_len: int = field(default=10240, metadata={"help": "Max teacher prompt length in tokens."})
+    teacher_sync_steps: int = field(
+        default=1,
+        metadata={"help": "Update the EMA teacher every N optimizer steps (TRL 1.16)."},
+    )
+    teacher_ema_rounding: TeacherEmaRounding = field(
+        default="stochastic",
+        metadata={
+            "help": "'stochastic' | 'nearest': rounding of bfloat16 EMA teacher weights after each update. "
+            "'nearest' (TRL's behaviour) loses every increment below half a bf16 ulp, so a slowly tracking "
+            "teacher freezes; 'stochastic' keeps the EMA unbiased. No effect on other dtypes."
+        },
+    )
+    use_teacher_server: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute teacher logprobs from the running vLLM generation server instead of a local teacher "
+            "forward. Only supported for `teacher_model_kind='live'` (teacher_regularization='none') with "
+            "`use_vllm=True`, `vllm_mode='server'`, `distillation_weight=1.0` (pure distillation), and "
+            "`distillation_mode` in {'sampled_token', 'topk_logits'} (the server returns the teacher's top-k "
+            "logprobs, not the full vocabulary; `topk_logits` distills over the teacher's own top-k support)."
+        },
+    )
+
+    # Parameters that control the teacher context (demonstrations and feedback)
     use_successful_as_teacher: bool = field(
         default=True, metadata={"help": "Use successful sibling rollouts as demonstrations."}
     )
     success_reward_threshold: float = field(
         default=1.0, metadata={"help": "Reward at or above which a rollout is successful."}
     )
+    dont_reprompt_on_self_success: bool = field(
+        default=True, metadata={"help": "Never use a rollout as its own demonstration."}
+    )
+    max_reprompt_len: int = field(default=10240, metadata={"help": "Max teacher prompt length in tokens."})
     reprompt_template: str = field(
         default="{prompt}{solution}{feedback}\n\nCorrectly solve the original question.\n",
         metadata={"help": "Teacher prompt template with {prompt}, {solution}, {feedback}."},
@@ -240,11 +275,43 @@ class SDPOConfig(GRPOConfig):
         default=False, metadata={"help": "Strip <think>...</think> blocks from demonstrations."}
     )
 
+    # Parameters that control the generation batch
+    shuffle_generation_batch: bool = field(
+        default=False,
+        metadata={
+            "help": "Shuffle each generation batch before splitting it into its `steps_per_generation` optimizer "
+            "micro-steps (GRPO's behaviour). False (default) splits it in order, as TRL 1.16's SDPO does."
+        },
+    )
+
+    # Parameters that control the diagnostics
+    diagnostics_warning_interval: int = field(
+        default=10, metadata={"help": "Warn every N consecutive degenerate steps; 0 disables."}
+    )
+    diagnostics_flat_tolerance: float = field(
+        default=1e-8, metadata={"help": "Tolerance for flat-reward / inactive-distillation diagnostics."}
+    )
+
+    # TRL 1.16 aliases (accepted so that switching from `trl.experimental.sdpo` is an import change)
+    distillation_mode: DistillationMode | None = field(
+        default=None,
+        metadata={
+            "help": "TRL 1.16 spelling: 'sampled_token' | 'full_logits' | 'topk_logits'; sets "
+            "`full_logit_distillation`. After construction it always holds the resolved loss mode."
+        },
+    )
+    teacher_model_kind: TeacherModelKind | None = field(
+        default=None,
+        metadata={"help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."},
+    )
+
     def __post_init__(self):
         self._resolve_trl_116_spellings()
         # Validate the SDPO fields first: their errors are the actionable ones.
         self._validate_loss_fields()
-        self._validate_teacher_and_other_fields()
+        self._validate_choices_and_bounds()
+        self._validate_teacher_update_rate()
+        self._validate_loss_type()
         # After construction `distillation_mode` always names the sdpo_kernels loss mode.
         if not self.full_logit_distillation:
             self.distillation_mode = "sampled_token"
@@ -294,7 +361,8 @@ class SDPOConfig(GRPOConfig):
                 f"got {self.distillation_aggregation!r}."
             )
 
-    def _validate_teacher_and_other_fields(self) -> None:
+    def _validate_choices_and_bounds(self) -> None:
+        """The choice fields' values (a `Literal` is not enforced at runtime) and the numeric bounds."""
         if self.teacher_regularization not in TEACHER_REGULARIZATIONS:
             raise ValueError(
                 f"`teacher_regularization` must be one of {TEACHER_REGULARIZATIONS}, "
@@ -317,6 +385,9 @@ class SDPOConfig(GRPOConfig):
             )
         if self.diagnostics_warning_interval < 0:
             raise ValueError(f"`diagnostics_warning_interval` must be >= 0, got {self.diagnostics_warning_interval}.")
+
+    def _validate_teacher_update_rate(self) -> None:
+        """`teacher_update_rate` vs its deprecated alias `ema_update_rate`, and the effective rate's range."""
         if self.teacher_update_rate is not None and self.ema_update_rate != _DEFAULT_EMA_UPDATE_RATE:
             if self.teacher_update_rate != self.ema_update_rate:
                 raise ValueError(
@@ -329,6 +400,8 @@ class SDPOConfig(GRPOConfig):
             )
         if not 0.0 <= self.effective_teacher_update_rate <= 1.0:
             raise ValueError(f"`teacher_update_rate` must be in [0, 1], got {self.effective_teacher_update_rate}.")
+
+    def _validate_loss_type(self) -> None:
         if self.loss_type not in SUPPORTED_LOSS_TYPES:
             raise ValueError(f"`loss_type` must be one of {SUPPORTED_LOSS_TYPES} for SDPO, got {self.loss_type!r}.")
 

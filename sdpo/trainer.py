@@ -34,114 +34,18 @@ import sdpo_kernels
 from sdpo_kernels import self_distillation_loss
 
 from .config import SDPOConfig
+from .loss_helpers import (  # re-exported: `sdpo.trainer` is their historical import path
+    aggregation_weights,
+    clipped_policy_per_token,
+    distillation_aggregation_weights,
+    distillation_loss_kwargs,
+)
 from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head
 from .teacher import EMATeacherCallback, SDPOTeacher
 from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
 from .teacher_server import fetch_teacher_logprobs, server_per_token_loss
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Pure loss pieces (unit-tested against TRL's formulas)
-# ---------------------------------------------------------------------------------------------------------------
-def aggregation_weights(
-    mask: torch.Tensor,
-    loss_type: str,
-    *,
-    max_completion_length: int | None = None,
-    normalizer: torch.Tensor | float | None = None,
-) -> torch.Tensor:
-    """Per-token weights w [B, T] with loss = Σ w·ℓ, reproducing TRL's GRPO aggregations (before GA scaling).
-
-    grpo: per-sequence masked mean, then mean over the B rows (rows without tokens count as 0).
-    bnpo: masked mean over the local batch.  dr_grpo: masked sum / (B · max_completion_length).
-    dapo: masked sum / `normalizer` (the global active-token count per process, precomputed by the caller).
-    """
-    mask = mask.to(torch.float32)
-    if loss_type == "grpo":
-        return mask / mask.sum(-1, keepdim=True).clamp(min=1.0) / mask.size(0)
-    if loss_type == "bnpo":
-        return mask / mask.sum().clamp(min=1.0)
-    if loss_type == "dr_grpo":
-        if max_completion_length is None:
-            raise ValueError("max_completion_length is required for loss_type='dr_grpo'")
-        return mask / (mask.size(0) * max_completion_length)
-    if loss_type == "dapo":
-        if normalizer is None:
-            raise ValueError("normalizer is required for loss_type='dapo'")
-        return mask / torch.as_tensor(normalizer, dtype=torch.float32, device=mask.device).clamp(min=1.0)
-    raise ValueError(f"loss_type must be one of 'grpo', 'bnpo', 'dr_grpo', 'dapo', got {loss_type!r}")
-
-
-def distillation_aggregation_weights(
-    mask: torch.Tensor, aggregation: str, *, max_completion_length: int | None = None
-) -> torch.Tensor:
-    """Per-token weights w [B, T] with distillation loss = Σ w·ℓ over one micro-batch (before GA scaling).
-
-    mask [B, T]: the tokens that have a teacher. 'trl' (TRL 1.16): per-sequence token mean, averaged over all B
-    rows (rows without a teacher count 0). The official SDPO modes (verl's `agg_loss` as SDPO calls it, on the
-    micro-batch): 'token-mean', 'seq-mean-token-mean' / 'seq-mean-token-sum' (over the rows that have teacher
-    tokens) and 'seq-mean-token-sum-norm' (total / `max_completion_length`, verl's padded response length).
-    """
-    mask = mask.to(torch.float32)
-    row_tokens = mask.sum(-1, keepdim=True)
-    rows = (row_tokens > 0).sum().clamp(min=1).to(torch.float32)
-    if aggregation == "trl":
-        return mask / row_tokens.clamp(min=1.0) / mask.size(0)
-    if aggregation == "token-mean":
-        return mask / mask.sum().clamp(min=1.0)
-    if aggregation == "seq-mean-token-mean":
-        return mask / row_tokens.clamp(min=1.0) / rows
-    if aggregation == "seq-mean-token-sum":
-        return mask / rows
-    if aggregation == "seq-mean-token-sum-norm":
-        if max_completion_length is None:
-            raise ValueError("max_completion_length is required for 'seq-mean-token-sum-norm'")
-        return mask / max_completion_length
-    raise ValueError(f"unknown distillation aggregation {aggregation!r}")
-
-
-def clipped_policy_per_token(
-    per_token_logps: torch.Tensor,
-    old_per_token_logps: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    epsilon_low: float,
-    epsilon_high: float,
-    importance_sampling_level: str = "token",
-    delta: float | None = None,
-) -> torch.Tensor:
-    """GRPO's clipped surrogate per token, as TRL: −min(r·A, clip(r, 1−ε_lo, 1+ε_hi)·A).
-
-    per_token_logps/old [B, T], advantages [B] or [B, T], mask [B, T] -> [B, T] (or [B, 1] at sequence level).
-    """
-    old = per_token_logps.detach() if old_per_token_logps is None else old_per_token_logps
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(1)
-    log_ratio = per_token_logps - old
-    if importance_sampling_level == "sequence":
-        log_ratio = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)
-    elif importance_sampling_level != "token":
-        raise ValueError(f"importance_sampling_level must be 'token' or 'sequence', got {importance_sampling_level!r}")
-    coef_1 = torch.exp(log_ratio)
-    coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
-    if delta is not None:
-        coef_1 = torch.clamp(coef_1, max=delta)
-    return -torch.min(coef_1 * advantages, coef_2 * advantages)
-
-
-def distillation_loss_kwargs(args: SDPOConfig, temperature: float, topk: int | None = None) -> dict[str, Any]:
-    """Keyword arguments of `sdpo_kernels.self_distillation_loss` for this config (`topk`: the clamped K)."""
-    return dict(
-        mode=args.distillation_mode,
-        topk=args.distillation_topk if topk is None else topk,
-        alpha=args.distillation_alpha,
-        add_tail=args.distillation_add_tail,
-        is_clip=args.distillation_is_clip,
-        temperature=temperature,
-    )
 
 
 @contextlib.contextmanager
@@ -434,15 +338,48 @@ class SDPOTrainer(GRPOTrainer):
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
         num_generations = self.num_generations if mode == "train" else self.num_generations_eval
-        args = self.args
 
-        # Total reward per rollout over the global batch (same weighting as GRPO's sum_then_normalize).
-        rpf = self._last_rewards_per_func
-        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
-        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        rewards = self._total_rewards()
         self._record_reward_diagnostics(mode, rewards, num_generations)
 
         completion_ids, completion_mask = output["completion_ids"], output["completion_mask"]
+        selection, local, teacher_prompts = self._select_teachers_and_build_prompts(
+            inputs, completion_ids, completion_mask, rewards, num_generations
+        )
+        teacher_prompt_ids, teacher_prompt_mask = self._tokenize_teacher_prompts(teacher_prompts, device)
+        sd_mask = torch.tensor([selection.mask[i] for i in local], dtype=torch.float32, device=device)
+        output["teacher_input_ids"] = torch.cat([teacher_prompt_ids, completion_ids], dim=1)
+        output["teacher_attention_mask"] = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
+        output["self_distillation_mask"] = sd_mask
+        loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
+        # dapo normaliser of the distillation term: global count of tokens that have a teacher.
+        output["num_distillation_items_in_batch"] = self.accelerator.gather(
+            (loss_mask * sd_mask.unsqueeze(1)).sum()
+        ).sum()
+
+        for key, value in selection.metrics.items():
+            self._metrics[mode][key].append(value)
+        self._warn_on_inactive_self_distillation(mode, selection.metrics)
+        self._dispatch_teacher_context_callbacks(output, completion_mask, sd_mask)
+        return output
+
+    def _total_rewards(self) -> torch.Tensor:
+        """Total reward per rollout over the global batch (same weighting as GRPO's sum_then_normalize)."""
+        rpf = self._last_rewards_per_func
+        rewards = (rpf * self.reward_weights.to(rpf.device).unsqueeze(0)).nansum(dim=1)
+        rewards[torch.isnan(rpf).all(dim=1)] = torch.nan
+        return rewards
+
+    def _select_teachers_and_build_prompts(
+        self,
+        inputs: list[dict[str, Any]],
+        completion_ids: torch.Tensor,
+        completion_mask: torch.Tensor,
+        rewards: torch.Tensor,
+        num_generations: int,
+    ) -> tuple[Any, range, list[Any]]:
+        """Pick each rollout's demonstration / feedback over the global batch; the teacher prompts of this process."""
+        args = self.args
         local_completions = self.processing_class.batch_decode(
             [ids[m.bool()] for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())], skip_special_tokens=True
         )
@@ -475,13 +412,19 @@ class SDPOTrainer(GRPOTrainer):
             feedback_template=args.feedback_template,
             remove_thinking_from_demonstration=args.remove_thinking_from_demonstration,
         )
+        return selection, local, teacher_prompts
+
+    def _tokenize_teacher_prompts(
+        self, teacher_prompts: list[Any], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher prompt ids and attention mask, left-padded (the completion is appended after them)."""
         template_kwargs = dict(self.chat_template_kwargs or {})
         if getattr(self, "chat_template", None) is not None:
             template_kwargs["chat_template"] = self.chat_template
         if getattr(self, "tools", None):
             template_kwargs["tools"] = self.tools
         teacher_ids = tokenize_teacher_prompts(
-            self.processing_class, teacher_prompts, args.max_reprompt_len, template_kwargs
+            self.processing_class, teacher_prompts, self.args.max_reprompt_len, template_kwargs
         )
         teacher_prompt_ids = pad(
             [torch.tensor(x, dtype=torch.long) for x in teacher_ids],
@@ -491,19 +434,11 @@ class SDPOTrainer(GRPOTrainer):
         teacher_prompt_mask = pad(
             [torch.ones(len(x), dtype=torch.long) for x in teacher_ids], padding_value=0, padding_side="left"
         ).to(device)
-        sd_mask = torch.tensor([selection.mask[i] for i in local], dtype=torch.float32, device=device)
-        output["teacher_input_ids"] = torch.cat([teacher_prompt_ids, completion_ids], dim=1)
-        output["teacher_attention_mask"] = torch.cat([teacher_prompt_mask, completion_mask], dim=1)
-        output["self_distillation_mask"] = sd_mask
-        loss_mask = completion_mask if "tool_mask" not in output else completion_mask * output["tool_mask"]
-        # dapo normaliser of the distillation term: global count of tokens that have a teacher.
-        output["num_distillation_items_in_batch"] = self.accelerator.gather(
-            (loss_mask * sd_mask.unsqueeze(1)).sum()
-        ).sum()
+        return teacher_prompt_ids, teacher_prompt_mask
 
-        for key, value in selection.metrics.items():
-            self._metrics[mode][key].append(value)
-        self._warn_on_inactive_self_distillation(mode, selection.metrics)
+    def _dispatch_teacher_context_callbacks(
+        self, output: dict[str, Any], completion_mask: torch.Tensor, sd_mask: torch.Tensor
+    ) -> None:
         self._dispatch_self_distillation_callback(
             "on_teacher_context_built",
             teacher_input_ids=output["teacher_input_ids"],
@@ -514,13 +449,12 @@ class SDPOTrainer(GRPOTrainer):
         self._dispatch_self_distillation_callback(
             "on_self_distillation_batch_prepared",
             prompt_ids=output["prompt_ids"],
-            completion_ids=completion_ids,
+            completion_ids=output["completion_ids"],
             old_per_token_logps=output.get("old_per_token_logps"),
             teacher_input_ids=output["teacher_input_ids"],
             teacher_attention_mask=output["teacher_attention_mask"],
             self_distillation_mask=sd_mask,
         )
-        return output
 
     # ---- diagnostics (TRL 1.16's conditions and wording) -------------------------------------------------------
     def _warn_degenerate(self, mode: str, key: str, message: str) -> None:
@@ -603,7 +537,7 @@ class SDPOTrainer(GRPOTrainer):
         """Weights [B, T] of the per-token distillation losses: aggregation, GA scaling and the loss coefficient."""
         args = self.args
         if args.distillation_aggregation == "loss_type":
-            w = self._weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
+            w = self._loss_type_weights(dist_mask, inputs.get("num_distillation_items_in_batch"), mode)
         else:
             w = distillation_aggregation_weights(
                 dist_mask, args.distillation_aggregation, max_completion_length=self.max_completion_length
@@ -614,8 +548,9 @@ class SDPOTrainer(GRPOTrainer):
             w = w * ratio.to(w.dtype).expand_as(w)
         return w * args.distillation_loss_weight
 
-    def _weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:
-        """`aggregation_weights` with TRL's gradient-accumulation scaling folded in."""
+    def _loss_type_weights(self, mask: torch.Tensor, num_items: torch.Tensor | None, mode: str) -> torch.Tensor:
+        """`aggregation_weights` for `loss_type` (GRPO's policy-term aggregation), with TRL's gradient-accumulation
+        scaling folded in."""
         ga = self._accumulation_steps(mode)
         if self.loss_type == "dapo":
             if num_items is None:  # a batch built without GRPO's counts: the local count stands in for the global
@@ -705,7 +640,7 @@ class SDPOTrainer(GRPOTrainer):
         w_dist = self._distillation_weights(dist_mask, inputs, mode)
         w_pol = None
         if hybrid:
-            w_pol = self._weights(mask, inputs.get("num_items_in_batch"), mode) * args.policy_loss_weight
+            w_pol = self._loss_type_weights(mask, inputs.get("num_items_in_batch"), mode) * args.policy_loss_weight
         # IS clipping uses the rollout log-probs when the rollout produced them.
         old = inputs.get("old_per_token_logps", inputs.get("sampling_per_token_logps"))
         # Every process runs the teacher forward when several do: under ZeRO-3 / FSDP it holds
