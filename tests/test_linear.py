@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 
 import pytest
@@ -23,11 +21,8 @@ from sdpo_kernels.linear import (
     linear_self_distillation_loss,
 )
 
+from conftest import gpu_only, interpret_only
 from oracles import trl_self_distillation_loss
-
-HAS_CUDA = torch.cuda.is_available()
-HAS_TRITON_BACKEND = importlib.util.find_spec("sdpo_kernels.triton_backend") is not None
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 SETTINGS = [
     dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=True),
@@ -633,8 +628,7 @@ INTERPRET_SETTINGS = [
 ]
 
 
-@pytest.mark.interpret
-@pytest.mark.skipif(not (INTERPRET and HAS_TRITON_BACKEND), reason="needs TRITON_INTERPRET=1 and the Triton backend")
+@interpret_only
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("setting", INTERPRET_SETTINGS, ids=str)
 @pytest.mark.parametrize("hybrid", [False, True])
@@ -649,8 +643,7 @@ def test_interpreter_matches_materialised(setting, hybrid):
     assert_same(inp, out.loss, want, REWRITE_ULPS)
 
 
-@pytest.mark.interpret
-@pytest.mark.skipif(not (INTERPRET and HAS_TRITON_BACKEND), reason="needs TRITON_INTERPRET=1 and the Triton backend")
+@interpret_only
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_interpreter_tied_zero_rows_and_two_calls():
     inp = make_inputs(n=5, vocab=32, dim=8, dtype=torch.float32)
@@ -663,8 +656,7 @@ def test_interpreter_tied_zero_rows_and_two_calls():
     assert_same(inp, first + 0.5 * second, want, REWRITE_ULPS)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@gpu_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "setting",
