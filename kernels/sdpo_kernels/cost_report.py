@@ -2118,17 +2118,22 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
             # innermost lines, hence lines of tighten's own body as well.
             # More than a stray instruction or two of the call: the compiler hoists argument set-up
             # of the `tighten(` call into the append path.
-            tighten = r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"
-            if p.count(tighten) - min(q.count(tighten) for q in paths) >= 16:
+            tighten = (
+                r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"
+                r"|dropped = passes & \(z <= thr\)|passes = passes & \(z > thr\)"  # the stream's fix-up after it
+            )
+            # Structurally: only tightening runs inner loops inside the vocabulary loop (robust where
+            # the line info lacks inlining sites, as Triton 3.6's).
+            if p.children or p.count(tighten) - min(q.count(tighten) for q in paths) >= 16:
                 labels.append("tighten")  # scratch full: bisection selection, then append
                 continue
-            if p.runs(r"tl\.reshape\(z"):
+            if p.runs(r"tl\.reshape\(z|base_z = _finite_or_zero"):
                 lab = "first block"  # the threshold from K' group maxima, then append
             elif p.runs(r"tl\.store\(cand \+ slot"):
                 lab = "append"  # some entries pass the threshold
             else:
                 lab = "skip"  # none passes: tail sums only
-            if p.runs(r"\b_rebase\(|reset = stale &"):
+            if p.runs(r"\b_rebase\(|reset = stale &|block_[zu] = _sum_all\(tl\.where\(passes"):
                 lab += " + rebase"  # the rare base raise (overflow / first finite block)
             labels.append(lab)
         return labels
