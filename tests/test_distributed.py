@@ -4,7 +4,8 @@ Each run trains 2 steps from the same saved tiny model, seeds and data (`distrib
 replicates every parameter, so it is the oracle: a sharded run must give the same losses and the same
 student and EMA-teacher weights. That covers the fused-linear head under sharding (ZeRO-3 gathers the
 student's and the separate teacher's head around the kernel; FSDP hands the teacher's head out of its
-forward), the EMA on local shards, and the gathered teacher checkpoint (save, scramble, load back).
+forward), the EMA on local shards, and the gathered teacher checkpoint (save, scramble, load back); and the
+trust-region teacher, whose frozen reference (the initial student) is sharded, gathered and checkpointed alike.
 """
 
 from __future__ import annotations
@@ -162,3 +163,35 @@ def test_zero3_peft_adapter_teacher_matches_ddp(workdir):
     run = launch(workdir, "zero3-peft", "--sharding", "zero3", "--peft", "--checkpoint-dir", str(workdir / "ck-peft"))
     assert ref["teacher_replicas_identical"] and len(ref["teacher"]) == 8  # A and B of q, v in 2 layers
     assert_same_run(run, ref)
+
+
+TRUST_REGION = ("--teacher", "trust_region", "--fused", "auto")  # the logits path: the teacher mixes two models' logits
+
+
+@pytest.fixture(scope="module")
+def ddp_trust_region(workdir) -> dict:
+    return launch(workdir, "ddp-trust", "--sharding", "ddp", *TRUST_REGION)
+
+
+@pytest.mark.parametrize("sharding", ["fsdp2", "zero3"])
+def test_trust_region_teacher_matches_ddp(ddp_trust_region, workdir, sharding):
+    """teacher_regularization='trust_region': the frozen reference (the initial student) is sharded like the EMA
+    teacher and its forward gathered; its logits are mixed with the sharded student's; its checkpoint gathers it,
+    and it stays the initial weights (no EMA step moves it)."""
+    if sharding == "zero3" and importlib.util.find_spec("deepspeed") is None:
+        pytest.skip("needs deepspeed (pip install deepspeed)")
+    from safetensors.torch import load_file
+
+    start = load_file(str(workdir / "model" / "model.safetensors"))
+    ref = ddp_trust_region
+    assert not ref["fused"] and ref["teacher_replicas_identical"] and len(ref["teacher"]) == len(start)
+    assert all(torch.equal(ref["teacher"][k], start[k].float()) for k in start)  # the reference never moves
+    assert max((ref["student"][k] - start[k]).abs().max().item() for k in start) > 1e-3
+    ckpt = workdir / f"ckpt-{sharding}-trust"
+    run = launch(workdir, f"{sharding}-trust", "--sharding", sharding, *TRUST_REGION, "--checkpoint-dir", str(ckpt))
+    kind = ["DTensor"] if sharding == "fsdp2" else ["Parameter/zero3"]
+    assert not run["fused"] and run["teacher_param_types"] == kind and "saved_teacher" in run
+    if sharding == "fsdp2":
+        assert run["teacher_fsdp_groups"] == 3
+    assert all(torch.equal(run["teacher"][k], start[k].float()) for k in start)  # gathered, still the initial weights
+    assert_same_run(run, ref, scale=LOGITS_PATH_ULPS)  # measured: losses <= 3 ulps, weights <= 256 (ZeRO-3)

@@ -1,9 +1,9 @@
 """Two SDPO training steps under torchrun (2 CPU processes, gloo) with DDP, FSDP or DeepSpeed ZeRO-3.
 
-Writes the logged losses and the full (gathered) student and EMA-teacher weights to `--out` on rank 0, so that
-`tests/test_distributed.py` can compare a sharded run with a DDP run of the same seeds and data: the sharded
-code paths (the fused-linear head gathered for the kernel, the EMA on sharded parameters, the teacher
-checkpoint) must reproduce the replicated ones.
+Writes the logged losses and the full (gathered) student and EMA-teacher (or trust-region reference) weights to
+`--out` on rank 0, so that `tests/test_distributed.py` can compare a sharded run with a DDP run of the same seeds
+and data: the sharded code paths (the fused-linear head gathered for the kernel, the EMA on sharded parameters,
+the teacher checkpoint) must reproduce the replicated ones.
 
     torchrun --nproc_per_node 2 tests/distributed/train_sharded.py --sharding fsdp2 --fused always --out r.pt
 """
@@ -112,7 +112,7 @@ def full_state(trainer: SDPOTrainer) -> dict[str, dict[str, torch.Tensor]]:
     """Gathered student and teacher weights by name (collective: every rank calls it)."""
     student = trainer.accelerator.get_state_dict(trainer.model_wrapped)
     teacher = {}
-    if trainer.teacher.kind == "ema":
+    if trainer.teacher.checkpointed:  # the EMA teacher, or the trust-region reference (frozen)
         names = teacher_names(trainer)
         teacher = {names[int(i)]: t for i, t in trainer.teacher.state_dict().items()}
     return {"student": {k: v.detach().float().cpu() for k, v in (student or {}).items()}, "teacher": teacher}
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--sharding", default="ddp")
     parser.add_argument("--fused", default="always")
     parser.add_argument("--mode", default="hybrid")
-    parser.add_argument("--teacher", default="ema", help="teacher_regularization: ema or none")
+    parser.add_argument("--teacher", default="ema", help="teacher_regularization: ema, none or trust_region")
     parser.add_argument("--no-reshard-after-forward", action="store_true", help="FSDP2 keeps gathered weights")
     parser.add_argument("--peft", action="store_true", help="LoRA: the EMA teacher is a second adapter")
     parser.add_argument("--dtype", default="float32", help="the weights' dtype (bfloat16: pure bf16 training)")
@@ -215,7 +215,7 @@ def main() -> None:
         h["self_distillation/distillation_loss"] for h in trainer.state.log_history if "loss" in h
     ]
     result["fused"] = trainer.use_fused_linear
-    if trainer.teacher.kind == "ema":
+    if trainer.teacher.checkpointed:
         result["teacher_replicas_identical"] = replicas_identical(trainer)
     # What the run really sharded: the parameter types the EMA saw, and the student's wrapper.
     teacher_params, _ = trainer.teacher.pairs()
