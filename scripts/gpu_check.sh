@@ -13,12 +13,14 @@ D=$(date +%F)
 OUT=bench/results/gpu-$DEV-$D
 mkdir -p bench/results
 unset TRITON_INTERPRET
-"$PY" -m sdpo_kernels.compile_check --arch 90 | tail -n 1
-timeout 180 "$PY" -m pytest -q -p no:benchmark -p no:cacheprovider -m gpu tests | tail -n 5 | tee "$OUT-tests.txt"
-timeout 150 "$PY" bench/kernel_timing.py --rows 8192 --vocab 151936 --out "$OUT-kernels"
-timeout 120 "$PY" -m pytest -q bench/bench_loss.py -p no:cacheprovider -k "N8192-V151936" \
+# Each step runs under its own time limit; a failed or timed-out step is reported and the next runs.
+step() { local limit=$1; shift; timeout "$limit" "$@" || echo "gpu_check: step failed or timed out (rc=$?): $*"; }
+step 240 "$PY" -m sdpo_kernels.compile_check --arch 90 | tail -n 1
+step 180 "$PY" -m pytest -q -p no:benchmark -p no:cacheprovider -m gpu tests | tail -n 5 | tee "$OUT-tests.txt"
+step 150 "$PY" bench/kernel_timing.py --rows 8192 --vocab 151936 --out "$OUT-kernels"
+step 120 "$PY" -m pytest -q bench/bench_loss.py -p no:cacheprovider -k "N8192-V151936" \
     --benchmark-json="$OUT-loss.json" | tail -n 3
-timeout 120 "$PY" -m pytest -q bench/bench_linear.py -p no:cacheprovider -k "N8192 and V151936" \
+step 120 "$PY" -m pytest -q bench/bench_linear.py -p no:cacheprovider -k "N8192 and V151936" \
     --benchmark-json="$OUT-linear.json" | tail -n 3
 for f in "$OUT-loss.json" "$OUT-linear.json"; do [ -s "$f" ] && "$PY" bench/render.py "$f"; done
 ls -l "$OUT"*

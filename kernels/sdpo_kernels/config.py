@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,9 @@ class LossConfig:
     @property
     def alpha_kind(self) -> int:
         """Deprecated name of `divergence`."""
+        warnings.warn(
+            "LossConfig.alpha_kind is deprecated; use LossConfig.divergence", DeprecationWarning, stacklevel=2
+        )
         return self.divergence
 
     @property

@@ -30,9 +30,8 @@ TOPK_CHUNK = 512
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
 # A mid-row tightening of the candidate scratch keeps between K and tighten_keep(K) of them (the
-# bisection stops as soon as the count falls in that range); the scratch holds that many runs, one
-# block's runs and TOPK_SCRATCH_SLACK·K' more, so that tightenings stay rare.
-TOPK_SCRATCH_SLACK = 0
+# bisection stops as soon as the count falls in that range); the scratch holds that many runs plus
+# one block's runs. (A larger scratch or a tighter keep did not lower the cost report's figures.)
 
 
 def tighten_keep(topk: int) -> int:
@@ -141,7 +140,7 @@ def forward_launches(
         block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
         # Candidate runs: the tightened survivors plus one block's runs.
         keep = tighten_keep(config.topk)
-        scratch_runs = block // TOPK_RUN + keep + TOPK_SCRATCH_SLACK * k_pow2
+        scratch_runs = block // TOPK_RUN + keep
         programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)

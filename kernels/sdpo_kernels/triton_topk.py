@@ -7,15 +7,16 @@ time (docs/kernels.md walks through the design and its cost):
   below it cannot be in the top-K (K earlier, i.e. lower-index, entries are at least as large),
   so it goes straight to the tail sums. In the first block thr is the smallest of K' group
   maxima (K' groups, each contributes one entry >= thr: ties there are admitted); afterwards
-  only entries strictly above thr pass, one float compare each. A block whose maximum (already
-  computed for the log-sum-exp) does not exceed thr skips everything else.
-- Candidates. Entries that pass are appended, in index order, to this program's scratch: only
-  their vocabulary index (a cumsum gives the slots; one store each). Their values are gathered
-  back from the rows when the scratch is next tightened. When a block would overflow the
-  scratch, `tighten` selects a new threshold among the candidates (bisection on int32 keys of
-  their values, early exit once K..2K' of them reach it) and compacts the survivors in place;
-  the evicted ones go to the tail sums. At the end the same routine selects exactly K, ties at
-  the K-th value resolved towards the lowest index (the scratch is in index order).
+  only entries strictly above thr pass, one float compare each. A block where nothing passes
+  stops after its sums.
+- Candidates. A block is [BLOCK_V / RUN, RUN]: a run is one thread's vector load. The entries
+  that pass form one bit mask per run; each run with candidates takes one scratch slot (its run
+  number and mask: two stores per run, slots from a prefix sum over runs), in index order. Their
+  values are gathered back from the rows when the scratch is next tightened. When a block would
+  overflow the scratch, `tighten` selects a new threshold among the candidates (bisection on int32
+  keys of their values, early exit once K..tighten_keep of them reach it) and compacts the
+  survivors in place; the evicted ones go to the tail sums. At the end the same routine selects
+  exactly K, ties at the K-th value resolved towards the lowest index (the scratch is in index order).
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
   candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
