@@ -1527,13 +1527,14 @@ def assign_mix(ka: KernelAnalysis) -> None:
             if not p.label:
                 p.label = "(not in mix)"
     labels = {p.label for lc in ka.loops for p in lc.paths}
+    # A share or a trip count with nowhere to go would silently lower the figures: stop instead.
     lost = sorted(n for n, f in mix.items() if f > 0 and n not in labels)
     if lost:
-        ka.warnings.append(f"path mix labels without a SASS path: {lost} (their share is dropped)")
+        raise RuntimeError(f"{ka.name}: path mix labels without a SASS path: {lost} (update PATH LABELS)")
     names = {lc.label for lc in ka.loops + ka.other_loops}
-    lost = sorted(n for n in ka.extras if n != "bytes" and n not in names)
+    lost = sorted(n for n, f in ka.extras.items() if n != "bytes" and f > 0 and n not in names)
     if lost:
-        ka.warnings.append(f"row extras for loops not found: {lost}")
+        raise RuntimeError(f"{ka.name}: row extras for loops not found: {lost} (update PATH LABELS)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2084,7 +2085,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _is_threshold_topk(launch) -> bool:
     """The top-K forward with a float threshold and candidate scratch (else: the per-block sort)."""
-    return "SCRATCH_RUNS" in launch.args
+    return "RUNS_CAP" in launch.args
 
 
 def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str | None:
@@ -2094,16 +2095,15 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
         where = "stream" if in_stream else "final"
         if loop.loops_over(r"while row < n_rows"):
             return "row loop"
-        if loop.runs(r"n_done \+="):
-            return "final flatten chunk"
         if loop.loops_over(r"while \(hi - lo"):
             return f"{where} bisection"
-        if loop.runs(r"ordered_key\(z\) >= key"):
-            return f"{where} count chunk"
+        # Compaction first: on Triton 3.9 its key computation carries the counting line's info too.
         if loop.runs(r"tie_rank"):
             return f"{where} compact chunk"
-        if loop.runs(r"top_z = tl\.maximum"):
-            return f"{where} max chunk"
+        if loop.runs(r"ordered_key\(z\) >= key"):
+            return f"{where} count chunk"
+        if loop.runs(r"_exclusive_cumsum\(valid"):
+            return f"{where} expand chunk"
     return None
 
 
@@ -2229,11 +2229,10 @@ def _key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
 
 
-def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk_runs: int):
+def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, run: int):
     """The kernel's `tighten` on candidate values: (kept mask, new threshold, loop trips)."""
     import numpy as np
 
-    chunks = max(1, -(-n_runs // chunk_runs))
     keys = _ordered_key(cand_z)
     lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
     count_hi, found, steps = 0, False, 0
@@ -2247,13 +2246,19 @@ def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, ch
             hi, count_hi = mid, count
     room = len(cand_z) if found else keep_lo - count_hi
     keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
-    trips = {"max chunk": chunks, "bisection": steps, "count chunk": steps * chunks, "compact chunk": chunks}
+    flat_chunks = -(-len(cand_z) // chunk)
+    trips = {
+        "expand chunk": -(-n_runs // (chunk // run)),
+        "bisection": steps,
+        "count chunk": steps * flat_chunks,
+        "compact chunk": flat_chunks,
+    }
     return keep, _key_value(lo), trips
 
 
 @functools.cache
 def _threshold_simulation_cached(
-    vocab: int, block_v: int, topk: int, k_pow2: int, scratch_runs: int, chunk_runs: int, run: int, tighten_keep: int
+    vocab: int, block_v: int, topk: int, k_pow2: int, runs_cap: int, chunk: int, run: int, tighten_keep: int
 ) -> dict:
     """Replay the kernel's control flow on iid rows: the first-block threshold, appends of runs of
     `run` entries with candidates, tightening when the runs would overflow the scratch, the final
@@ -2268,6 +2273,7 @@ def _threshold_simulation_cached(
     for _ in range(IID_ROWS):
         row = (rng.standard_normal(vocab) * IID_SIGMA).astype(np.float32)
         thr, cand = -np.inf, np.empty(0, np.int64)  # candidate indices, in index order
+        n_flat = 0  # of them, those already in the flat entries (the rest are recorded runs)
         for b in range(n_blocks):
             z = row[b * block_v : (b + 1) * block_v]
             if b == 0:
@@ -2280,10 +2286,11 @@ def _threshold_simulation_cached(
                 blocks["skip"] += 1
                 continue
             new = b * block_v + np.flatnonzero(passes)
-            n_runs = len(np.unique(cand // run))
-            if n_runs + len(np.unique(new // run)) > scratch_runs:
-                keep, thr, t = _tighten_sim(row[cand], n_runs, thr, topk, tighten_keep, chunk_runs)
+            n_runs = len(np.unique(cand[n_flat:] // run))
+            if n_runs + len(np.unique(new // run)) > runs_cap:
+                keep, thr, t = _tighten_sim(row[cand], n_runs, thr, topk, tighten_keep, chunk, run)
                 cand = cand[keep]
+                n_flat = len(cand)
                 trips["stream"].update(t)
                 tightens["stream"] += 1
                 new = new[row[new] > thr]
@@ -2291,7 +2298,8 @@ def _threshold_simulation_cached(
             else:
                 blocks["first block" if b == 0 else "append"] += 1
             cand = np.concatenate([cand, new])
-        _, _, t = _tighten_sim(row[cand], len(np.unique(cand // run)), thr, topk, topk, chunk_runs)
+        n_runs = len(np.unique(cand[n_flat:] // run))
+        _, _, t = _tighten_sim(row[cand], n_runs, thr, topk, topk, chunk, run)
         trips["final"].update(t)
         tightens["final"] += 1
     rows = IID_ROWS
@@ -2300,7 +2308,7 @@ def _threshold_simulation_cached(
     # count chunk); the final tighten (outside the streaming loop) is counted once likewise.
     for where in ("stream", "final"):
         t, n = trips[where], tightens[where]
-        extras[f"{where} max chunk"] = (t["max chunk"] - n) / rows
+        extras[f"{where} expand chunk"] = (t["expand chunk"] - n) / rows
         extras[f"{where} bisection"] = (t["bisection"] - n) / rows
         extras[f"{where} count chunk"] = (t["count chunk"] - t["bisection"]) / rows
         extras[f"{where} compact chunk"] = (t["compact chunk"] - n) / rows
@@ -2320,8 +2328,8 @@ def _threshold_simulation(launch, vocab: int) -> dict:
         int(a["BLOCK_V"]),
         int(a["topk"]),
         int(a["K_POW2"]),
-        int(a["SCRATCH_RUNS"]),
-        int(a["CHUNK_RUNS"]),
+        int(a["RUNS_CAP"]),
+        int(a["CHUNK"]),
         int(a["RUN"]),
         int(a["tighten_keep"]),
     )

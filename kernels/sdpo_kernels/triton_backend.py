@@ -138,9 +138,11 @@ def forward_launches(
     if config.mode == "topk_logits":
         k_pow2 = triton.next_power_of_2(config.topk)
         block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
-        # Candidate runs: the tightened survivors plus one block's runs.
+        # Recorded runs: one block's runs plus room for tighten_keep(K) more before a tightening; flat
+        # candidates: the tightened survivors plus every entry of the recorded runs.
         keep = tighten_keep(config.topk)
-        scratch_runs = block // TOPK_RUN + keep
+        runs_cap = block // TOPK_RUN + keep
+        flat_cap = keep + TOPK_RUN * runs_cap
         programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
@@ -151,7 +153,7 @@ def forward_launches(
                 common,
                 index_ptr=index,
                 coef_ptr=coef,
-                scratch_ptr=torch.empty(programs, scratch_runs * (2 + 2 * TOPK_RUN) + 3 * k_pow2, **f32),
+                scratch_ptr=torch.empty(programs, 2 * runs_cap + 3 * flat_cap, **f32),
                 row_counter_ptr=torch.zeros(1, dtype=torch.int32, device=dev),
                 n_rows=n,
                 topk=config.topk,
@@ -159,8 +161,9 @@ def forward_launches(
                 tail_floor=TAIL_LOG_FLOOR,
                 K_POW2=k_pow2,
                 BLOCK_V=block,
-                SCRATCH_RUNS=scratch_runs,
-                CHUNK_RUNS=min(TOPK_CHUNK, block) // TOPK_RUN,
+                RUNS_CAP=runs_cap,
+                FLAT_CAP=flat_cap,
+                CHUNK=min(TOPK_CHUNK, block),
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
             ),

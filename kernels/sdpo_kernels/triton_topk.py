@@ -94,27 +94,62 @@ def _lanes_set(bits, lanes):
 
 
 @triton.jit
-def _count_at_least(cand, n_runs, key, SCRATCH_RUNS: tl.constexpr, CHUNK_RUNS: tl.constexpr, RUN: tl.constexpr):
-    """How many candidates (set bits of the first n_runs runs) have ordered_key(z) >= key."""
-    runs = tl.arange(0, CHUNK_RUNS)
-    lanes = tl.arange(0, RUN)
+def _count_at_least(flat_z, n_flat, key, CHUNK: tl.constexpr):
+    """How many of the n_flat candidate values have ordered_key(z) >= key."""
     count = 0
-    for start in range(0, n_runs, CHUNK_RUNS):
+    for start in range(0, n_flat, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        z = tl.load(flat_z + offs, mask=offs < n_flat, other=float("-inf"))
+        count += tl.sum((ordered_key(z) >= key).to(tl.int32), 0)
+    return count
+
+
+@triton.jit
+def _expand_runs(
+    cand,
+    n_runs,
+    n_flat,
+    student_row,
+    teacher_row,
+    stride_s_col,
+    stride_t_col,
+    inv_temp,
+    RUNS_CAP: tl.constexpr,
+    FLAT_CAP: tl.constexpr,
+    CHUNK: tl.constexpr,
+    RUN: tl.constexpr,
+    STREAM_TEACHER: tl.constexpr,
+):
+    """Append the candidates of the n_runs recorded runs to the flat entries, in index order, with
+    their values gathered from the logits rows. Returns (n_flat, max z, max raw u) of those appended."""
+    flat_idx = cand + 2 * RUNS_CAP
+    runs = tl.arange(0, CHUNK // RUN)
+    lanes = tl.arange(0, RUN)
+    top_z = tl.full([], float("-inf"), tl.float32)
+    top_u = tl.full([], float("-inf"), tl.float32)
+    for start in range(0, n_runs, CHUNK // RUN):
         rows = start + runs
         in_chunk = rows < n_runs
-        bits = tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
-        valid = _lanes_set(bits, lanes)
-        # Not masked by `valid`: the load need not wait for the bit masks (every slot is allocated).
-        z = tl.load(cand + 2 * SCRATCH_RUNS + rows[:, None] * RUN + lanes[None, :], mask=in_chunk[:, None])
-        count += _sum_all((valid & (ordered_key(z) >= key)).to(tl.int32))
-    return count
+        valid = _lanes_set(tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes[None, :]
+        at = n_flat + _exclusive_cumsum(valid.to(tl.int32))
+        z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        tl.store(flat_idx + at, col.to(tl.float32, bitcast=True), mask=valid)
+        tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
+        top_z = tl.maximum(top_z, _max_all(z))
+        if STREAM_TEACHER:
+            u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
+            tl.store(flat_idx + 2 * FLAT_CAP + at, u, mask=valid)
+            top_u = tl.maximum(top_u, _max_all(u))
+        n_flat += _sum_all(valid.to(tl.int32))
+    return n_flat, top_z, top_u
 
 
 @triton.jit
 def tighten(
     cand,
     n_runs,
-    n_ready,
+    n_flat,
     student_row,
     teacher_row,
     stride_s_col,
@@ -123,56 +158,44 @@ def tighten(
     thr,
     keep_lo,
     keep_hi,
+    top_z,
+    top_u,
     tail_z,
     tail_u,
     base_z,
     base_u,
     u_scale_log2,
-    SCRATCH_RUNS: tl.constexpr,
-    CHUNK_RUNS: tl.constexpr,
+    RUNS_CAP: tl.constexpr,
+    FLAT_CAP: tl.constexpr,
+    CHUNK: tl.constexpr,
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
 ):
     """Keep between keep_lo and keep_hi of the candidates, the largest ones.
 
-    `cand` is this program's scratch, in runs of RUN consecutive vocabulary entries (index order):
-    run numbers [SCRATCH_RUNS], candidate bit masks [SCRATCH_RUNS], z [SCRATCH_RUNS, RUN] and the
-    raw teacher logits [SCRATCH_RUNS, RUN] (int32 values stored as float32 bits). The stream appends
-    run numbers and masks only; the values of runs n_ready.. are gathered here from the logits rows
-    (16-byte loads), and the tail sums rebased above the candidates' maxima. Bisection over int32
-    keys in [key(thr), key(max)] finds a key that keep_lo..keep_hi candidates reach, or else the
-    keep_lo-th largest key exactly; candidates below it are evicted (their e^z, e^u go to the tail
-    sums), ties at the keep_lo-th key cut at the lowest indices, and runs left empty are compacted
-    away in place. Returns (runs kept, new threshold, tail_z, tail_u, base_z, base_u).
+    `cand` is this program's scratch: the runs the stream recorded since the last call (run numbers
+    [RUNS_CAP] and candidate bit masks [RUNS_CAP], int32 stored as float32 bits), then the flat
+    candidates in index order: indices, z and raw teacher logits u, [FLAT_CAP] each. The n_runs runs
+    are first appended to the n_flat flat entries (`_expand_runs`), and the tail sums rebased above
+    the candidates' maxima (top_z, top_u: those of the flat entries already there). Bisection over
+    int32 keys in [key(thr), key(max)] finds a key that keep_lo..keep_hi candidates reach, or else
+    the keep_lo-th largest key exactly; candidates below it are evicted (their e^z, e^u go to the
+    tail sums), ties at the keep_lo-th key cut at the lowest indices, and the survivors are compacted
+    in place. Returns (entries kept, new threshold, top_z, top_u, tail_z, tail_u, base_z, base_u).
     """
-    run_ids = cand
-    masks = cand + SCRATCH_RUNS
-    zs = cand + 2 * SCRATCH_RUNS
-    us = cand + (2 + RUN) * SCRATCH_RUNS
-    runs = tl.arange(0, CHUNK_RUNS)
-    lanes = tl.arange(0, RUN)
-    tl.debug_barrier()  # the appends of every thread land before the scratch is read back
-    top_z = tl.full([], float("-inf"), tl.float32)
-    top_u = tl.full([], float("-inf"), tl.float32)
-    for start in range(0, n_runs, CHUNK_RUNS):
-        rows = start + runs
-        in_chunk = rows < n_runs
-        fresh = (in_chunk & (rows >= n_ready))[:, None]
-        valid = _lanes_set(tl.load(masks + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
-        col = tl.load(run_ids + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes
-        at = rows[:, None] * RUN + lanes[None, :]
-        z = tl.load(student_row + col * stride_s_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
-        z = tl.where(fresh, z * inv_temp, tl.where(valid, tl.load(zs + at, mask=in_chunk[:, None]), float("-inf")))
-        tl.store(zs + at, z, mask=fresh)
-        top_z = tl.maximum(top_z, _max_all(z))
-        if STREAM_TEACHER:
-            u = tl.load(teacher_row + col * stride_t_col, mask=fresh & valid, other=float("-inf")).to(tl.float32)
-            u = tl.where(fresh, u, tl.where(valid, tl.load(us + at, mask=in_chunk[:, None]), float("-inf")))
-            tl.store(us + at, u, mask=fresh)
-            top_u = tl.maximum(top_u, _max_all(u))
+    flat_idx = cand + 2 * RUNS_CAP
+    flat_z = flat_idx + FLAT_CAP
+    flat_u = flat_idx + 2 * FLAT_CAP
+    tl.debug_barrier()  # the appends of every thread land before the runs are read back
+    n_flat, new_top_z, new_top_u = _expand_runs(
+        cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
+        RUNS_CAP, FLAT_CAP, CHUNK, RUN, STREAM_TEACHER,
+    )  # fmt: skip
     tl.debug_barrier()  # the gathered values land before the counting passes read them
+    top_z = tl.maximum(top_z, new_top_z)
     base_z, tail_z = _raise_base(base_z, tail_z, top_z * LOG2E)
     if STREAM_TEACHER:
+        top_u = tl.maximum(top_u, new_top_u)
         base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
 
     lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
@@ -181,7 +204,7 @@ def tighten(
     found = 0
     while (hi - lo > 1) & (found == 0):
         mid = lo + (hi - lo) // 2
-        count = _count_at_least(cand, n_runs, mid.to(tl.int32), SCRATCH_RUNS, CHUNK_RUNS, RUN)
+        count = _count_at_least(flat_z, n_flat, mid.to(tl.int32), CHUNK)
         if count >= keep_lo:
             lo = mid
             found = (count <= keep_hi).to(tl.int32)
@@ -193,69 +216,30 @@ def tighten(
     room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
     n_kept = 0
     ties = 0
-    for start in range(0, n_runs, CHUNK_RUNS):
-        rows = start + runs
-        in_chunk = rows < n_runs
-        run_id = tl.load(run_ids + rows, mask=in_chunk, other=0.0)
-        valid = _lanes_set(tl.load(masks + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
-        at = rows[:, None] * RUN + lanes[None, :]
-        z = tl.where(valid, tl.load(zs + at, mask=in_chunk[:, None]), float("-inf"))
+    for start in range(0, n_flat, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        valid = offs < n_flat
+        z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
         key = ordered_key(z)
         tie = valid & (key == lo_key)
-        tie_rank = ties + _exclusive_cumsum(tie.to(tl.int32))
+        tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
         keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
         evict = valid & ~keep
-        tail_z += _sum_all(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0))
+        tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+        idx = tl.load(flat_idx + offs, mask=valid)
         if STREAM_TEACHER:
-            u = tl.where(valid, tl.load(us + at, mask=in_chunk[:, None]), float("-inf"))
-            tail_u += _sum_all(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
-        bits = _lane_bits(keep, lanes)
-        kept_run = bits != 0
-        slot = n_kept + tl.cumsum(kept_run.to(tl.int32), 0) - kept_run.to(tl.int32)
+            u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
+            tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
+        at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
         tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
-        to = slot[:, None] * RUN + lanes[None, :]
-        tl.store(run_ids + slot, run_id, mask=kept_run)
-        tl.store(masks + slot, bits.to(tl.float32, bitcast=True), mask=kept_run)
-        tl.store(zs + to, z, mask=kept_run[:, None])
+        tl.store(flat_idx + at, idx, mask=keep)
+        tl.store(flat_z + at, z, mask=keep)
         if STREAM_TEACHER:
-            tl.store(us + to, u, mask=kept_run[:, None])
-        n_kept += tl.sum(kept_run.to(tl.int32), 0)
-        ties += _sum_all(tie.to(tl.int32))
+            tl.store(flat_u + at, u, mask=keep)
+        n_kept += tl.sum(keep.to(tl.int32), 0)
+        ties += tl.sum(tie.to(tl.int32), 0)
     tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
-    return n_kept, key_value(lo_key), tail_z, tail_u, base_z, base_u
-
-
-@triton.jit
-def _flatten_support(
-    cand,
-    n_runs,
-    support,
-    SCRATCH_RUNS: tl.constexpr,
-    CHUNK_RUNS: tl.constexpr,
-    RUN: tl.constexpr,
-    K_POW2: tl.constexpr,
-    STREAM_TEACHER: tl.constexpr,
-):
-    """Write the K candidates left in the scratch runs as flat [K'] index | z | raw u rows, index order."""
-    runs = tl.arange(0, CHUNK_RUNS)
-    lanes = tl.arange(0, RUN)
-    n_done = 0
-    for start in range(0, n_runs, CHUNK_RUNS):
-        rows = start + runs
-        in_chunk = rows < n_runs
-        valid = _lanes_set(
-            tl.load(cand + SCRATCH_RUNS + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes
-        )
-        run_id = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
-        at = rows[:, None] * RUN + lanes[None, :]
-        slot = n_done + _exclusive_cumsum(valid.to(tl.int32))
-        index = run_id[:, None] * RUN + lanes[None, :]
-        tl.store(support + slot, index.to(tl.float32, bitcast=True), mask=valid)
-        tl.store(support + K_POW2 + slot, tl.load(cand + 2 * SCRATCH_RUNS + at, mask=valid), mask=valid)
-        if STREAM_TEACHER:
-            tl.store(support + 2 * K_POW2 + slot, tl.load(cand + (2 + RUN) * SCRATCH_RUNS + at, mask=valid), mask=valid)
-        n_done += _sum_all(valid.to(tl.int32))
-    tl.debug_barrier()  # the flat support lands before it is read back
+    return n_kept, key_value(lo_key), top_z, top_u, tail_z, tail_u, base_z, base_u
 
 
 @triton.jit
@@ -288,8 +272,9 @@ def topk_forward_kernel(
     tail_floor,
     K_POW2: tl.constexpr,
     BLOCK_V: tl.constexpr,
-    SCRATCH_RUNS: tl.constexpr,
-    CHUNK_RUNS: tl.constexpr,
+    RUNS_CAP: tl.constexpr,
+    FLAT_CAP: tl.constexpr,
+    CHUNK: tl.constexpr,
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
@@ -302,9 +287,10 @@ def topk_forward_kernel(
     lanes = block_runs[:, None] * RUN + run_lanes[None, :]
     k_pos = tl.arange(0, K_POW2)
     program = tl.program_id(0)
-    # Candidate runs (see `tighten`), then the support as K' indices, z and raw u.
-    cand = scratch_ptr + program.to(tl.int64) * (SCRATCH_RUNS * (2 + 2 * RUN) + 3 * K_POW2)
-    support = cand + SCRATCH_RUNS * (2 + 2 * RUN)
+    # Recorded runs, then the flat candidates (see `tighten`); after the final selection the first K
+    # flat entries are the support.
+    cand = scratch_ptr + program.to(tl.int64) * (2 * RUNS_CAP + 3 * FLAT_CAP)
+    support = cand + 2 * RUNS_CAP
     u_scale_log2 = inv_temp * LOG2E
     # Rows come from a shared counter: programs that find no room on an SM start late and take fewer.
     row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
@@ -316,8 +302,10 @@ def topk_forward_kernel(
         tail_z = tl.zeros([], tl.float32)
         tail_u = tl.zeros([], tl.float32)
         thr = tl.full([], neg_inf, tl.float32)
-        n_runs = 0  # runs of RUN entries in the scratch with at least one candidate
-        n_ready = 0  # runs whose values are in the scratch (the stream appends run numbers and bit masks)
+        top_z = tl.full([], neg_inf, tl.float32)  # the largest z and raw u among the flat candidates
+        top_u = tl.full([], neg_inf, tl.float32)
+        n_runs = 0  # runs recorded since the last tightening (each with at least one candidate)
+        n_flat = 0  # flat candidates (values gathered)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + lanes
             in_row = offs < n_cols
@@ -358,30 +346,13 @@ def topk_forward_kernel(
             if tl.max(bits, 0) != 0:
                 has = bits != 0
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
-                if n_runs + n_new_runs > SCRATCH_RUNS:
-                    n_runs, thr, tail_z, tail_u, base_z, base_u = tighten(
-                        cand=cand,
-                        n_runs=n_runs,
-                        n_ready=n_ready,
-                        student_row=student_row,
-                        teacher_row=teacher_row,
-                        stride_s_col=stride_s_col,
-                        stride_t_col=stride_t_col,
-                        inv_temp=inv_temp,
-                        thr=thr,
-                        keep_lo=topk,
-                        keep_hi=tighten_keep,
-                        tail_z=tail_z,
-                        tail_u=tail_u,
-                        base_z=base_z,
-                        base_u=base_u,
-                        u_scale_log2=u_scale_log2,
-                        SCRATCH_RUNS=SCRATCH_RUNS,
-                        CHUNK_RUNS=CHUNK_RUNS,
-                        RUN=RUN,
-                        STREAM_TEACHER=ADD_TAIL,
-                    )
-                    n_ready = n_runs
+                if n_runs + n_new_runs > RUNS_CAP:
+                    n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
+                        cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
+                        thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
+                        RUNS_CAP, FLAT_CAP, CHUNK, RUN, ADD_TAIL,
+                    )  # fmt: skip
+                    n_runs = 0
                     # Entries of this block between the old and the new threshold join the tail. The block
                     # is read again (a cache hit) rather than held in registers across the selection.
                     z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
@@ -399,41 +370,23 @@ def topk_forward_kernel(
                 slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
                 run_id = start // RUN + block_runs
                 tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
-                tl.store(cand + SCRATCH_RUNS + slot, bits.to(tl.float32, bitcast=True), mask=has)
+                tl.store(cand + RUNS_CAP + slot, bits.to(tl.float32, bitcast=True), mask=has)
                 n_runs += n_new_runs
 
         # Exactly K candidates remain, in index order: the support S.
-        n_runs, thr, tail_z, tail_u, base_z, base_u = tighten(
-            cand=cand,
-            n_runs=n_runs,
-            n_ready=n_ready,
-            student_row=student_row,
-            teacher_row=teacher_row,
-            stride_s_col=stride_s_col,
-            stride_t_col=stride_t_col,
-            inv_temp=inv_temp,
-            thr=thr,
-            keep_lo=topk,
-            keep_hi=topk,
-            tail_z=tail_z,
-            tail_u=tail_u,
-            base_z=base_z,
-            base_u=base_u,
-            u_scale_log2=u_scale_log2,
-            SCRATCH_RUNS=SCRATCH_RUNS,
-            CHUNK_RUNS=CHUNK_RUNS,
-            RUN=RUN,
-            STREAM_TEACHER=ADD_TAIL,
-        )
-        _flatten_support(cand, n_runs, support, SCRATCH_RUNS, CHUNK_RUNS, RUN, K_POW2, ADD_TAIL)
+        n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
+            cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
+            thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
+            RUNS_CAP, FLAT_CAP, CHUNK, RUN, ADD_TAIL,
+        )  # fmt: skip
         in_support = k_pos < topk
         idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-        z_s = tl.load(support + K_POW2 + k_pos, mask=in_support, other=neg_inf)
+        z_s = tl.load(support + FLAT_CAP + k_pos, mask=in_support, other=neg_inf)
         support_z = tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
         lse_z = base_z / LOG2E + tl.log(tail_z + support_z)
         a = z_s - lse_z
         if ADD_TAIL:
-            u_s = tl.load(support + 2 * K_POW2 + k_pos, mask=in_support, other=neg_inf)
+            u_s = tl.load(support + 2 * FLAT_CAP + k_pos, mask=in_support, other=neg_inf)
             support_u = tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
             b = u_s * inv_temp - (base_u / LOG2E + tl.log(tail_u + support_u))
             # log(tail / (tail + support)) without cancellation when the support holds ~all or ~no mass.
