@@ -1248,6 +1248,9 @@ class LoopCost:
     source: tuple = ()  # (file, line) of the back-edge branch (the `for` / `while`), inlining sites included
     parent: str = ""  # label of the enclosing loop
     body_source: frozenset = frozenset()  # (file, line) of the instructions of the loop outside its inner loops
+    own: Cost | None = None  # the loop's own blocks (inner loops excluded), each once
+    encloses_stream: bool = False  # a streaming loop is nested in it
+    over_vocab: bool = False  # its `for` / `while` line names the vocabulary size (streaming or restarting the stream)
 
     @property
     def where(self) -> str:
@@ -1356,6 +1359,8 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
         return bool(vocab_rx and src and vocab_rx.search(source_line(*src[0])))
 
     streaming = [lp for lp in cfg.loops if names_vocab(lp) and stream_accesses(sorted(lp.body))]
+    # Nested vocabulary loops (an outer one that restarts the stream): the innermost ones stream.
+    streaming = [lp for lp in streaming if not any(o is not lp and o.body < lp.body for o in streaming)]
     if not streaming:
         streaming = [lp for lp in cfg.loops if stream_accesses(cfg.own_blocks(lp))]
         streaming = [lp for lp in streaming if not any(o is not lp and o.body < lp.body for o in streaming)]
@@ -1438,11 +1443,14 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
             source=cfg.blocks[lp.latches[0]].instrs[-1].source,
             parent=lp.parent.label if lp.parent else "",
             body_source=frozenset(loc for b in cfg.own_blocks(lp) for i in cfg.blocks[b].instrs for loc in i.source),
+            own=Cost.of([i for b in cfg.own_blocks(lp) for i in cfg.blocks[b].instrs]),
+            encloses_stream=not is_stream and any(s.body < lp.body for s in streaming),
+            over_vocab=names_vocab(lp),
         )
 
     loops = [loop_cost(lp, True) for lp in streaming]
     others = [loop_cost(lp, False) for lp in cfg.loops if lp not in streaming]
-    _relabel_loops(fn.__name__, launch, loops, others, {lc.label for lc in loops})
+    _relabel_loops(fn.__name__, launch, loops, others)
     outside = Cost.of([i for b in cfg.blocks if b.id not in stream_ids for i in b.instrs])
     programs = math.prod(launch.grid) if launch.grid else 1
     ka = KernelAnalysis(
@@ -1474,14 +1482,16 @@ def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256
     return ka
 
 
-def _relabel_loops(name: str, launch, loops: list[LoopCost], others: list[LoopCost], streaming: set) -> None:
+def _relabel_loops(name: str, launch, loops: list[LoopCost], others: list[LoopCost]) -> None:
     """Give loops the names `label_loop` chooses (unique), and update every reference to them."""
     every = loops + others
     parents = {lc.label: lc.parent for lc in every}
+    over_vocab = {lc.label for lc in every if lc.streaming or lc.over_vocab}
 
     def inside_stream(label: str) -> bool:
+        """Inside a vocabulary loop (the stream, or a loop that restarts it)."""
         while label:
-            if label in streaming:
+            if label in over_vocab:
                 return True
             label = parents.get(label, "")
         return False
@@ -1518,6 +1528,10 @@ def assign_mix(ka: KernelAnalysis) -> None:
             ka.warnings.append(f"{lc.label}: no path mix for labels {distinct}; equal split")
             known = {n: 1.0 for n in distinct}
         total = sum(known.values())
+        if mix and total > 1.0:
+            # Shares per vocabulary block summing over 1: some blocks are streamed again (e.g. after
+            # the selection that their overflow triggered), so the loop runs more than V / BLOCK_V times.
+            lc.trips_per_row *= total
         for n, f in known.items():
             # SASS paths sharing a label (small diamonds, inner loops entered or not): the heaviest one
             # takes the label's share (conservative); the others are listed with fraction 0.
@@ -1591,7 +1605,10 @@ def time_model(ka: KernelAnalysis, gpu: Gpu, only: PathCost | None = None) -> Ti
     weighted.append((ka.outside, 1.0, 0.0))
     all_loops = {lc.label: lc for lc in ka.loops + ka.other_loops}
     for name, count in ka.extras.items():
-        if name in all_loops and all_loops[name].paths:
+        if name in all_loops and all_loops[name].encloses_stream:
+            # Its own code only: the streaming loop's iterations and the inner loops' trips are counted apart.
+            weighted.append((all_loops[name].own, float(count), 0.0))
+        elif name in all_loops and all_loops[name].paths:
             heaviest = max(all_loops[name].paths, key=lambda p: p.cost.instrs)
             weighted.append((heaviest.cost, float(count), 0.0))
     instrs = sum(n * c.instrs for c, n, _ in weighted)  # per thread per row
@@ -2095,6 +2112,8 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
         where = "stream" if in_stream else "final"
         if loop.loops_over(r"while row < n_rows"):
             return "row loop"
+        if loop.encloses_stream:  # (Triton 3.6 gives its back edge the inner `while` line)
+            return "restream loop"
         if loop.loops_over(r"while \(hi - lo"):
             return f"{where} bisection"
         # Compaction first: on Triton 3.9 its key computation carries the counting line's info too.
@@ -2114,19 +2133,6 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
     if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
         labels = []
         for p in paths:
-            # Triton 3.9's line info has the inlining sites (the `tighten(` call); 3.6's only the
-            # innermost lines, hence lines of tighten's own body as well.
-            # More than a stray instruction or two of the call: the compiler hoists argument set-up
-            # of the `tighten(` call into the append path.
-            tighten = (
-                r"\btighten\(|room = tl\.where\(found|lo = ordered_key\(thr\)|hi = ordered_key\(top_z\)"
-                r"|dropped = passes & \(z <= thr\)|passes = passes & \(z > thr\)"  # the stream's fix-up after it
-            )
-            # Structurally: only tightening runs inner loops inside the vocabulary loop (robust where
-            # the line info lacks inlining sites, as Triton 3.6's).
-            if p.children or p.count(tighten) - min(q.count(tighten) for q in paths) >= 16:
-                labels.append("tighten")  # scratch full: bisection selection, then append
-                continue
             if p.runs(r"tl\.reshape\(z|base_z = _finite_or_zero"):
                 lab = "first block"  # the threshold from K' group maxima, then append
             elif p.runs(r"tl\.store\(cand \+ slot"):
@@ -2229,7 +2235,7 @@ def _key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
 
 
-def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, run: int):
+def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, compact_chunk: int, run: int):
     """The kernel's `tighten` on candidate values: (kept mask, new threshold, loop trips)."""
     import numpy as np
 
@@ -2246,19 +2252,26 @@ def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, ch
             hi, count_hi = mid, count
     room = len(cand_z) if found else keep_lo - count_hi
     keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
-    flat_chunks = -(-len(cand_z) // chunk)
     trips = {
         "expand chunk": -(-n_runs // (chunk // run)),
         "bisection": steps,
-        "count chunk": steps * flat_chunks,
-        "compact chunk": flat_chunks,
+        "count chunk": steps * -(-len(cand_z) // chunk),
+        "compact chunk": -(-len(cand_z) // compact_chunk),
     }
     return keep, _key_value(lo), trips
 
 
 @functools.cache
 def _threshold_simulation_cached(
-    vocab: int, block_v: int, topk: int, k_pow2: int, runs_cap: int, chunk: int, run: int, tighten_keep: int
+    vocab: int,
+    block_v: int,
+    topk: int,
+    k_pow2: int,
+    runs_cap: int,
+    chunk: int,
+    compact_chunk: int,
+    run: int,
+    tighten_keep: int,
 ) -> dict:
     """Replay the kernel's control flow on iid rows: the first-block threshold, appends of runs of
     `run` entries with candidates, tightening when the runs would overflow the scratch, the final
@@ -2288,30 +2301,32 @@ def _threshold_simulation_cached(
             new = b * block_v + np.flatnonzero(passes)
             n_runs = len(np.unique(cand[n_flat:] // run))
             if n_runs + len(np.unique(new // run)) > runs_cap:
-                keep, thr, t = _tighten_sim(row[cand], n_runs, thr, topk, tighten_keep, chunk, run)
+                # The block stops at the check and leaves the stream (an exit, not a path through the
+                # loop; costed as a skip, which does all it does and more); after the selection the
+                # block is streamed again.
+                blocks["skip"] += 1
+                keep, thr, t = _tighten_sim(row[cand], n_runs, thr, topk, tighten_keep, chunk, compact_chunk, run)
                 cand = cand[keep]
                 n_flat = len(cand)
                 trips["stream"].update(t)
                 tightens["stream"] += 1
                 new = new[row[new] > thr]
-                blocks["tighten"] += 1
-            else:
-                blocks["first block" if b == 0 else "append"] += 1
+            blocks["first block" if b == 0 else "append" if len(new) else "skip"] += 1
             cand = np.concatenate([cand, new])
         n_runs = len(np.unique(cand[n_flat:] // run))
-        _, _, t = _tighten_sim(row[cand], n_runs, thr, topk, topk, chunk, run)
+        _, _, t = _tighten_sim(row[cand], n_runs, thr, topk, topk, chunk, compact_chunk, run)
         trips["final"].update(t)
         tightens["final"] += 1
     rows = IID_ROWS
-    extras = {}
-    # A path through the vocab loop's tighten counts each of its loops once (bisection with one
-    # count chunk); the final tighten (outside the streaming loop) is counted once likewise.
+    # Code outside the stream counts once per row: the restream loop's own code (one tightening)
+    # and each loop of both selections (the bisection with one count chunk). Extras: the rest.
+    extras = {"restream loop": tightens["stream"] / rows - 1}
     for where in ("stream", "final"):
-        t, n = trips[where], tightens[where]
-        extras[f"{where} expand chunk"] = (t["expand chunk"] - n) / rows
-        extras[f"{where} bisection"] = (t["bisection"] - n) / rows
+        t = trips[where]
+        extras[f"{where} expand chunk"] = t["expand chunk"] / rows - 1
+        extras[f"{where} bisection"] = t["bisection"] / rows - 1
         extras[f"{where} count chunk"] = (t["count chunk"] - t["bisection"]) / rows
-        extras[f"{where} compact chunk"] = (t["compact chunk"] - n) / rows
+        extras[f"{where} compact chunk"] = t["compact chunk"] / rows - 1
     return {
         "blocks_per_row": n_blocks,
         "blocks": {k: v / rows for k, v in blocks.items()},
@@ -2330,6 +2345,7 @@ def _threshold_simulation(launch, vocab: int) -> dict:
         int(a["K_POW2"]),
         int(a["RUNS_CAP"]),
         int(a["CHUNK"]),
+        int(a["COMPACT_CHUNK"]),
         int(a["RUN"]),
         int(a["tighten_keep"]),
     )

@@ -22,23 +22,28 @@ from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
 
 # Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread) and of the pure
-# streams (LSE, gradient; 8 warps). The top-K scratch walks its candidates in chunks of TOPK_CHUNK.
+# streams (LSE, gradient; 8 warps). The top-K selection walks its recorded runs and counts its
+# candidates in chunks of TOPK_CHUNK entries, and compacts them one per thread (TOPK_COMPACT_CHUNK:
+# the compaction's two scans over wider chunks set the kernel's register peak under Triton 3.6).
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
 TOPK_CHUNK = 512
+TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
-# A mid-row tightening of the candidate scratch keeps between K and tighten_keep(K) of them (the
-# bisection stops as soon as the count falls in that range); the scratch holds that many runs plus
-# one block's runs. (A larger scratch or a tighter keep did not lower the cost report's figures.)
+# A mid-row tightening of the candidates keeps between K and tighten_keep(K) = K' of them (the
+# bisection stops as soon as the count falls in that range). It runs whenever the runs recorded
+# since the last one would exceed one block's worth. Both chosen by the cost report: a looser keep
+# (2K') or room for more runs (+K' or +2K') leave the threshold lower for longer, and the extra
+# candidates cost more than the fewer tightenings save.
 
 
 def tighten_keep(topk: int) -> int:
-    return 2 * triton.next_power_of_2(topk)
+    return triton.next_power_of_2(topk)
 
 
-# Persistent top-K programs per SM, each with its own candidate scratch (~36 KB at K = 100); rows
+# Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.
 TOPK_PROGRAMS_PER_SM = 8
 
@@ -138,10 +143,10 @@ def forward_launches(
     if config.mode == "topk_logits":
         k_pow2 = triton.next_power_of_2(config.topk)
         block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
-        # Recorded runs: one block's runs plus room for tighten_keep(K) more before a tightening; flat
-        # candidates: the tightened survivors plus every entry of the recorded runs.
+        # Recorded runs: one block's worth; flat candidates: the tightened survivors plus every entry
+        # of the recorded runs.
         keep = tighten_keep(config.topk)
-        runs_cap = block // TOPK_RUN + keep
+        runs_cap = block // TOPK_RUN
         flat_cap = keep + TOPK_RUN * runs_cap
         programs = _topk_programs(n, dev)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
@@ -164,6 +169,7 @@ def forward_launches(
                 RUNS_CAP=runs_cap,
                 FLAT_CAP=flat_cap,
                 CHUNK=min(TOPK_CHUNK, block),
+                COMPACT_CHUNK=min(TOPK_COMPACT_CHUNK, block),
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
             ),

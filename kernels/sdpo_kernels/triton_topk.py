@@ -168,6 +168,7 @@ def tighten(
     RUNS_CAP: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
+    COMPACT_CHUNK: tl.constexpr,
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
 ):
@@ -216,8 +217,8 @@ def tighten(
     room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
     n_kept = 0
     ties = 0
-    for start in range(0, n_flat, CHUNK):
-        offs = start + tl.arange(0, CHUNK)
+    for start in range(0, n_flat, COMPACT_CHUNK):
+        offs = start + tl.arange(0, COMPACT_CHUNK)
         valid = offs < n_flat
         z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
         key = ordered_key(z)
@@ -275,6 +276,7 @@ def topk_forward_kernel(
     RUNS_CAP: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
+    COMPACT_CHUNK: tl.constexpr,
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
@@ -306,78 +308,74 @@ def topk_forward_kernel(
         top_u = tl.full([], neg_inf, tl.float32)
         n_runs = 0  # runs recorded since the last tightening (each with at least one candidate)
         n_flat = 0  # flat candidates (values gathered)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + lanes
-            in_row = offs < n_cols
-            z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
-            if ADD_TAIL:
-                u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
-            if start == 0:
-                base_z = _finite_or_zero(_max_all(z)) * LOG2E
+        start = 0
+        while start < n_cols:
+            # Stream blocks until one would overflow the recorded runs; that block is then streamed
+            # again after the tightening (the selection stays out of the stream's register peak).
+            full = 0
+            while (start < n_cols) & (full == 0):
+                offs = start + lanes
+                in_row = offs < n_cols
+                z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
                 if ADD_TAIL:
-                    base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
-                if n_cols >= BLOCK_V:
-                    # K' groups of a full block, one entry >= thr each: K' >= K witnesses.
-                    thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
-                passes = in_row & (z >= thr)
-            else:
-                passes = z > thr  # masked lanes hold -inf
-            bits = _lane_bits(passes, run_lanes)  # the candidates of each run, one bit each (in-thread)
-            if ADD_TAIL:
-                block_z, block_u = _sum2_all(
-                    tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
-                    tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
-                )
-            else:
-                block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
-                block_u = 0.0
-            # Rare: the block overflows the base (a new maximum far above it), or nothing has been
-            # summed yet and the block underflows it. Raise the base to the block's maximum.
-            stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
-            stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
-            if stale_z | (stale_u & ADD_TAIL):
-                base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z) * LOG2E)
-                block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
-                if ADD_TAIL:
-                    base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u) * u_scale_log2)
-                    block_u = _sum_all(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)))
-            tail_z += block_z
-            tail_u += block_u
-            if tl.max(bits, 0) != 0:
+                    u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
+                if start == 0:
+                    base_z = _finite_or_zero(_max_all(z)) * LOG2E
+                    if ADD_TAIL:
+                        base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
+                    if n_cols >= BLOCK_V:
+                        # K' groups of a full block, one entry >= thr each: K' >= K witnesses.
+                        thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
+                    passes = in_row & (z >= thr)
+                else:
+                    passes = z > thr  # masked lanes hold -inf
+                bits = _lane_bits(passes, run_lanes)  # the candidates of each run, one bit each (in-thread)
                 has = bits != 0
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
                 if n_runs + n_new_runs > RUNS_CAP:
-                    n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
-                        cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
-                        thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-                        RUNS_CAP, FLAT_CAP, CHUNK, RUN, ADD_TAIL,
-                    )  # fmt: skip
-                    n_runs = 0
-                    # Entries of this block between the old and the new threshold join the tail. The block
-                    # is read again (a cache hit) rather than held in registers across the selection.
-                    z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
-                    z = z * inv_temp
-                    dropped = passes & (z <= thr)
-                    tail_z += _sum_all(tl.where(dropped, tl.math.exp2(z * LOG2E - base_z), 0.0))
+                    full = 1  # (never the first block: RUNS_CAP >= BLOCK_V // RUN)
+                else:
                     if ADD_TAIL:
-                        u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
-                        tail_u += _sum_all(tl.where(dropped, tl.math.exp2(u * u_scale_log2 - base_u), 0.0))
-                    passes = passes & (z > thr)
-                    bits = _lane_bits(passes, run_lanes)
-                    has = bits != 0
-                    n_new_runs = tl.sum(has.to(tl.int32), 0)
-                # One slot per run with candidates: its number and bit mask, two stores per run.
-                slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
-                run_id = start // RUN + block_runs
-                tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
-                tl.store(cand + RUNS_CAP + slot, bits.to(tl.float32, bitcast=True), mask=has)
-                n_runs += n_new_runs
+                        block_z, block_u = _sum2_all(
+                            tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
+                            tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
+                        )
+                    else:
+                        block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
+                        block_u = 0.0
+                    # Rare: the block overflows the base (a new maximum far above it), or nothing has been
+                    # summed yet and the block underflows it. Raise the base to the block's maximum.
+                    stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
+                    stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
+                    if stale_z | (stale_u & ADD_TAIL):
+                        base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z) * LOG2E)
+                        block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
+                        if ADD_TAIL:
+                            base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u) * u_scale_log2)
+                            block_u = _sum_all(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)))
+                    tail_z += block_z
+                    tail_u += block_u
+                    if n_new_runs != 0:
+                        # One slot per run with candidates: its number and bit mask, two stores per run.
+                        slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
+                        run_id = start // RUN + block_runs
+                        tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
+                        tl.store(cand + RUNS_CAP + slot, bits.to(tl.float32, bitcast=True), mask=has)
+                        n_runs += n_new_runs
+                    start += BLOCK_V
+            if full != 0:
+                n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
+                    cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
+                    thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
+                    RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL,
+                )  # fmt: skip
+                n_runs = 0
 
         # Exactly K candidates remain, in index order: the support S.
         n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-            RUNS_CAP, FLAT_CAP, CHUNK, RUN, ADD_TAIL,
+            RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL,
         )  # fmt: skip
         in_support = k_pos < topk
         idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
