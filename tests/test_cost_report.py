@@ -185,13 +185,19 @@ def test_occupancy():
     assert cr.ctas_per_sm(32, 100 * 1024, 4) == (2, "shared memory")
 
 
-def test_topk_iid_mix_sums_to_one():
-    mix = cr.topk_iid_mix(151936, 1024, 128)
-    assert abs(sum(mix.values()) - 1) < 1e-9
-    n_blocks = 149
-    # block 1 takes the full network; block 2 about half the time (negative binomial median)
-    assert 1.3 < mix["full network"] * n_blocks < 1.7
-    assert mix["compaction"] > mix["skip"] > 0
+def test_threshold_simulation_counts_every_selection_loop():
+    # The replay of the top-K forward's decisions on iid rows: blocks per path add up to the blocks
+    # streamed (each overflow streams its block twice), and the selection loops run.
+    sim = cr._threshold_simulation_cached(151936, 2048, 100, 128, 256, 512, 128, 8, 128)
+    n_blocks, tightens = sim["blocks_per_row"], sim["tightens_per_row"]["stream"]
+    assert n_blocks == 75 and tightens >= 1
+    assert abs(sum(sim["blocks"].values()) - (n_blocks + tightens)) < 1e-9
+    assert sim["blocks"]["first block"] == 1
+    for where in ("stream", "final"):
+        trips = sim["trips_per_row"][where]
+        assert trips["bisection"] >= 1 and trips["compact chunk"] >= 1
+        assert trips["count chunk"] >= trips["bisection"]
+    assert sim["extras"]["restream loop"] == tightens - 1
 
 
 def _nvidia_tools() -> bool:
@@ -240,3 +246,26 @@ def test_report_on_a_small_launch(tmp_path):
     fwd = kernels["forward"]
     assert fwd["kernel"] == "lse_forward_kernel" and fwd["hbm_bytes_per_elem"] == 4  # student + teacher, bf16
     assert kernels["backward"]["hbm_bytes_per_elem"] == 4  # student read + gradient written
+
+
+@pytest.mark.skipif(not _nvidia_tools(), reason="triton's NVIDIA backend tools (ptxas, nvdisasm, cuobjdump) missing")
+def test_report_on_the_topk_forward(tmp_path):
+    # The top-K forward as launched: every loop the path mix and the row extras name is found in the
+    # SASS (the report stops otherwise), the selection runs outside the vocabulary loop, no spills.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "sdpo_kernels.cost_report", "--rows", "256", "--vocab", "32000"]
+    cmd += ["--variant", "topk K=100, tail, IS, α=0.5", "--out", str(tmp_path), "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (report_file,) = tmp_path.glob("cost-report-*.json")
+    (variant,) = json.loads(report_file.read_text())["shapes"][0]["variants"]
+    fwd = next(k for k in variant["kernels"] if k["direction"] == "forward")
+    assert fwd["kernel"] == "topk_forward_kernel" and fwd["local_bytes"] == 0
+    (stream,) = fwd["loops"]
+    labels = {p["label"] for p in stream["paths"] if p["fraction"] > 0}
+    assert {"first block", "append"} <= labels and not any("tighten" in x for x in labels)
+    loops = {lp["label"] for lp in fwd["other_loops"]}
+    for where in ("stream", "final"):
+        assert {f"{where} {loop}" for loop in ("expand chunk", "bisection", "count chunk", "compact chunk")} <= loops
+    assert "restream loop" in loops
+    assert set(fwd["row_extras"]) - {"bytes"} <= loops

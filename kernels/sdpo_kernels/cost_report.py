@@ -1832,6 +1832,8 @@ def kernel_report(ka: KernelAnalysis, direction: str) -> dict:
     others = []
     for lc in ka.other_loops:
         heaviest = max(lc.paths, key=lambda p: p.cost.instrs) if lc.paths else None
+        if lc.encloses_stream:  # costed by its own code: the stream and the inner loops count apart
+            heaviest = PathCost(label="own code", cost=lc.own, blocks=[], children=[], features={})
         others.append(
             {
                 "label": lc.label,
@@ -2030,7 +2032,8 @@ def render_markdown(report: dict) -> str:
             out += [
                 "",
                 "Other loops (inner loops appear collapsed in the paths above, counted once; code outside the "
-                "streaming loop counts each of its loops once per row; `row_extras` adds the iterations beyond):",
+                "streaming loop counts each of its loops once per row; `row_extras` adds the iterations beyond; "
+                "a loop around the stream, e.g. the restream loop, is costed by its own code):",
                 "",
                 "| mode | kernel | loop | inside | source | instr/iter (heaviest path) | crit. path cyc/iter "
                 "| extra iterations/row |",
@@ -2100,15 +2103,10 @@ def main(argv: list[str] | None = None) -> int:
 # ==============================================================================================
 
 
-def _is_threshold_topk(launch) -> bool:
-    """The top-K forward with a float threshold and candidate scratch (else: the per-block sort)."""
-    return "RUNS_CAP" in launch.args
-
-
 def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str | None:
     if loop.streaming:
         return "vocab loop"
-    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+    if kernel_name == "topk_forward_kernel":
         where = "stream" if in_stream else "final"
         if loop.loops_over(r"while row < n_rows"):
             return "row loop"
@@ -2130,7 +2128,7 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
     paths = loop.paths
     if len(paths) == 1:
         return ["stream"]
-    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+    if kernel_name == "topk_forward_kernel":
         labels = []
         for p in paths:
             if p.runs(r"tl\.reshape\(z|base_z = _finite_or_zero"):
@@ -2143,76 +2141,20 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
                 lab += " + rebase"  # the rare base raise (overflow / first finite block)
             labels.append(lab)
         return labels
-    if kernel_name == "topk_forward_kernel":
-        # Per-block sort design: compaction is the only path that stores to global memory (the
-        # candidate scratch); of the others, the cheapest skips, the dearest runs the top-K' network.
-        labels = []
-        plain = [p for p in paths if p.features["global_stores"] == 0]
-        cheapest = min(plain, key=lambda p: p.cost.instrs) if plain else None
-        dearest = max(plain, key=lambda p: p.cost.instrs) if len(plain) > 1 else None
-        for p in paths:
-            if p.features["global_stores"]:
-                labels.append("compaction")
-            elif p is cheapest:
-                labels.append("skip")
-            elif p is dearest:
-                labels.append("full network")
-            else:
-                labels.append("other")
-        return labels
     return [f"path {i}" for i in range(len(paths))]
 
 
 def path_mix(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
-    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+    if kernel_name == "topk_forward_kernel":
         sim = _threshold_simulation(launch, analysis.vocab)
         return {k: v / sim["blocks_per_row"] for k, v in sim["blocks"].items()}
-    if kernel_name == "topk_forward_kernel":
-        return topk_iid_mix(analysis.vocab, analysis.block_v, int(analysis.compiled.constexprs["K_POW2"]))
     return {}  # single-path streams (LSE, gradient)
 
 
 def row_extras(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
-    if kernel_name == "topk_forward_kernel" and _is_threshold_topk(launch):
+    if kernel_name == "topk_forward_kernel":
         return _threshold_simulation(launch, analysis.vocab)["extras"]
     return {}
-
-
-# --- per-block sort design (K'-key buffer, compaction, full top-K' network) -------------------
-
-
-def _nb_cdf(k: int, r: int, q: float) -> float:
-    """P(X <= k), X ~ negative binomial: failures before the r-th success, success prob 1 - q."""
-    if q <= 0.0:
-        return 1.0
-    log_p = r * math.log1p(-q)  # P(X = 0)
-    total = math.exp(log_p)
-    for j in range(1, k + 1):
-        log_p += math.log((j + r - 1) / j) + math.log(q)
-        total += math.exp(log_p)
-    return min(1.0, total)
-
-
-def topk_iid_mix(vocab: int, block_v: int, k_pow2: int) -> dict[str, float]:
-    """Expected share of blocks taking each path of the per-block-sort top-K', iid logits in index order.
-
-    Block 1 fills the buffer (full network when BLOCK_V > K'). In block b >= 2 the number of keys
-    above the buffer's smallest is negative-binomial (a Poisson count whose rate is the tail mass
-    above the K'-th order statistic of the (b-1)·BLOCK_V keys seen): P(none) = ((b-1)/b)^K'
-    ≈ exp(-K'/b) → skip; more than K' → full network; otherwise compaction.
-    """
-    n_blocks = math.ceil(vocab / block_v)
-    skip = comp = full = 0.0
-    full += 1.0 if block_v > k_pow2 else 0.0
-    comp += 0.0 if block_v > k_pow2 else 1.0
-    for b in range(2, n_blocks + 1):
-        q = 1.0 / b
-        p0 = (1.0 - q) ** k_pow2
-        p_le = _nb_cdf(k_pow2, k_pow2, q) if block_v > k_pow2 else 1.0
-        skip += p0
-        comp += p_le - p0
-        full += 1.0 - p_le
-    return {"skip": skip / n_blocks, "compaction": comp / n_blocks, "full network": full / n_blocks}
 
 
 # --- threshold filter + candidate scratch design -----------------------------------------------

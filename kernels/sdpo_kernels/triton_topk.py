@@ -10,17 +10,19 @@ time (docs/kernels.md walks through the design and its cost):
   only entries strictly above thr pass, one float compare each. A block where nothing passes
   stops after its sums.
 - Candidates. A block is [BLOCK_V / RUN, RUN]: a run is one thread's vector load. The entries
-  that pass form one bit mask per run; each run with candidates takes one scratch slot (its run
-  number and mask: two stores per run, slots from a prefix sum over runs), in index order. Their
-  values are gathered back from the rows when the scratch is next tightened. When a block would
-  overflow the scratch, `tighten` selects a new threshold among the candidates (bisection on int32
-  keys of their values, early exit once K..tighten_keep of them reach it) and compacts the
-  survivors in place; the evicted ones go to the tail sums. At the end the same routine selects
-  exactly K, ties at the K-th value resolved towards the lowest index (the scratch is in index order).
+  that pass form one bit mask per run; each run with candidates takes one slot of the recorded
+  runs (its run number and mask: two stores per run, slots from a prefix sum over runs), in index
+  order. The stream stores no values. When a block would overflow the recorded runs, the stream
+  loop exits before that block and `tighten` runs: the runs are expanded into flat candidates
+  (index, z, raw u, values gathered back from the rows), a bisection on int32 keys of their values
+  finds a new threshold that K..tighten_keep of them reach, and the survivors are compacted in
+  place (the evicted ones go to the tail sums). The stream then restarts at that block. At the end
+  the same routine selects exactly K, ties at the K-th value resolved towards the lowest index (the
+  flat candidates are in index order), leaving the support in the first K flat entries.
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
   candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
-  both tail sums; the candidates' bit masks per run tell whether there are any. The support's
+  both tail sums; one more counts the runs with candidates. The support's
   mass is added at the end, so LSE = log(tail + support) and the tail log-probs are
   -log1p(support / tail): accurate whichever of the two is tiny.
 Renormalised top-K (no tail) does not stream the teacher at all: it needs u at the support only.
