@@ -206,12 +206,14 @@ def test_sliced_logits_are_read_in_place(monkeypatch):
 
 @pytest.fixture
 def small_topk_blocks(monkeypatch):
-    """Top-K forward with 64-entry vocabulary blocks and 32-slot scratch chunks: a few hundred
-    vocabulary entries then exercise every path of the kernel (see the cases below)."""
+    """Top-K forward with 64-entry vocabulary blocks, 32-entry selection chunks and 16-entry
+    compaction chunks: a few hundred vocabulary entries then exercise every path of the kernel
+    (see the cases below), ties included that span compaction chunks."""
     from sdpo_kernels import triton_backend
 
     monkeypatch.setattr(triton_backend, "TOPK_BLOCK_V", 64)
     monkeypatch.setattr(triton_backend, "TOPK_CHUNK", 32)
+    monkeypatch.setattr(triton_backend, "TOPK_COMPACT_CHUNK", 16)
 
 
 def _selection_rows(case: str, vocab: int = 700) -> torch.Tensor:
