@@ -166,6 +166,15 @@ def test_cuda_real_vocab(vocab, setting):
     _compare("cuda", z, u, y, old, g, **setting)  # float32 entries widened for V > 2048 (tolerances.tol)
 
 
+@gpu_only
+@pytest.mark.parametrize("topk", [4096, 151936])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_cuda_large_k(topk, add_tail):
+    # K' above half a block (no first-block threshold) up to K = V: same kernel, the support in chunks.
+    z, u, y, old, g = _inputs(16, 151936, dtype=torch.bfloat16)
+    _compare("cuda", z, u, y, old, g, mode="topk_logits", topk=topk, alpha=0.5, add_tail=add_tail)
+
+
 def test_float64_is_rejected_by_triton():
     z = torch.randn(2, 8, dtype=torch.float64)
     if not (INTERPRET or HAS_CUDA):
@@ -206,14 +215,15 @@ def test_sliced_logits_are_read_in_place(monkeypatch):
 
 @pytest.fixture
 def small_topk_blocks(monkeypatch):
-    """Top-K forward with 64-entry vocabulary blocks, 32-entry selection chunks and 16-entry
-    compaction chunks: a few hundred vocabulary entries then exercise every path of the kernel
-    (see the cases below), ties included that span compaction chunks."""
+    """Top-K forward with 64-entry vocabulary blocks, 32-entry selection chunks, 16-entry
+    compaction chunks and 4-entry support chunks: a few hundred vocabulary entries then exercise
+    every path of the kernel (see the cases below), ties included that span compaction chunks."""
     from sdpo_kernels import triton_backend
 
     monkeypatch.setattr(triton_backend, "TOPK_BLOCK_V", 64)
     monkeypatch.setattr(triton_backend, "TOPK_CHUNK", 32)
     monkeypatch.setattr(triton_backend, "TOPK_COMPACT_CHUNK", 16)
+    monkeypatch.setattr(triton_backend, "TOPK_SUPPORT_CHUNK", 4)
 
 
 def _selection_rows(case: str, vocab: int = 700) -> torch.Tensor:
@@ -276,11 +286,15 @@ def test_every_selection_path(device, case, add_tail, small_topk_blocks):
 
 
 @pytest.mark.parametrize("device", TIERS)
-@pytest.mark.parametrize("topk", [1, 2, 64, 300])
-def test_selection_k_extremes(device, topk, small_topk_blocks):
-    # K = 1, K' = K = 64 (a whole block of groups), and K = V (a single block wider than the vocabulary).
+@pytest.mark.parametrize("topk", [1, 2, 32, 64, 299, 300])
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_selection_k_extremes(device, topk, add_tail, small_topk_blocks):
+    # K = 1; K' = 32, the largest with the first block's group threshold (2K' = BLOCK_V); K' = 64 and
+    # up: no group threshold, the threshold rises only once a selection holds K candidates; K = V - 1
+    # and K = V (no selection at all); several support chunks for every K > 4.
     z, u, y, old, g = _inputs(2, 300)
-    _compare(device, z, u, y, old, g, mode="topk_logits", topk=topk, alpha=0.5, add_tail=True, is_clip=None)
+    kw = dict(mode="topk_logits", topk=topk, alpha=0.5, add_tail=add_tail, is_clip=2.0)
+    _compare(device, z, u, y, old, g, **kw)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRET_MARKS)])

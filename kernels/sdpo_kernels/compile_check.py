@@ -25,7 +25,7 @@ def configs():
     """Every LossConfig branch the kernels compile differently for."""
     from .config import LossConfig
 
-    for topk, tail, alpha, is_clip in itertools.product([1, 100], [True, False], [0.0, 1.0, 0.5], [2.0, None]):
+    for topk, tail, alpha, is_clip in itertools.product([1, 100, 4096], [True, False], [0.0, 1.0, 0.5], [2.0, None]):
         yield LossConfig(mode="topk_logits", topk=topk, alpha=alpha, add_tail=tail, is_clip=is_clip, temperature=1.0)
     for alpha, is_clip in itertools.product([0.0, 1.0, 0.5], [2.0, None]):
         yield LossConfig(mode="full_logits", topk=0, alpha=alpha, add_tail=False, is_clip=is_clip, temperature=1.0)

@@ -2112,6 +2112,12 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
             return "row loop"
         if loop.encloses_stream:  # (Triton 3.6 gives its back edge the inner `while` line)
             return "restream loop"
+        if loop.runs(r"support_z \+= "):
+            return "support masses"
+        if loop.runs(r"d_sum \+= "):
+            return "support loss"
+        if loop.runs(r"tl\.store\(coef_ptr"):
+            return "support coefficients"
         if loop.loops_over(r"while \(hi - lo"):
             return f"{where} bisection"
         # Compaction first: on Triton 3.9 its key computation carries the counting line's info too.

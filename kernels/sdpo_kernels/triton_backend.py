@@ -29,6 +29,9 @@ TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
 TOPK_CHUNK = 512
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
+# The support (K entries) is read back one entry per thread at a time: any K up to V compiles to
+# the same registers.
+TOPK_SUPPORT_CHUNK = 32 * TOPK_WARPS
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
 STREAM_BLOCK_V = 4096
@@ -46,6 +49,7 @@ def tighten_keep(topk: int) -> int:
 # Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.
 TOPK_PROGRAMS_PER_SM = 8
+TOPK_SCRATCH_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -98,12 +102,14 @@ def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     )
 
 
-def _topk_programs(n_rows: int, device: torch.device) -> int:
+def _topk_programs(n_rows: int, device: torch.device, scratch_floats: int) -> int:
+    """Persistent programs: a few per SM, fewer when their scratch (scratch_floats each) would pass
+    TOPK_SCRATCH_BYTES (large K: the candidate scratch grows with K)."""
     if device.type == "cuda":
         sms = torch.cuda.get_device_properties(device).multi_processor_count
     else:  # the interpreter (or the cost report's meta tensors): an H100's 132 SMs
         sms = 132 if device.type == "meta" else 1
-    return max(1, min(n_rows, sms * TOPK_PROGRAMS_PER_SM))
+    return max(1, min(n_rows, sms * TOPK_PROGRAMS_PER_SM, TOPK_SCRATCH_BYTES // (4 * scratch_floats)))
 
 
 def forward_launches(
@@ -142,13 +148,14 @@ def forward_launches(
 
     if config.mode == "topk_logits":
         k_pow2 = triton.next_power_of_2(config.topk)
-        block = max(2 * k_pow2, _block(vocab, TOPK_BLOCK_V))
+        block = _block(vocab, TOPK_BLOCK_V)
         # Recorded runs: one block's worth; flat candidates: the tightened survivors plus every entry
         # of the recorded runs.
         keep = tighten_keep(config.topk)
         runs_cap = block // TOPK_RUN
         flat_cap = keep + TOPK_RUN * runs_cap
-        programs = _topk_programs(n, dev)
+        scratch_floats = 2 * runs_cap + 3 * flat_cap
+        programs = _topk_programs(n, dev, scratch_floats)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
         launch = KernelLaunch(
@@ -158,7 +165,7 @@ def forward_launches(
                 common,
                 index_ptr=index,
                 coef_ptr=coef,
-                scratch_ptr=torch.empty(programs, 2 * runs_cap + 3 * flat_cap, **f32),
+                scratch_ptr=torch.empty(programs, scratch_floats, **f32),
                 row_counter_ptr=torch.zeros(1, dtype=torch.int32, device=dev),
                 n_rows=n,
                 topk=config.topk,
@@ -170,6 +177,7 @@ def forward_launches(
                 FLAT_CAP=flat_cap,
                 CHUNK=min(TOPK_CHUNK, block),
                 COMPACT_CHUNK=min(TOPK_COMPACT_CHUNK, block),
+                SUPPORT_CHUNK=min(TOPK_SUPPORT_CHUNK, k_pow2),
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
             ),

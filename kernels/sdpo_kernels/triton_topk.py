@@ -31,7 +31,16 @@ Renormalised top-K (no tail) does not stream the teacher at all: it needs u at t
 import triton
 import triton.language as tl
 
-from .triton_math import LOG2E, divergence_terms, importance_weight, key_value, log1p, ordered_key, row_offset
+from .triton_math import (
+    LOG2E,
+    divergence_terms,
+    importance_weight,
+    key_value,
+    log1p,
+    online_max_step,
+    ordered_key,
+    row_offset,
+)
 
 
 @triton.jit
@@ -201,48 +210,63 @@ def tighten(
         top_u = tl.maximum(top_u, new_top_u)
         base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
 
-    lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
-    hi = ordered_key(top_z).to(tl.int64) + 1  # count(hi) = 0
-    count_hi = 0
-    found = 0
-    while (hi - lo > 1) & (found == 0):
-        mid = lo + (hi - lo) // 2
-        count = _count_at_least(flat_z, n_flat, mid.to(tl.int32), CHUNK)
-        if count >= keep_lo:
-            lo = mid
-            found = (count <= keep_hi).to(tl.int32)
-        else:
-            hi = mid
-            count_hi = count
-    lo_key = lo.to(tl.int32)
-    # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
-    room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
-    n_kept = 0
-    ties = 0
-    for start in range(0, n_flat, COMPACT_CHUNK):
-        offs = start + tl.arange(0, COMPACT_CHUNK)
-        valid = offs < n_flat
-        z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
-        key = ordered_key(z)
-        tie = valid & (key == lo_key)
-        tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
-        keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
-        evict = valid & ~keep
-        tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
-        idx = tl.load(flat_idx + offs, mask=valid)
-        if STREAM_TEACHER:
-            u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
-            tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
-        at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
-        tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
-        tl.store(flat_idx + at, idx, mask=keep)
-        tl.store(flat_z + at, z, mask=keep)
-        if STREAM_TEACHER:
-            tl.store(flat_u + at, u, mask=keep)
-        n_kept += tl.sum(keep.to(tl.int32), 0)
-        ties += tl.sum(tie.to(tl.int32), 0)
-    tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
-    return n_kept, key_value(lo_key), top_z, top_u, tail_z, tail_u, base_z, base_u
+    if n_flat > keep_hi:  # else nothing to select: all are kept (and thr keeps its K witnesses)
+        lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
+        hi = ordered_key(top_z).to(tl.int64) + 1  # count(hi) = 0
+        count_hi = 0
+        found = 0
+        while (hi - lo > 1) & (found == 0):
+            mid = lo + (hi - lo) // 2
+            count = _count_at_least(flat_z, n_flat, mid.to(tl.int32), CHUNK)
+            if count >= keep_lo:
+                lo = mid
+                found = (count <= keep_hi).to(tl.int32)
+            else:
+                hi = mid
+                count_hi = count
+        lo_key = lo.to(tl.int32)
+        # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
+        room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
+        n_kept = 0
+        ties = 0
+        for start in range(0, n_flat, COMPACT_CHUNK):
+            offs = start + tl.arange(0, COMPACT_CHUNK)
+            valid = offs < n_flat
+            z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
+            key = ordered_key(z)
+            tie = valid & (key == lo_key)
+            tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+            keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
+            evict = valid & ~keep
+            tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+            idx = tl.load(flat_idx + offs, mask=valid)
+            if STREAM_TEACHER:
+                u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
+                tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
+            at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
+            tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
+            tl.store(flat_idx + at, idx, mask=keep)
+            tl.store(flat_z + at, z, mask=keep)
+            if STREAM_TEACHER:
+                tl.store(flat_u + at, u, mask=keep)
+            n_kept += tl.sum(keep.to(tl.int32), 0)
+            ties += tl.sum(tie.to(tl.int32), 0)
+        tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
+        n_flat = n_kept
+        thr = key_value(lo_key)
+    return n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u
+
+
+@triton.jit
+def _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_z, lse_u, inv_temp, RAW_U: tl.constexpr):
+    """Student and teacher log-probs (a, b) at support positions k_pos (-inf beyond topk). The teacher
+    values are raw logits (RAW_U: tail mode, scaled by 1/T here) or already scaled."""
+    in_support = k_pos < topk
+    z_s = tl.load(support_z_ptr + k_pos, mask=in_support, other=float("-inf"))
+    u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=float("-inf"))
+    if RAW_U:
+        u_s = u_s * inv_temp
+    return z_s - lse_z, u_s - lse_u
 
 
 @triton.jit
@@ -279,6 +303,7 @@ def topk_forward_kernel(
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
     COMPACT_CHUNK: tl.constexpr,
+    SUPPORT_CHUNK: tl.constexpr,
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
@@ -289,12 +314,14 @@ def topk_forward_kernel(
     block_runs = tl.arange(0, BLOCK_V // RUN)
     run_lanes = tl.arange(0, RUN)
     lanes = block_runs[:, None] * RUN + run_lanes[None, :]
-    k_pos = tl.arange(0, K_POW2)
+    support_pos = tl.arange(0, SUPPORT_CHUNK)
     program = tl.program_id(0)
     # Recorded runs, then the flat candidates (see `tighten`); after the final selection the first K
     # flat entries are the support.
     cand = scratch_ptr + program.to(tl.int64) * (2 * RUNS_CAP + 3 * FLAT_CAP)
     support = cand + 2 * RUNS_CAP
+    support_z_ptr = support + FLAT_CAP
+    support_u_ptr = support + 2 * FLAT_CAP
     u_scale_log2 = inv_temp * LOG2E
     # Rows come from a shared counter: programs that find no room on an SM start late and take fewer.
     row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
@@ -325,9 +352,11 @@ def topk_forward_kernel(
                     base_z = _finite_or_zero(_max_all(z)) * LOG2E
                     if ADD_TAIL:
                         base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
-                    if n_cols >= BLOCK_V:
-                        # K' groups of a full block, one entry >= thr each: K' >= K witnesses.
-                        thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
+                    # K' groups of a full block, one entry >= thr each: K' >= K witnesses. (For
+                    # K' > BLOCK_V / 2, thr stays -inf until a selection has K candidates.)
+                    if BLOCK_V >= 2 * K_POW2:
+                        if n_cols >= BLOCK_V:
+                            thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
                     passes = in_row & (z >= thr)
                 else:
                     passes = z > thr  # masked lanes hold -inf
@@ -379,16 +408,36 @@ def topk_forward_kernel(
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
             RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL,
         )  # fmt: skip
-        in_support = k_pos < topk
-        idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-        z_s = tl.load(support + FLAT_CAP + k_pos, mask=in_support, other=neg_inf)
-        support_z = tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
+        # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
+        # its masses, then the loss and the sum of dD/da, then the gradient coefficients.
+        support_z = tl.zeros([], tl.float32)
+        support_u = tl.zeros([], tl.float32)
+        max_z = tl.full([], neg_inf, tl.float32)  # renormalised top-K: LSEs over the support only
+        max_u = tl.full([], neg_inf, tl.float32)
+        sum_z = tl.zeros([], tl.float32)
+        sum_u = tl.zeros([], tl.float32)
+        for s0 in range(0, topk, SUPPORT_CHUNK):
+            k_pos = s0 + support_pos
+            in_support = k_pos < topk
+            z_s = tl.load(support_z_ptr + k_pos, mask=in_support, other=neg_inf)
+            if ADD_TAIL:
+                u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=neg_inf)
+                support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
+                support_u += tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
+            else:
+                # The teacher was not streamed: gather u at the support, kept (scaled) where tail mode keeps raw u.
+                idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+                u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_support, other=neg_inf).to(tl.float32)
+                u_s = u_s * inv_temp
+                tl.store(support_u_ptr + k_pos, u_s, mask=in_support)
+                support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
+                max_z, shift_z, rescale_z = online_max_step(max_z, tl.max(z_s, 0), LOG2E)
+                sum_z = sum_z * rescale_z + tl.sum(tl.math.exp2((z_s - shift_z) * LOG2E), 0)
+                max_u, shift_u, rescale_u = online_max_step(max_u, tl.max(u_s, 0), LOG2E)
+                sum_u = sum_u * rescale_u + tl.sum(tl.math.exp2((u_s - shift_u) * LOG2E), 0)
         lse_z = base_z / LOG2E + tl.log(tail_z + support_z)
-        a = z_s - lse_z
         if ADD_TAIL:
-            u_s = tl.load(support + 2 * FLAT_CAP + k_pos, mask=in_support, other=neg_inf)
-            support_u = tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
-            b = u_s * inv_temp - (base_u / LOG2E + tl.log(tail_u + support_u))
+            lse_u = base_u / LOG2E + tl.log(tail_u + support_u)  # of u / T
             # log(tail / (tail + support)) without cancellation when the support holds ~all or ~no mass.
             a_tail = -log1p(support_z / tail_z)
             b_tail = -log1p(support_u / tail_u)
@@ -397,37 +446,41 @@ def topk_forward_kernel(
             b_tail = tl.maximum(b_tail, tail_floor)
             tail_term, d_tail = divergence_terms(a_tail, b_tail, alpha, DIVERGENCE)
             d_tail = tl.where(floored, 0.0, d_tail)
+            lse_s_z = lse_z
         else:
-            u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_support, other=neg_inf).to(tl.float32) * inv_temp
-            a = z_s - (tl.max(z_s, 0) + tl.log(tl.sum(tl.exp(z_s - tl.max(z_s, 0)), 0)))
-            b = u_s - (tl.max(u_s, 0) + tl.log(tl.sum(tl.exp(u_s - tl.max(u_s, 0)), 0)))
-        tl.debug_barrier()  # the next row's appends wait for these reads of the scratch
-        terms, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
-        loss = tl.sum(terms, 0)
-        if ADD_TAIL:
-            loss += tail_term
+            lse_s_z = tl.where(max_z == neg_inf, 0.0, max_z) + tl.log(sum_z)
+            lse_u = tl.where(max_u == neg_inf, 0.0, max_u) + tl.log(sum_u)
+        w = 1.0
         if old_logps_ptr is not None:
             w = importance_weight(
                 student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, lse_z, inv_temp, is_clip
             )
-            loss = loss * w
-            d_terms = d_terms * w
-            if ADD_TAIL:
-                d_tail = d_tail * w
-
-        p_s = tl.exp(a)
+        tl.debug_barrier()  # the gathered teacher values (renormalised top-K) land before they are read
+        loss = tl.zeros([], tl.float32)
+        d_sum = tl.zeros([], tl.float32)
+        for s0 in range(0, topk, SUPPORT_CHUNK):
+            k_pos = s0 + support_pos
+            a, b = _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_s_z, lse_u, inv_temp, ADD_TAIL)
+            terms, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
+            loss += tl.sum(terms, 0)
+            d_sum += tl.sum(d_terms, 0)
         if ADD_TAIL:
-            tail_ratio = tl.where(floored, 0.0, d_tail / tl.exp(a_tail))
-            total = tl.sum(d_terms, 0) + d_tail
-            dense = tail_ratio - total
-            sparse = d_terms - p_s * total
+            loss += tail_term
+            total = (d_sum + d_tail) * w
+            dense = tl.where(floored, 0.0, d_tail / tl.exp(a_tail)) * w - total
         else:
+            total = d_sum * w
             dense = tl.zeros([], tl.float32)
-            sparse = d_terms - p_s * tl.sum(d_terms, 0)
-
-        tl.store(loss_ptr + row, loss)
+        for s0 in range(0, topk, SUPPORT_CHUNK):
+            k_pos = s0 + support_pos
+            in_support = k_pos < topk
+            a, b = _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_s_z, lse_u, inv_temp, ADD_TAIL)
+            _, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
+            idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+            tl.store(index_ptr + row * topk + k_pos, idx, mask=in_support)
+            tl.store(coef_ptr + row * topk + k_pos, d_terms * w - tl.exp(a) * total, mask=in_support)
+        tl.debug_barrier()  # the next row's appends wait for these reads of the scratch
+        tl.store(loss_ptr + row, loss * w)
         tl.store(lse_ptr + row, lse_z)
         tl.store(dense_ptr + row, dense)
-        tl.store(index_ptr + row * topk + k_pos, idx, mask=in_support)
-        tl.store(coef_ptr + row * topk + k_pos, sparse, mask=in_support)
         row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
