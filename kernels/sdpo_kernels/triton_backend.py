@@ -21,8 +21,9 @@ from .triton_grad import grad_kernel
 from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
 
-# Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread) and of the pure
-# streams (LSE, gradient; 8 warps). The top-K selection walks its recorded runs and counts its
+# Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread), of the LSE forward
+# (4 warps: 16 per thread; 5 CTAs per SM where 8 warps fit 2, a shorter latency-aware figure in the
+# cost report) and of the gradient (8 warps). The top-K selection walks its recorded runs and counts its
 # candidates in chunks of TOPK_CHUNK entries, and compacts them one per thread (TOPK_COMPACT_CHUNK:
 # the compaction's two scans over wider chunks set the kernel's register peak under Triton 3.6).
 TOPK_BLOCK_V = 2048
@@ -34,6 +35,8 @@ TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 TOPK_SUPPORT_CHUNK = 32 * TOPK_WARPS
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
+LSE_BLOCK_V = 2048
+LSE_WARPS = 4
 STREAM_BLOCK_V = 4096
 # A mid-row tightening of the candidates keeps between K and tighten_keep(K) = K' of them (the
 # bisection stops as soon as the count falls in that range). It runs whenever the runs recorded
@@ -199,10 +202,10 @@ def forward_launches(
             coef_ptr=coef,
             lse_teacher_ptr=lse_teacher,
             weight_ptr=weight,
-            BLOCK_V=_block(vocab, STREAM_BLOCK_V),
+            BLOCK_V=_block(vocab, LSE_BLOCK_V),
             FULL=full,
         ),
-        num_warps=8,
+        num_warps=LSE_WARPS,
     )
     if full:
         return [launch], loss, RowStats(lse, dense, lse_teacher=lse_teacher, is_weight=weight)
