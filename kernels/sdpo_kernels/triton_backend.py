@@ -23,12 +23,13 @@ from .triton_topk import topk_forward_kernel
 
 # Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread), of the LSE forward
 # (4 warps: 16 per thread; 5 CTAs per SM where 8 warps fit 2, a shorter latency-aware figure in the
-# cost report) and of the gradient (8 warps). The top-K selection walks its recorded runs and counts its
-# candidates in chunks of TOPK_CHUNK entries, and compacts them one per thread (TOPK_COMPACT_CHUNK:
-# the compaction's two scans over wider chunks set the kernel's register peak under Triton 3.6).
+# cost report) and of the gradient (8 warps). The top-K selection walks its recorded runs and counts
+# its candidates in chunks of TOPK_CHUNK entries (1024: the cost report's best of 256 to 1024; their
+# reductions are paid once per chunk), and compacts them one per thread (TOPK_COMPACT_CHUNK: the
+# compaction's two scans over wider chunks set the kernel's register peak under Triton 3.6).
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
-TOPK_CHUNK = 512
+TOPK_CHUNK = 1024
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 # The support (K entries) is read back one entry per thread at a time: any K up to V compiles to
 # the same registers.
