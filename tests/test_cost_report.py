@@ -197,7 +197,18 @@ def test_threshold_simulation_counts_every_selection_loop():
         trips = sim["trips_per_row"][where]
         assert trips["bisection"] >= 1 and trips["compact chunk"] >= 1
         assert trips["count chunk"] >= trips["bisection"]
-    assert sim["extras"]["restream loop"] == tightens - 1
+
+
+def test_threshold_simulation_follows_the_kernel_for_large_k():
+    # K' > BLOCK_V / 2: no first-block threshold, and a selection with at most K' candidates keeps
+    # them all (no bisection): only selections over more than K' candidates bisect.
+    sim = cr._threshold_simulation_cached(151936, 2048, 4096, 4096, 256, 1024, 128, 8, 4096)
+    assert sim["blocks"]["first block"] == 1
+    stream = sim["trips_per_row"]["stream"]
+    assert sim["tightens_per_row"]["stream"] >= 1 and stream["expand chunk"] >= 1
+    assert stream["bisection"] < 33 * sim["tightens_per_row"]["stream"]
+    final = cr._threshold_simulation_cached(2048, 2048, 2048, 2048, 256, 1024, 128, 8, 2048)
+    assert final["trips_per_row"]["final"]["bisection"] == 0  # K = V: nothing to select
 
 
 def _nvidia_tools() -> bool:

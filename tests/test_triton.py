@@ -286,15 +286,28 @@ def test_every_selection_path(device, case, add_tail, small_topk_blocks):
 
 
 @pytest.mark.parametrize("device", TIERS)
-@pytest.mark.parametrize("topk", [1, 2, 32, 64, 299, 300])
+@pytest.mark.parametrize("topk", [1, 2, 32, 64, 100, 299, 300])
 @pytest.mark.parametrize("add_tail", [True, False])
-def test_selection_k_extremes(device, topk, add_tail, small_topk_blocks):
+@pytest.mark.parametrize("rows", ["randn", "neg_inf"])
+def test_selection_k_extremes(device, topk, add_tail, rows, small_topk_blocks):
     # K = 1; K' = 32, the largest with the first block's group threshold (2K' = BLOCK_V); K' = 64 and
-    # up: no group threshold, the threshold rises only once a selection holds K candidates; K = V - 1
-    # and K = V (no selection at all); several support chunks for every K > 4.
+    # up: no group threshold, the threshold rises only once a selection holds more than K' candidates;
+    # K = V - 1 and K = V (no selection at all); several support chunks for every K > 4. "neg_inf": the
+    # support needs -inf entries from after the first block (row 0: two finite entries past it; row 1:
+    # one -inf entry, in the last block).
+    from sdpo_kernels import triton_backend
+    from sdpo_kernels.config import LossConfig
+
     z, u, y, old, g = _inputs(2, 300)
-    kw = dict(mode="topk_logits", topk=topk, alpha=0.5, add_tail=add_tail, is_clip=2.0)
+    if rows == "neg_inf":
+        z[0, 64:] = -torch.inf
+        z[0, [150, 250]] = 5.0
+        z[1, 290] = -torch.inf
+    kw = dict(mode="topk_logits", topk=topk, alpha=0.5, add_tail=add_tail, is_clip=2.0, temperature=1.0)
     _compare(device, z, u, y, old, g, **kw)
+    config = LossConfig.from_args(z, u, None, None, **kw)
+    _, stats = triton_backend.forward(z.to(device), u.to(device), None, None, config)
+    assert torch.equal(stats.sparse_index.cpu().sort(-1).values, topk_lowest_index(z, topk).sort(-1).values)
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=INTERPRET_MARKS)])

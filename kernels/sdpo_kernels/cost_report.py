@@ -2187,6 +2187,10 @@ def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, ch
     """The kernel's `tighten` on candidate values: (kept mask, new threshold, loop trips)."""
     import numpy as np
 
+    expand = -(-n_runs // (chunk // run))
+    if len(cand_z) <= keep_hi:  # nothing to select: all kept, the threshold unchanged
+        trips = {"expand chunk": expand, "bisection": 0, "count chunk": 0, "compact chunk": 0}
+        return np.ones(len(cand_z), bool), thr, trips
     keys = _ordered_key(cand_z)
     lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
     count_hi, found, steps = 0, False, 0
@@ -2201,7 +2205,7 @@ def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, ch
     room = len(cand_z) if found else keep_lo - count_hi
     keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
     trips = {
-        "expand chunk": -(-n_runs // (chunk // run)),
+        "expand chunk": expand,
         "bisection": steps,
         "count chunk": steps * -(-len(cand_z) // chunk),
         "compact chunk": -(-len(cand_z) // compact_chunk),
@@ -2237,12 +2241,9 @@ def _threshold_simulation_cached(
         n_flat = 0  # of them, those already in the flat entries (the rest are recorded runs)
         for b in range(n_blocks):
             z = row[b * block_v : (b + 1) * block_v]
-            if b == 0:
-                if vocab >= block_v:
-                    thr = float(z.reshape(k_pow2, block_v // k_pow2).max(1).min())
-                passes = z >= thr
-            else:
-                passes = z > thr
+            if b == 0 and vocab >= block_v and block_v >= 2 * k_pow2:
+                thr = float(z.reshape(k_pow2, block_v // k_pow2).max(1).min())
+            passes = z >= thr if b == 0 or thr == -np.inf else z > thr
             if not passes.any():
                 blocks["skip"] += 1
                 continue
@@ -2258,7 +2259,7 @@ def _threshold_simulation_cached(
                 n_flat = len(cand)
                 trips["stream"].update(t)
                 tightens["stream"] += 1
-                new = new[row[new] > thr]
+                new = new[row[new] >= thr] if thr == -np.inf else new[row[new] > thr]
             blocks["first block" if b == 0 else "append" if len(new) else "skip"] += 1
             cand = np.concatenate([cand, new])
         n_runs = len(np.unique(cand[n_flat:] // run))

@@ -353,10 +353,13 @@ def topk_forward_kernel(
                     if ADD_TAIL:
                         base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
                     # K' groups of a full block, one entry >= thr each: K' >= K witnesses. (For
-                    # K' > BLOCK_V / 2, thr stays -inf until a selection has K candidates.)
+                    # K' > BLOCK_V / 2, thr stays -inf until a selection has more than K' candidates.)
                     if BLOCK_V >= 2 * K_POW2:
                         if n_cols >= BLOCK_V:
                             thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
+                if (start == 0) | (thr == neg_inf):
+                    # Ties with thr are admitted: in the first block (its groups are the witnesses), and
+                    # while thr is -inf (it may have none yet: -inf entries must stay candidates).
                     passes = in_row & (z >= thr)
                 else:
                     passes = z > thr  # masked lanes hold -inf
