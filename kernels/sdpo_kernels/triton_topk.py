@@ -183,7 +183,8 @@ def tighten(
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
 ):
-    """Keep between keep_lo and keep_hi of the candidates, the largest ones.
+    """Keep between keep_lo and keep_hi of the candidates, the largest ones (all of them if there are
+    at most keep_hi: the threshold then stays).
 
     `cand` is this program's scratch: the runs the stream recorded since the last call (run numbers
     [RUNS_CAP] and candidate bit masks [RUNS_CAP], int32 stored as float32 bits), then the flat
