@@ -157,7 +157,9 @@ def forward_launches(
         # of the recorded runs.
         keep = tighten_keep(config.topk)
         runs_cap = block // TOPK_RUN
-        flat_cap = keep + TOPK_RUN * runs_cap
+        # No more than V either (each entry becomes a candidate at most once; rounded up to 16 entries
+        # for aligned accesses): at K near V, K' = next_pow2(K) would nearly double the scratch.
+        flat_cap = min(keep + TOPK_RUN * runs_cap, -(-vocab // 16) * 16)
         scratch_floats = 2 * runs_cap + 3 * flat_cap
         programs = _topk_programs(n, dev, scratch_floats)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
