@@ -2120,7 +2120,8 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
             return "support coefficients"
         if loop.loops_over(r"while \(hi - lo"):
             return f"{where} bisection"
-        # Compaction first: on Triton 3.9 its key computation carries the counting line's info too.
+        # Compaction before counting: compaction computes keys too, and the line info of inlined code
+        # can name the counting line (it did under Triton 3.9 with the earlier run-based scratch).
         if loop.runs(r"tie_rank"):
             return f"{where} compact chunk"
         if loop.runs(r"ordered_key\(z\) >= key"):

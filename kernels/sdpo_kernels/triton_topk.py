@@ -424,9 +424,9 @@ def topk_forward_kernel(
             k_pos = s0 + support_pos
             in_support = k_pos < topk
             z_s = tl.load(support_z_ptr + k_pos, mask=in_support, other=neg_inf)
+            support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
             if ADD_TAIL:
                 u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=neg_inf)
-                support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
                 support_u += tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
             else:
                 # The teacher was not streamed: gather u at the support, kept (scaled) where tail mode keeps raw u.
@@ -434,7 +434,6 @@ def topk_forward_kernel(
                 u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_support, other=neg_inf).to(tl.float32)
                 u_s = u_s * inv_temp
                 tl.store(support_u_ptr + k_pos, u_s, mask=in_support)
-                support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
                 max_z, shift_z, rescale_z = online_max_step(max_z, tl.max(z_s, 0), LOG2E)
                 sum_z = sum_z * rescale_z + tl.sum(tl.math.exp2((z_s - shift_z) * LOG2E), 0)
                 max_u, shift_u, rescale_u = online_max_step(max_u, tl.max(u_s, 0), LOG2E)
