@@ -174,11 +174,17 @@ def check_completion_ids(
         )
     if completion_ids.device != device:
         raise ValueError(f"completion_ids must be on {device}, got {completion_ids.device}")
-    if completion_ids.numel():
-        # One host sync per call: an out-of-range id would otherwise read outside the logits row.
+    if completion_ids.numel() and values_checkable(completion_ids):
         lo, hi = (int(v) for v in torch.aminmax(completion_ids))
         if lo < 0 or hi >= vocab:
             raise ValueError(f"completion_ids must lie in [0, {vocab}), got values in [{lo}, {hi}]")
+
+
+def values_checkable(x: torch.Tensor) -> bool:
+    """Whether a check of `x`'s values is free: a CPU tensor in eager mode. On a GPU it would cost a host
+    sync per call (and break CUDA-graph capture), under torch.compile a graph break; there the kernels
+    handle the bad value instead (an out-of-range completion id makes its row's loss NaN, docs/kernels.md)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import torch
 
-from . import reference
-from .autograd import SelfDistillationFunction
+from . import ops
 from .config import BACKENDS, LossConfig
 
 
@@ -16,32 +16,39 @@ def triton_usable(device: torch.device) -> bool:
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str, device: torch.device):
-    """The backend module for `backend` ("auto" | "triton" | "reference") and `device`."""
+def resolve_backend_name(backend: str, device: torch.device) -> str:
+    """ "triton" or "reference": the backend that `backend` ("auto" | "triton" | "reference") runs on `device`."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "reference" or (backend == "auto" and device.type != "cuda"):
-        return reference
+        return "reference"
     if not triton_usable(device):
         raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1), got device {device}")
-    from . import triton_backend
+    return "triton"
 
-    return triton_backend
+
+def resolve_backend(backend: str, device: torch.device):
+    """The backend module for `backend` ("auto" | "triton" | "reference") and `device`."""
+    return ops.backend_module(resolve_backend_name(backend, device))
+
+
+def _collapses(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """Whether dims with these sizes/strides merge into one (as `view` allows): size-1 dims never matter."""
+    dims = [(n, st) for n, st in zip(shape, strides) if n != 1]
+    pairs = itertools.pairwise(dims)
+    return all(outer_stride == inner_stride * inner_n for (_, outer_stride), (inner_n, inner_stride) in pairs)
 
 
 def as_rows(logits: torch.Tensor) -> torch.Tensor:
     """A [N, V] view of [..., V] logits, else a [B, T, V] view (e.g. `logits[:, :-1]`, whose
-    leading dims do not collapse), else (rare layouts) a copy."""
+    leading dims do not collapse), else (rare layouts) a copy. Decided from sizes and strides (no
+    exception handling: torch.compile traces it)."""
     vocab = logits.shape[-1]
-    try:
+    lead, lead_strides = tuple(logits.shape[:-1]), tuple(logits.stride()[:-1])
+    if _collapses(lead, lead_strides):
         return logits.view(-1, vocab)
-    except RuntimeError:
-        pass
-    if logits.dim() >= 3:
-        try:
-            return logits.view(-1, logits.shape[-2], vocab)
-        except RuntimeError:
-            pass
+    if logits.dim() >= 3 and _collapses(lead[:-1], lead_strides[:-1]):
+        return logits.view(-1, logits.shape[-2], vocab)
     return logits.reshape(-1, vocab)
 
 
@@ -95,7 +102,7 @@ def self_distillation_loss(
         is_clip=is_clip,
         temperature=temperature,
     )
-    impl = resolve_backend(backend, student_logits.device)
+    impl = resolve_backend_name(backend, student_logits.device)
     rows_shape = student_logits.shape[:-1]
     student = as_rows(student_logits)
     teacher = as_rows(teacher_logits.detach())
@@ -104,5 +111,8 @@ def self_distillation_loss(
         student, teacher = (x.view(-1, inner, x.shape[-1]) for x in (student, teacher))
     ids = None if completion_ids is None else completion_ids.reshape(-1)
     old = None if (old_logps is None or config.is_clip is None) else old_logps.detach().reshape(-1)
-    loss = SelfDistillationFunction.apply(student, teacher, ids, old, config, impl)
+    c = config
+    loss = ops.loss_forward(
+        student, teacher, ids, old, c.mode, c.topk, c.alpha, c.add_tail, c.is_clip, c.temperature, impl
+    )[0]
     return loss.view(rows_shape)

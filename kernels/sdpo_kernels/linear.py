@@ -8,7 +8,8 @@ backward only scales them by the incoming scalar gradient. The layers, flat and 
 - `config.py`: argument checks (`check_linear_pair`, `check_rows`, `check_policy`, ...);
 - `policy.py`: the hybrid term `PolicyTerm` (TRL's GRPO clipped surrogate) and its gradient algebra;
 - `chunking.py`: the chunk loop `fused_pass` (chunk sizes, weight-gradient accumulation);
-- here: the autograd Function, the functional API (validation, autocast, planning) and the Module.
+- `ops.py`: the custom op `sdpo_kernels::linear_loss` around `fused_pass`, with its autograd;
+- here: the functional API (validation, autocast, planning) and the Module.
 
 Memory bound, no-grad and autocast behaviour, tied teacher weights: docs/fused-linear.md.
 Sharded lm_heads (ZeRO-3, FSDP): docs/sharded-training.md.
@@ -22,18 +23,10 @@ import math
 import torch
 from torch import nn
 
-from . import reference
-from .chunking import (
-    DEFAULT_CHUNK_DIVISOR,
-    REFERENCE_CHUNK_DIVISOR,
-    ChunkPlan,
-    Head,
-    RowInputs,
-    default_chunk_rows,
-    fused_pass,
-)
+from . import ops
+from .chunking import DEFAULT_CHUNK_DIVISOR, REFERENCE_CHUNK_DIVISOR, default_chunk_rows
 from .config import LossConfig, check_chunk_size, check_linear_pair, check_policy, check_rows
-from .functional import resolve_backend
+from .functional import resolve_backend_name
 from .policy import POLICY_KEYS, POLICY_OPTIONAL_KEYS, PolicyTerm, as_policy_term
 
 __all__ = [
@@ -64,35 +57,6 @@ class LinearLossOutput(tuple):
     @property
     def per_token(self) -> torch.Tensor:
         return self[1]
-
-
-class _LinearSelfDistillationFunction(torch.autograd.Function):
-    """Forward: the whole fused pass, gradients included. Backward: scales them (in place)."""
-
-    @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher: Head, rows: RowInputs, plan: ChunkPlan):
-        out = fused_pass(
-            student=Head(student_hidden, student_weight, student_bias), teacher=teacher, rows=rows, plan=plan
-        )
-        ctx.grads = out.grads
-        policy_tok = out.per_token.new_empty(0) if out.policy_per_token is None else out.policy_per_token
-        ctx.mark_non_differentiable(out.per_token, policy_tok)
-        return out.total, out.per_token, policy_tok
-
-    @staticmethod
-    def backward(ctx, grad_total, _grad_per_token, _grad_policy_tok):
-        if ctx.grads is None:
-            raise RuntimeError(
-                "linear_self_distillation_loss: backward ran twice through the same call; its precomputed "
-                "gradients are consumed (and scaled in place) by the first backward"
-            )
-        grad_h, grad_w, grad_b = ctx.grads
-        ctx.grads = None  # lets autograd take ownership of the buffers (no copy into .grad)
-        if not torch.equal(grad_total, torch.ones_like(grad_total)):
-            for t in (grad_h, grad_w, grad_b):
-                if t is not None:
-                    t.mul_(grad_total.to(t.dtype))
-        return grad_h, grad_w, grad_b, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,42 +169,51 @@ def _fused_loss(*, student, teacher, completion_ids, old_logps, weights, policy,
         chunk_size=chunk_size,
     )
     (h_s, w_s, b_s), (h_t, w_t, b_t) = student, teacher
-    impl = resolve_backend(backend, h_s.device)
+    impl = resolve_backend_name(backend, h_s.device)
     n = int(math.prod(rows_shape))
     grad_on = torch.is_grad_enabled()
-    plan = ChunkPlan(
-        config=config,
-        backend=impl,
-        chunk_rows=chunk_size or default_chunk_rows(n, reference_backend=impl is reference),
-        need_hidden=grad_on and h_s.requires_grad,
-        need_weight=grad_on and w_s.requires_grad,
-        need_bias=grad_on and b_s is not None and b_s.requires_grad,
-    )
+    need_hidden = grad_on and h_s.requires_grad
+    need_weight = grad_on and w_s.requires_grad
+    need_bias = grad_on and b_s is not None and b_s.requires_grad
+    chunk_rows = chunk_size or default_chunk_rows(n, reference_backend=impl == "reference")
     detach = lambda t: None if t is None else t.detach()
     flat = lambda t: None if t is None else t.detach().reshape(n)
-    # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
-    h_s = h_s.reshape(n, h_s.shape[-1])
-    teacher_head = Head(h_t.detach().reshape(n, h_t.shape[-1]), w_t.detach(), detach(b_t))
     old = flat(old_logps)
-    rows = RowInputs(
-        completion_ids=flat(completion_ids),
-        old_logps=old,
-        weights=flat(weights),
-        policy=None if policy is None else policy.flattened(n, call_old_logps=old),
+    term = None if policy is None else policy.flattened(n, call_old_logps=old)
+    c = config
+    # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
+    total, per_token, policy_tok, *_grads = ops.linear_loss(
+        h_s.reshape(n, h_s.shape[-1]) if need_hidden else h_s.detach().reshape(n, h_s.shape[-1]),
+        w_s if need_weight else w_s.detach(),
+        b_s if need_bias else detach(b_s),
+        h_t.detach().reshape(n, h_t.shape[-1]),
+        w_t.detach(),
+        detach(b_t),
+        flat(completion_ids),
+        old,
+        flat(weights),
+        None if term is None else term.advantages,
+        None if term is None else term.weights,
+        None if term is None else term.old_logps,
+        0.0 if term is None else term.epsilon_low,
+        0.0 if term is None else term.epsilon_high,
+        None if term is None else term.delta,
+        c.mode,
+        c.topk,
+        c.alpha,
+        c.add_tail,
+        c.is_clip,
+        c.temperature,
+        chunk_rows,
+        impl,
+        need_hidden,
+        need_weight,
+        need_bias,
     )
-    if plan.needs_grad:
-        total, per_token, policy_tok = _LinearSelfDistillationFunction.apply(h_s, w_s, b_s, teacher_head, rows, plan)
-        policy_tok = policy_tok if policy is not None else None
-    else:
-        with torch.no_grad():
-            out = fused_pass(
-                student=Head(h_s.detach(), w_s.detach(), detach(b_s)), teacher=teacher_head, rows=rows, plan=plan
-            )
-        total, per_token, policy_tok = out.total, out.per_token, out.policy_per_token
     return LinearLossOutput(
         total,
-        per_token.view(rows_shape),
-        None if policy_tok is None else policy_tok.view(rows_shape),
+        per_token.detach().view(rows_shape),
+        None if policy is None else policy_tok.detach().view(rows_shape),
     )
 
 

@@ -10,6 +10,7 @@ every argument by name) without launching it: the cost report compiles exactly t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -39,6 +40,9 @@ TOPK_RUN = 8
 LSE_BLOCK_V = 2048
 LSE_WARPS = 4
 STREAM_BLOCK_V = 4096
+# The gradient's sparse entries (the support) are written in chunks of at most this many: any K up to
+# V compiles to the same tile (a next_pow2(K) tile was 262,144 entries per program at K = V = 151936).
+GRAD_SPARSE_CHUNK = 1024
 # A mid-row tightening of the candidates keeps between K and tighten_keep(K) = K' of them (the
 # bisection stops as soon as the count falls in that range). It runs whenever the runs recorded
 # since the last one would exceed one block's worth. Both chosen by the cost report: a looser keep
@@ -50,6 +54,11 @@ def tighten_keep(topk: int) -> int:
     return triton.next_power_of_2(topk)
 
 
+# Floating-point contraction (a*b + c -> FFMA) pinned for every launch: Triton 3.9 defaults it on and
+# warns that 3.10 turns it off, which would change every kernel's rounding (and its instruction mix).
+# The cost report compiles with the same option.
+FP_FUSION = True
+
 # Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.
 TOPK_PROGRAMS_PER_SM = 8
@@ -58,15 +67,30 @@ TOPK_SCRATCH_BYTES = 256 * 2**20
 
 @dataclass(frozen=True)
 class KernelLaunch:
-    """One kernel launch: `kernel[grid](**args, num_warps=num_warps)`; absent pointers are None."""
+    """One kernel launch: `kernel[grid](**args, num_warps=num_warps)`; absent pointers are None.
+
+    `run()` can be repeated (timing loops, CUDA-graph replay): it first zeroes the `zeroed` tensors
+    (the top-K forward's row counter) on the launch's stream, then launches on the device of the
+    tensors (not the current CUDA device).
+    """
 
     kernel: triton.runtime.JITFunction
     grid: tuple[int, ...]
     args: dict[str, object] = field(repr=False)
     num_warps: int
+    zeroed: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+
+    @property
+    def device(self) -> torch.device:
+        return next(v.device for v in self.args.values() if isinstance(v, torch.Tensor))
 
     def run(self) -> None:
-        self.kernel[self.grid](**self.args, num_warps=self.num_warps)
+        device = self.device
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            for t in self.zeroed:
+                t.zero_()
+            self.kernel[self.grid](**self.args, num_warps=self.num_warps, enable_fp_fusion=FP_FUSION)
 
 
 def _block(n_cols: int, cap: int, floor: int = 16) -> int:
@@ -88,14 +112,23 @@ def _check(student: torch.Tensor, teacher: torch.Tensor) -> None:
         raise ValueError("vocabulary sizes >= 2**31 are not supported")
 
 
+def _wide_columns(vocab: int, *col_strides: int) -> bool:
+    """Whether a column offset `col * stride` can pass int32 (e.g. column-major logits `(W @ H.T).T`):
+    the kernels then compute column offsets in int64 (a compile-time switch, so the common unit-stride
+    layout keeps its int32 arithmetic)."""
+    return (vocab - 1) * max(col_strides) >= 2**31
+
+
 def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
-    """Row strides of two same-shape [N, V] / [B, T, V] views, as the kernels' `row_offset` takes them."""
+    """Row strides of two same-shape [N, V] / [B, T, V] views, as the kernels' `row_offset` takes them,
+    and WIDE_COLS (`_wide_columns`)."""
 
     def strides(x: torch.Tensor) -> tuple[int, int]:
         return (0, x.stride(0)) if x.dim() == 2 else (x.stride(0), x.stride(1))
 
     (s_outer, s_inner), (t_outer, t_inner) = strides(student), strides(teacher)
     return dict(
+        WIDE_COLS=_wide_columns(student.shape[-1], student.stride(-1), teacher.stride(-1)),
         rows_inner=max(1, student.shape[-2]),
         stride_s_outer=s_outer,
         stride_s_inner=s_inner,
@@ -164,6 +197,7 @@ def forward_launches(
         programs = _topk_programs(n, dev, scratch_floats)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
         coef = torch.empty(n, config.topk, **f32)
+        row_counter = torch.empty(1, dtype=torch.int32, device=dev)  # zeroed by every run()
         launch = KernelLaunch(
             kernel=topk_forward_kernel,
             grid=(programs,),
@@ -172,7 +206,7 @@ def forward_launches(
                 index_ptr=index,
                 coef_ptr=coef,
                 scratch_ptr=torch.empty(programs, scratch_floats, **f32),
-                row_counter_ptr=torch.zeros(1, dtype=torch.int32, device=dev),
+                row_counter_ptr=row_counter,
                 n_rows=n,
                 topk=config.topk,
                 tighten_keep=keep,
@@ -188,6 +222,7 @@ def forward_launches(
                 RUN=TOPK_RUN,
             ),
             num_warps=TOPK_WARPS,
+            zeroed=(row_counter,),
         )
         return [launch], loss, RowStats(lse, dense, index, coef)
 
@@ -267,7 +302,7 @@ def backward_launches(
             inv_temp=config.inv_temperature,
             **_divergence_args(config),
             BLOCK_V=_block(vocab, STREAM_BLOCK_V),
-            SPARSE_POW2=triton.next_power_of_2(n_sparse) if n_sparse else 0,
+            SPARSE_CHUNK=min(GRAD_SPARSE_CHUNK, triton.next_power_of_2(n_sparse)) if n_sparse else 0,
             HAS_DENSE=not (config.mode == "topk_logits" and not config.add_tail),
         ),
         num_warps=8,

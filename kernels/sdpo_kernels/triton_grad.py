@@ -40,9 +40,10 @@ def grad_kernel(
     inv_temp,
     alpha,
     BLOCK_V: tl.constexpr,
-    SPARSE_POW2: tl.constexpr,
+    SPARSE_CHUNK: tl.constexpr,
     HAS_DENSE: tl.constexpr,
     DIVERGENCE: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
@@ -55,28 +56,35 @@ def grad_kernel(
         teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
         lse_t = tl.load(lse_teacher_ptr + row)
         w = tl.load(weight_ptr + row)
+    # Absent (-inf) entries get exactly zero, except in a row whose student LSE is NaN (NaN or +inf
+    # logits): that row's gradient is NaN throughout (docs/kernels.md, non-finite inputs).
+    absent = tl.where(lse != lse, float("nan"), 0.0)
     block = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + block
+        if WIDE_COLS:
+            offs = offs.to(tl.int64)
         in_row = offs < n_cols
         if HAS_DENSE:
             z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=float("-inf")).to(tl.float32)
             a = z * inv_temp - lse
             p = tl.exp(a)
-            grad = tl.where(p > 0, dense * p, 0.0)  # absent (-inf) entries: exactly zero
+            grad = tl.where(p > 0, dense * p, absent)
             if lse_teacher_ptr is not None:
                 u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32)
                 _, d_terms = divergence_terms(a, u * inv_temp - lse_t, alpha, DIVERGENCE)
                 grad += w * d_terms
             grad = tl.where(g == 0.0, 0.0, g * grad)
-        else:
-            grad = tl.zeros([BLOCK_V], tl.float32)
+        else:  # renormalised top-K: zero off the support (NaN in a bad row, as above)
+            grad = tl.zeros([BLOCK_V], tl.float32) + tl.where(g == 0.0, 0.0, absent)
         tl.store(grad_row + offs, grad.to(out_ty), mask=in_row)
     if index_ptr is not None:
         tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
-        k = tl.arange(0, SPARSE_POW2)
-        in_k = k < n_sparse
-        idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
-        coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
-        val = tl.where(g == 0.0, 0.0, g * coef)
-        tl.store(grad_row + idx, val.to(out_ty), mask=in_k)
+        for k0 in range(0, n_sparse, SPARSE_CHUNK):
+            k = k0 + tl.arange(0, SPARSE_CHUNK)
+            in_k = k < n_sparse
+            idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+            coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+            val = tl.where(g == 0.0, 0.0, g * coef)
+            # Bounds-masked: the saved indices are in range by construction, a store outside the row never.
+            tl.store(grad_row + idx, val.to(out_ty), mask=in_k & (idx >= 0) & (idx < n_cols))

@@ -9,7 +9,7 @@ the rows (both LSEs are needed before any term of the generalised JSD) for D and
 import triton
 import triton.language as tl
 
-from .triton_math import LOG2E, divergence_terms, importance_weight, online_max_step, row_offset
+from .triton_math import LOG2E, divergence_terms, importance_weight, online_max_step, row_offset, sampled_token
 
 
 @triton.jit
@@ -39,6 +39,7 @@ def lse_forward_kernel(
     BLOCK_V: tl.constexpr,
     FULL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
@@ -54,6 +55,8 @@ def lse_forward_kernel(
     shift_u = tl.zeros([], tl.float32)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + block
+        if WIDE_COLS:
+            offs = offs.to(tl.int64)
         in_row = offs < n_cols
         z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
         u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
@@ -65,7 +68,7 @@ def lse_forward_kernel(
     lse_u = shift_u * inv_temp + tl.log(sum_u)
     if old_logps_ptr is not None:
         w = importance_weight(
-            student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, lse_z, inv_temp, is_clip
+            student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse_z, inv_temp, is_clip
         )
     else:
         w = tl.full([], 1.0, tl.float32)
@@ -75,6 +78,8 @@ def lse_forward_kernel(
         d_total = tl.zeros([BLOCK_V], tl.float32)
         for start in range(0, n_cols, BLOCK_V):
             offs = start + block
+            if WIDE_COLS:
+                offs = offs.to(tl.int64)
             in_row = offs < n_cols
             z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32)
             u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
@@ -86,8 +91,9 @@ def lse_forward_kernel(
         tl.store(lse_teacher_ptr + row, lse_u)
         tl.store(weight_ptr + row, w)
     else:
-        y = tl.load(completion_ids_ptr + row).to(tl.int64)
+        y, y_ok = sampled_token(completion_ids_ptr, row, n_cols)
         a_y = tl.load(student_row + y * stride_s_col).to(tl.float32) * inv_temp - lse_z
+        a_y = tl.where(y_ok, a_y, float("nan"))  # an out-of-range id: a NaN row, index 0
         b_y = tl.load(teacher_row + y * stride_t_col).to(tl.float32) * inv_temp - lse_u
         coef = w * (a_y - b_y)
         tl.store(loss_ptr + row, coef * a_y)

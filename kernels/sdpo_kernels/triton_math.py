@@ -7,6 +7,7 @@ saved gradient (`stats.py`).
 - `divergence_terms`: the elementwise generalised-JSD terms and ∂D/∂a.
 - `ordered_key` / `key_value`: the int32 image of a float32 whose integer order is the value order
   (-0.0 and +0.0 map to the same key), and its inverse.
+- `sampled_token` / `importance_weight`: the sampled token (bounds-checked) and its IS weight.
 - `online_max_step`: the running-max update of a streaming log-sum-exp; the sum itself is kept in
   base 2 (`exp2(x·log2(e) - shift·log2(e))`: one FFMA and one MUFU.EX2 per element).
 """
@@ -99,10 +100,21 @@ def online_max_step(running_max, block_max, scale_log2):
 
 
 @triton.jit
-def importance_weight(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, lse, inv_temp, is_clip):
-    """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32)."""
+def sampled_token(completion_ids_ptr, row, n_cols):
+    """(y, in range) for the sampled token of `row`: y int64, clamped to 0 when outside [0, n_cols)
+    (no host check on the GPU path: such a row's loss is NaN, and nothing is read outside the row)."""
     y = tl.load(completion_ids_ptr + row).to(tl.int64)
+    ok = (y >= 0) & (y < n_cols)
+    return tl.where(ok, y, 0), ok
+
+
+@triton.jit
+def importance_weight(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse, inv_temp, is_clip):
+    """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32); NaN when y
+    is out of range."""
+    y, ok = sampled_token(completion_ids_ptr, row, n_cols)
     a_y = tl.load(student_row + y * stride_col).to(tl.float32) * inv_temp - lse
+    a_y = tl.where(ok, a_y, float("nan"))
     # where-based clamps: NaN propagates as in torch.clamp (tl.minimum would drop it).
     log_ratio = a_y - tl.load(old_logps_ptr + row).to(tl.float32)
     log_ratio = tl.where(log_ratio > 20.0, 20.0, tl.where(log_ratio < -20.0, -20.0, log_ratio))

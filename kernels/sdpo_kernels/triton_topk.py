@@ -130,6 +130,7 @@ def _expand_runs(
     CHUNK: tl.constexpr,
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     """Append the candidates of the n_runs recorded runs to the flat entries, in index order, with
     their values gathered from the logits rows. Returns (n_flat, max z, max raw u) of those appended."""
@@ -144,8 +145,10 @@ def _expand_runs(
         valid = _lanes_set(tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
         col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes[None, :]
         at = n_flat + _exclusive_cumsum(valid.to(tl.int32))
+        if WIDE_COLS:
+            col = col.to(tl.int64)
         z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
-        tl.store(flat_idx + at, col.to(tl.float32, bitcast=True), mask=valid)
+        tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
         tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
         top_z = tl.maximum(top_z, _max_all(z))
         if STREAM_TEACHER:
@@ -182,6 +185,7 @@ def tighten(
     COMPACT_CHUNK: tl.constexpr,
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     """Keep between keep_lo and keep_hi of the candidates, the largest ones (all of them if there are
     at most keep_hi: the threshold then stays).
@@ -202,7 +206,7 @@ def tighten(
     tl.debug_barrier()  # the appends of every thread land before the runs are read back
     n_flat, new_top_z, new_top_u = _expand_runs(
         cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
-        RUNS_CAP, FLAT_CAP, CHUNK, RUN, STREAM_TEACHER,
+        RUNS_CAP, FLAT_CAP, CHUNK, RUN, STREAM_TEACHER, WIDE_COLS,
     )  # fmt: skip
     tl.debug_barrier()  # the gathered values land before the counting passes read them
     top_z = tl.maximum(top_z, new_top_z)
@@ -308,6 +312,7 @@ def topk_forward_kernel(
     ADD_TAIL: tl.constexpr,
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
+    WIDE_COLS: tl.constexpr,
 ):
     neg_inf = float("-inf")
     # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
@@ -345,6 +350,8 @@ def topk_forward_kernel(
             full = 0
             while (start < n_cols) & (full == 0):
                 offs = start + lanes
+                if WIDE_COLS:
+                    offs = offs.to(tl.int64)
                 in_row = offs < n_cols
                 z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
                 if ADD_TAIL:
@@ -402,7 +409,7 @@ def topk_forward_kernel(
                 n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
                     cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
                     thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-                    RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL,
+                    RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
                 )  # fmt: skip
                 n_runs = 0
 
@@ -410,7 +417,7 @@ def topk_forward_kernel(
         n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-            RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL,
+            RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
         )  # fmt: skip
         # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
         # its masses, then the loss and the sum of dD/da, then the gradient coefficients.
@@ -431,7 +438,9 @@ def topk_forward_kernel(
             else:
                 # The teacher was not streamed: gather u at the support, kept (scaled) where tail mode keeps raw u.
                 idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-                u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_support, other=neg_inf).to(tl.float32)
+                # Bounds-masked: a row with NaN logits may end its selection short of K (see `bad` below).
+                in_row = in_support & (idx >= 0) & (idx < n_cols)
+                u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
                 u_s = u_s * inv_temp
                 tl.store(support_u_ptr + k_pos, u_s, mask=in_support)
                 max_z, shift_z, rescale_z = online_max_step(max_z, tl.max(z_s, 0), LOG2E)
@@ -439,6 +448,10 @@ def topk_forward_kernel(
                 max_u, shift_u, rescale_u = online_max_step(max_u, tl.max(u_s, 0), LOG2E)
                 sum_u = sum_u * rescale_u + tl.sum(tl.math.exp2((u_s - shift_u) * LOG2E), 0)
         lse_z = base_z / LOG2E + tl.log(tail_z + support_z)
+        # A student NaN never passes the filter, so it reaches the tail sum: LSE is NaN (+inf logits give
+        # +inf or NaN). Such a row's selection may hold fewer than K entries (the rest of the support is
+        # stale scratch), so its outputs are fixed instead: NaN loss and statistics, support 0..K-1.
+        bad = ~(lse_z < float("inf"))
         if ADD_TAIL:
             lse_u = base_u / LOG2E + tl.log(tail_u + support_u)  # of u / T
             # log(tail / (tail + support)) without cancellation when the support holds ~all or ~no mass.
@@ -456,7 +469,7 @@ def topk_forward_kernel(
         w = 1.0
         if old_logps_ptr is not None:
             w = importance_weight(
-                student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, lse_z, inv_temp, is_clip
+                student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse_z, inv_temp, is_clip
             )
         tl.debug_barrier()  # the gathered teacher values (renormalised top-K) land before they are read
         loss = tl.zeros([], tl.float32)
@@ -480,10 +493,11 @@ def topk_forward_kernel(
             a, b = _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_s_z, lse_u, inv_temp, ADD_TAIL)
             _, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
             idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-            tl.store(index_ptr + row * topk + k_pos, idx, mask=in_support)
-            tl.store(coef_ptr + row * topk + k_pos, d_terms * w - tl.exp(a) * total, mask=in_support)
+            tl.store(index_ptr + row * topk + k_pos, tl.where(bad, k_pos.to(tl.int64), idx), mask=in_support)
+            coef = tl.where(bad, float("nan"), d_terms * w - tl.exp(a) * total)
+            tl.store(coef_ptr + row * topk + k_pos, coef, mask=in_support)
         tl.debug_barrier()  # the next row's appends wait for these reads of the scratch
-        tl.store(loss_ptr + row, loss * w)
-        tl.store(lse_ptr + row, lse_z)
-        tl.store(dense_ptr + row, dense)
+        tl.store(loss_ptr + row, tl.where(bad, float("nan"), loss * w))
+        tl.store(lse_ptr + row, tl.where(bad, float("nan"), lse_z))
+        tl.store(dense_ptr + row, tl.where(bad, float("nan"), dense))
         row = tl.atomic_add(row_counter_ptr, 1, sem="relaxed").to(tl.int64)
