@@ -879,7 +879,9 @@ def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
     """The options JITFunction.run adds before binding (Triton 3.6 and 3.9)."""
     from triton import knobs
 
-    kw = dict(num_warps=num_warps)
+    from .triton_backend import FP_FUSION
+
+    kw = dict(num_warps=num_warps, enable_fp_fusion=FP_FUSION)  # as `KernelLaunch.run` passes it
     if num_stages is not None:  # else Triton's default, as for a launch that passes none
         kw["num_stages"] = num_stages
     kw["debug"] = getattr(fn, "debug", None) or knobs.runtime.debug
