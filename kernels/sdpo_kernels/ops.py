@@ -13,7 +13,7 @@ sync inside). The ops take only tensors and plain settings; backends are named b
   gradients included (computed in the forward, as `chunking.fused_pass` does); its backward only
   scales them by the incoming scalar gradient, in place.
 
-Double backward is not supported: differentiating a gradient these ops produced raises a
+Double backward is not supported: a backward with `create_graph=True` through these ops raises a
 RuntimeError (their backward formulas are hand-derived kernels, not differentiable graphs).
 """
 
@@ -166,6 +166,8 @@ def _forward_setup(ctx, inputs, output):
 
 
 def _forward_backward(ctx, grad_loss, *_grad_stats):
+    if torch.is_grad_enabled():  # backward(create_graph=True): the gradient would not be differentiable
+        raise RuntimeError(_DOUBLE_BACKWARD)
     student, teacher, *stats = ctx.saved_tensors
     grad = None
     if ctx.needs_input_grad[0] and grad_loss is not None:
@@ -174,15 +176,6 @@ def _forward_backward(ctx, grad_loss, *_grad_stats):
 
 
 torch.library.register_autograd("sdpo_kernels::loss_forward", _forward_backward, setup_context=_forward_setup)
-
-
-def _no_double_backward(ctx, *_grads):
-    raise RuntimeError(_DOUBLE_BACKWARD)
-
-
-torch.library.register_autograd(
-    "sdpo_kernels::loss_backward", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
 
 
 # ----------------------------------------------------------------------------------------------
