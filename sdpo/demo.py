@@ -31,13 +31,22 @@ is at the library defaults (distillation_only, EMA teacher, successful siblings 
 library default loss: sampled-token reverse KL) from the same weights.
 
 Held-out (never-trained) strings measure generalisation. Writes `metrics.jsonl` (first row: package versions,
-thread counts and settings; then one row per step and per eval, with `seed`; each SDPO run's first row records
-its resolved loss mode and whether the fused-linear path ran), `curves.png` (held-out accuracy, reward and
-share of equal-reward groups vs step; per-seed thin lines and seed means) and prints a verdict computed from
-the data (`verdict`): the mean final held-out gap SDPO - GRPO with a 95% paired-bootstrap CI over seeds, and
-the per-seed wins. A winner is named only when the mean gap is >= 0.05, the CI excludes 0 and it wins most
-seeds. The gap varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and held-out
-accuracy is a noisy 116-string greedy eval), which is why 12 seeds are run.
+thread counts, the CPU dispatch (`cpu_capability`, and ATEN_CPU_CAPABILITY when set) and settings; then one
+row per step and per eval, with `seed`; each SDPO run's first row records its resolved loss mode and whether
+the fused-linear path ran), `curves.png` (held-out accuracy, reward and share of equal-reward groups vs step;
+per-seed thin lines and seed means) and prints a verdict computed from the data (`verdict`): the mean final
+held-out gap SDPO - GRPO with a 95% paired-bootstrap CI over seeds, and the per-seed wins, followed by the CPU
+capability. A winner is named only with at least 3 seeds, when the mean gap is >= 0.05, the CI excludes 0 and
+it wins most seeds. The gap varies by seed (a seed whose warm-up starts higher leaves less for SDPO to add, and
+held-out accuracy is a noisy 116-string greedy eval), which is why 12 seeds are run.
+
+Reproducibility. Every random draw is seeded from the seed alone (task split and warm-up batches: their own
+`random.Random(seed)`; init: `build_tiny_model`'s forked RNG; sampling: torch's global RNG, reseeded by
+`torch.manual_seed(seed)` before the warm-up and by the trainers' `set_seed(seed)` before each arm), and torch runs
+one intra-op thread, so no reduction depends on scheduling: the per-seed figures do not depend on the seed order,
+the worker count or the load. They do depend on the CPU kernels torch dispatches to (AVX-512 vs AVX2 round
+differently and RL amplifies it; MKL and oneDNN also pick kernels by CPU model), which is why the dispatch and
+the CPU model are recorded and the dispatch is printed with the verdict.
 
 Threads: each process uses one intra-op and one inter-op torch thread (`threads`), and tokenizers' Rust pool
 is off: for a model this small more threads only spin, and when other processes shared the cores, spinning
@@ -384,16 +393,24 @@ def compare(rows: list[dict], a: str, b: str, samples: int = 10000) -> dict:
     }
 
 
+MIN_SEEDS_FOR_CALL = 3  # below this the bootstrap interval and the majority of wins mean nothing
+
+
 def _call(c: dict, a: str, b: str) -> str:
-    """'X ahead ...' only when the mean gap is >= 0.05, its 95% CI (at the 2 printed decimals) excludes 0 and X
-    wins a majority of seeds."""
+    """'X ahead ...' only when there are at least `MIN_SEEDS_FOR_CALL` seeds, the mean gap is >= 0.05, its 95% CI
+    (at the 2 printed decimals) excludes 0 and X wins a majority of seeds."""
     n = len(c["diffs"])
     lo, hi = (round(x, 2) + 0.0 for x in c["ci"])  # judged as printed: a CI shown as [+0.00, ...] is no call
     stats = (
         f"mean held-out gap {c['mean']:+.2f} ({METHODS[a]} - {METHODS[b]}), 95% paired-bootstrap CI "
-        f"[{lo:+.2f}, {hi:+.2f}] over {n} seeds, {METHODS[a]} ahead in {c['wins']}/{n} seeds"
+        f"[{lo:+.2f}, {hi:+.2f}] over {n} seed{'s' if n != 1 else ''}, {METHODS[a]} ahead in {c['wins']}/{n} seeds"
         + (f", behind in {c['losses']}/{n}" if c["losses"] else "")
     )
+    if n < MIN_SEEDS_FOR_CALL:  # one seed's interval is a point, two seeds' a coin toss: no winner named
+        return (
+            f"no call between {METHODS[a]} and {METHODS[b]} (only {n} seed{'s' if n != 1 else ''}: a call needs "
+            f"at least {MIN_SEEDS_FOR_CALL}, the interval and the per-seed majority mean nothing below that): {stats}"
+        )
     if c["mean"] >= 0.05 and lo > 0 and c["wins"] > n / 2:
         return f"{METHODS[a]} ahead of {METHODS[b]}: {stats}"
     if c["mean"] <= -0.05 and hi < 0 and c["losses"] > n / 2:
@@ -404,7 +421,8 @@ def _call(c: dict, a: str, b: str) -> str:
 def verdict(rows: list[dict], samples: int = 10000) -> str:
     """One line summarising what the curves show, computed from `rows`.
 
-    The call compares SDPO top-K with GRPO on final held-out accuracy, paired by seed: a method is called ahead
+    The call compares SDPO top-K with GRPO on final held-out accuracy, paired by seed: with fewer than
+    `MIN_SEEDS_FOR_CALL` (3) seeds no call is made (the line says why); otherwise a method is called ahead
     only when its mean gap is >= 0.05, the 95% paired-bootstrap CI of the mean gap excludes 0 and it is strictly
     ahead in a majority of seeds; otherwise the line says there is no clear difference. The token-level SDPO
     arm, when present, gets the same comparison with GRPO. Then per arm: held-out accuracy first->last (seed
@@ -443,7 +461,37 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[name] = "not installed"
     out["torch_threads"] = f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op"
+    out.update(cpu_info())
     return out
+
+
+DISPATCH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def cpu_info() -> dict[str, str]:
+    """The CPU kernels torch dispatches to (`cpu_capability`: e.g. AVX512, AVX2), the variables that force a
+    dispatch (ATen's, and MKL's / oneDNN's, which pick their own kernels) when set, and the CPU model.
+
+    The figures are bit-identical on one dispatch; another (AVX-512 vs AVX2 vectorised kernels) rounds differently
+    and RL amplifies that, so the per-seed figures, the gap and its interval move (the call held in our runs)."""
+    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
+    out.update({k: os.environ[k] for k in DISPATCH_VARIABLES if os.environ.get(k)})
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), None)
+        if model:
+            out["cpu"] = model
+    except OSError:  # not Linux
+        pass
+    return out
+
+
+def cpu_capability_text(env: dict[str, str] | None = None) -> str:
+    """'CPU capability AVX512' (plus the dispatch variables that are set, e.g. ATEN_CPU_CAPABILITY=avx2), for the
+    verdict line."""
+    env = env or cpu_info()
+    forced = ", ".join(f"{k}={env[k]}" for k in DISPATCH_VARIABLES if env.get(k))
+    return f"CPU capability {env['cpu_capability']}" + (f" ({forced})" if forced else "")
 
 
 def _limit_threads(n: int) -> int:
@@ -584,7 +632,8 @@ def _run_demo(base: DemoSettings) -> str:
                     for row in fut.result():  # in seed order: the file does not depend on the scheduling
                         log(row)
                     done(seed)
-        line = verdict(rows, base.bootstrap_samples)
+        # The CPU dispatch next to the call: figures reproduce exactly only on the same one (see `cpu_info`).
+        line = f"{verdict(rows, base.bootstrap_samples)} [{cpu_capability_text(env)}]"
         f.write(json.dumps({"verdict": line, "seconds": round(time.time() - start, 1), "versions": env}) + "\n")
     _plot(rows, os.path.join(base.out, "curves.png"))
     print(f"wrote {metrics_path} and {os.path.join(base.out, 'curves.png')} in {time.time() - start:.0f}s")

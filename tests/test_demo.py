@@ -3,8 +3,17 @@
 import json
 
 import pytest
+import torch
 
-from sdpo.demo import DemoSettings, paired_bootstrap_ci, reward_exact, run_demo, verdict
+from sdpo.demo import (
+    MIN_SEEDS_FOR_CALL,
+    DemoSettings,
+    default_workers,
+    paired_bootstrap_ci,
+    reward_exact,
+    run_demo,
+    verdict,
+)
 
 
 def _rows(final: dict[str, list[float]]) -> list[dict]:
@@ -24,10 +33,27 @@ def test_reward_and_verdict():
         {"method": "grpo", "step": 0, "heldout_accuracy": 0.1},
         {"method": "grpo", "step": 1, "reward": 0.2, "heldout_accuracy": 0.2},
     ]
-    line = verdict(rows)
-    assert line.startswith("VERDICT: SDPO top-K ahead of GRPO: mean held-out gap +0.40 (SDPO top-K - GRPO)")
-    assert "CI [+0.40, +0.40] over 1 seeds, SDPO top-K ahead in 1/1 seeds" in line
+    line = verdict(rows)  # one seed: the figures, but no winner named
+    assert line.startswith("VERDICT: no call between SDPO top-K and GRPO (only 1 seed: a call needs at least 3")
+    assert "mean held-out gap +0.40 (SDPO top-K - GRPO)" in line
+    assert "CI [+0.40, +0.40] over 1 seed, SDPO top-K ahead in 1/1 seeds" in line
     assert "SDPO top-K held-out acc 0.10->0.60" in line and "GRPO held-out acc 0.10->0.20" in line
+
+
+def test_verdict_makes_no_call_below_three_seeds():
+    """A gap that would be called over 3 seeds is not called over 1 or 2 (the interval and majority mean nothing)."""
+    assert MIN_SEEDS_FOR_CALL == 3
+    for sdpo, grpo in (([0.6], [0.2]), ([0.6, 0.5], [0.2, 0.1])):  # SDPO ahead by 0.4 in every seed
+        line = verdict(_rows({"sdpo": sdpo, "grpo": grpo}))
+        n = len(sdpo)
+        assert line.startswith(f"VERDICT: no call between SDPO top-K and GRPO (only {n} seed"), line
+        assert "a call needs at least 3" in line and f"SDPO top-K ahead in {n}/{n} seeds" in line
+        line = verdict(_rows({"sdpo": grpo, "grpo": sdpo}))  # nor for GRPO
+        assert line.startswith(f"VERDICT: no call between SDPO top-K and GRPO (only {n} seed"), line
+    line = verdict(_rows({"sdpo": [0.6, 0.5, 0.55], "grpo": [0.2, 0.1, 0.15]}))  # 3 seeds: the usual rule
+    assert line.startswith("VERDICT: SDPO top-K ahead of GRPO: mean held-out gap +0.40"), line
+    line = verdict(_rows({"sdpo": [0.2, 0.1, 0.15], "grpo": [0.6, 0.5, 0.55]}))
+    assert line.startswith("VERDICT: GRPO ahead of SDPO top-K: mean held-out gap -0.40"), line
 
 
 def test_paired_bootstrap_ci():
@@ -44,7 +70,9 @@ def test_verdict_follows_the_data_across_seeds():
     # a large mean gap carried by one seed only is not a clear difference
     line = verdict(_rows({"sdpo": [0.9, 0.3, 0.2], "grpo": [0.2, 0.3, 0.3]}))
     assert line.startswith("VERDICT: no clear difference") and "SDPO top-K ahead in 1/3 seeds, behind in 1/3" in line
-    assert verdict(_rows({"sdpo": [0.31, 0.3], "grpo": [0.3, 0.31]})).startswith("VERDICT: no clear difference")
+    assert verdict(_rows({"sdpo": [0.31, 0.3, 0.3], "grpo": [0.3, 0.31, 0.3]})).startswith(
+        "VERDICT: no clear difference"
+    )
     # ahead on the mean and in most seeds, but the CI of the mean gap includes 0: no call either
     sdpo, grpo = [0.8, 0.32, 0.31, 0.0, 0.33], [0.3, 0.3, 0.3, 0.3, 0.3]
     line = verdict(_rows({"sdpo": sdpo, "grpo": grpo}))
@@ -58,14 +86,14 @@ def test_verdict_follows_the_data_across_seeds():
 
 
 def test_verdict_with_the_token_level_arm():
-    rows = _rows({"sdpo": [0.5, 0.6], "grpo": [0.2, 0.3], "sdpo_token": [0.3, 0.2]})
+    rows = _rows({"sdpo": [0.5, 0.6, 0.55], "grpo": [0.2, 0.3, 0.25], "sdpo_token": [0.3, 0.2, 0.25]})
     line = verdict(rows)
     assert line.startswith("VERDICT: SDPO top-K ahead of GRPO")
     assert "SDPO token-level held-out acc 0.10->0.25" in line
     assert line.endswith(
         "Also: no clear difference between SDPO token-level and GRPO: mean held-out gap +0.00 "
-        "(SDPO token-level - GRPO), 95% paired-bootstrap CI [-0.10, +0.10] over 2 seeds, "
-        "SDPO token-level ahead in 1/2 seeds, behind in 1/2."
+        "(SDPO token-level - GRPO), 95% paired-bootstrap CI [-0.10, +0.10] over 3 seeds, "
+        "SDPO token-level ahead in 1/3 seeds, behind in 1/3."
     )
 
 
@@ -77,7 +105,9 @@ def test_demo_runs_and_writes_outputs(tmp_path):
         out=str(out), warmup_steps=10, rl_steps=2, eval_every=1, num_seeds=2, workers=2, token_level_arm=True
     )
     line = run_demo(settings)
-    assert line.startswith("VERDICT:") and "over 2 seeds" in line and "Also:" in line
+    assert line.startswith("VERDICT: no call") and "over 2 seeds" in line and "Also: no call" in line
+    cpu = torch.backends.cpu.get_cpu_capability()
+    assert f"[CPU capability {cpu}" in line and line.endswith("]")  # the dispatch, printed with the verdict
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     methods = {r.get("method") for r in rows}
     assert {"warmup", "sdpo", "grpo", "sdpo_token"} <= methods
@@ -92,5 +122,33 @@ def test_demo_runs_and_writes_outputs(tmp_path):
     assert rows[-1]["verdict"] == line
     env = rows[0]["versions"]  # the run records what it ran with
     assert {"torch", "transformers", "trl", "triton"} <= set(env) and env["torch"].startswith("2.")
+    assert env["cpu_capability"] == cpu  # the figures are exact on one CPU dispatch only: it is recorded
     assert rows[0]["settings"]["topk"] == DemoSettings.topk < rows[0]["vocab_size"] and rows[0]["workers"] == 2
     assert (out / "curves.png").stat().st_size > 1000
+
+
+def _figures(out) -> list[dict]:
+    """Every per-seed row of a run's metrics.jsonl (warm-up, per step, per eval), wall times left out."""
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    timing = {"seconds", "run_seconds"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows if "seed" in r]
+
+
+@pytest.mark.slow
+def test_demo_figures_do_not_depend_on_the_worker_count(tmp_path):
+    """`--workers 1` (both seeds in this process, seed 1 after seed 0) and the default (one spawned process per
+    seed, here 2) give bit-identical rows: rewards, accuracies and SDPO's per-step losses, at full precision."""
+    small = dict(warmup_steps=60, rl_steps=4, eval_every=2, num_seeds=2, progress=False, bootstrap_samples=200)
+    default = 0 if default_workers(2) > 1 else 2  # on a 1-core machine the default is 1: force 2 processes
+    lines, figures = [], []
+    for workers in (1, default):
+        out = tmp_path / f"workers_{workers}"
+        lines.append(run_demo(DemoSettings(out=str(out), workers=workers, **small)))
+        figures.append(_figures(out))
+        assert json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["workers"] == (workers or 2)
+    assert lines[0] == lines[1]
+    assert figures[0] == figures[1]
+    assert {r["seed"] for r in figures[0]} == {0, 1}
+    key = "self_distillation/distillation_loss"
+    losses = [r[key] for r in figures[0] if key in r]
+    assert len(losses) == 2 * small["rl_steps"] and len(set(losses)) > 1  # real, varying floats were compared
