@@ -89,7 +89,8 @@ class SDPOConfig(GRPOConfig):
             lerp(initial student, student, teacher_update_rate), as the official SDPO) or `"base"` (the initial
             student, frozen; under PEFT the base model with the adapters disabled).
         teacher_update_rate (`float` or `None`, *optional*, defaults to `None`):
-            EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`).
+            EMA rate r in θ_t ← (1 − r)·θ_t + r·θ_s (falls back to `ema_update_rate`); after construction it holds
+            the effective rate (0.05 by default, TRL 1.16's default).
         ema_update_rate (`float`, *optional*, defaults to `0.05`):
             Deprecated alias of `teacher_update_rate`.
         teacher_sync_steps (`int`, *optional*, defaults to `1`):
@@ -130,14 +131,54 @@ class SDPOConfig(GRPOConfig):
         diagnostics_flat_tolerance (`float`, *optional*, defaults to `1e-8`):
             Tolerance for "flat rewards" / "no reprompt" diagnostics.
 
+        > GRPO options whose defaults follow TRL 1.16's `SDPOConfig` (not `GRPOConfig`)
+
+        learning_rate (`float`, *optional*, defaults to `5e-5`):
+            As TRL 1.16's SDPO (transformers' default; `GRPOConfig` uses `1e-6`).
+        disable_dropout (`bool`, *optional*, defaults to `True`):
+            As TRL 1.16's SDPO (`GRPOConfig` uses `False`).
+        max_completion_length (`int` or `None`, *optional*, defaults to `256`):
+            As TRL 1.16's SDPO (`GRPOConfig` uses `512`).
+        max_prompt_length (`int` or `None`, *optional*, defaults to `512`):
+            TRL 1.16's SDPO option (`GRPOConfig` has none): each prompt keeps its last `max_prompt_length` tokens
+            (left truncation) after tokenization / chat templating, before generation. `None` disables it. Teacher
+            prompts are built from the untruncated prompt (and cut to `max_reprompt_len`), as TRL does.
+        epsilon_high (`float` or `None`, *optional*, defaults to `None`):
+            Upper clip; after construction it holds `epsilon` when not set (as TRL 1.16's SDPO).
+
         > TRL 1.16 aliases (accepted so that switching from `trl.experimental.sdpo` is an import change)
 
         distillation_mode (`str` or `None`, *optional*, defaults to `None`):
             `"sampled_token"`, `"full_logits"` or `"topk_logits"`: sets `full_logit_distillation`; after
             construction it always holds the resolved loss mode.
         teacher_model_kind (`Literal["ema", "live", "base"]` or `None`, *optional*, defaults to `None`):
-            `"ema"`, `"live"` (= `teacher_regularization="none"`) or `"base"` (= `"base"`).
+            `"ema"`, `"live"` (= `teacher_regularization="none"`) or `"base"` (= `"base"`). After construction it
+            holds TRL's name of the resolved teacher (`"ema"` by default; `None` for `"trust_region"`, which TRL
+            lacks).
     """
+
+    # GRPO options whose defaults follow TRL 1.16's `SDPOConfig` instead of `GRPOConfig`
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "The initial learning rate for AdamW (TRL 1.16's SDPO default)."}
+    )
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Whether to disable dropout in the model (TRL 1.16's SDPO default; GRPO's is False). This is "
+            "useful for training with a reference model, as it prevents the model from generating different logprobs "
+            "for the same input."
+        },
+    )
+    max_completion_length: int | None = field(
+        default=256, metadata={"help": "Maximum length of the generated completion (TRL 1.16's SDPO default)."}
+    )
+    max_prompt_length: int | None = field(
+        default=512,
+        metadata={
+            "help": "Maximum prompt length in tokens (TRL 1.16's SDPO). Longer prompts are truncated from the left "
+            "(the last tokens are kept) after tokenization, before generation; None disables truncation."
+        },
+    )
 
     # Parameters that control the distillation loss
     distillation_alpha: float = field(
@@ -213,7 +254,8 @@ class SDPOConfig(GRPOConfig):
     teacher_update_rate: float | None = field(
         default=None,
         metadata={
-            "help": "EMA teacher update rate, or the trust-region mixing coefficient; defaults to `ema_update_rate`."
+            "help": "EMA teacher update rate, or the trust-region mixing coefficient; defaults to `ema_update_rate` "
+            "(0.05). After construction it holds the effective rate."
         },
     )
     ema_update_rate: float = field(
@@ -302,7 +344,10 @@ class SDPOConfig(GRPOConfig):
     )
     teacher_model_kind: TeacherModelKind | None = field(
         default=None,
-        metadata={"help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'."},
+        metadata={
+            "help": "TRL 1.16 spelling: 'ema' | 'live' (= teacher_regularization 'none') | 'base'. After construction "
+            "it holds the resolved teacher's TRL name ('ema' by default; None for 'trust_region')."
+        },
     )
 
     def __post_init__(self):
@@ -327,7 +372,16 @@ class SDPOConfig(GRPOConfig):
         finally:
             if single:
                 self.num_generations = 1
+        self._resolve_to_trl_116_values()
         self._warn_on_trl_differences()
+
+    def _resolve_to_trl_116_values(self) -> None:
+        """After validation, the fields TRL 1.16's `SDPOConfig` resolves hold the same values as there (so that the
+        two configs agree field by field); re-constructing from these values gives the same config."""
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        self.teacher_update_rate = self.effective_teacher_update_rate
+        self.teacher_model_kind = {"ema": "ema", "none": "live", "base": "base"}.get(self.teacher_regularization)
 
     def _validate_loss_fields(self) -> None:
         if self.distillation_topk is not None and not self.full_logit_distillation:
@@ -377,6 +431,8 @@ class SDPOConfig(GRPOConfig):
             raise ValueError(f"`distillation_is_clip` must be > 0 or None, got {self.distillation_is_clip}.")
         if self.distillation_weight < 0:
             raise ValueError(f"`distillation_weight` must be >= 0, got {self.distillation_weight}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"`max_prompt_length` must be >= 1 or None, got {self.max_prompt_length}.")
         if self.max_reprompt_len < 1:
             raise ValueError(f"`max_reprompt_len` must be >= 1, got {self.max_reprompt_len}.")
         if self.teacher_ema_rounding not in ("stochastic", "nearest"):

@@ -207,6 +207,7 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
         max_completion_length=4,
         max_steps=s.rl_steps,
         learning_rate=s.learning_rate / 4,
+        disable_dropout=False,  # GRPOConfig's default, pinned: SDPOConfig's is TRL 1.16 SDPO's True
         logging_steps=1,
         save_strategy="no",
         temperature=1.0,

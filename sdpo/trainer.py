@@ -327,6 +327,21 @@ class SDPOTrainer(GRPOTrainer):
             )
         return inputs
 
+    def _tokenize_prompts(self, prompts: list):
+        """GRPO's prompt tokenization, then TRL 1.16 SDPO's `max_prompt_length`: each prompt keeps its LAST
+        `max_prompt_length` tokens (left truncation), before generation (transformers or vLLM), as TRL's
+        `SDPOTrainer._tokenize_prompts` does. Teacher prompts are built from the untruncated prompts."""
+        prompt_ids, images, multimodal_fields = super()._tokenize_prompts(prompts)
+        max_len = self.args.max_prompt_length
+        if max_len is not None and any(len(ids) > max_len for ids in prompt_ids):
+            if images is not None or multimodal_fields:
+                raise ValueError(
+                    f"A multimodal prompt is longer than `max_prompt_length={max_len}` tokens: left truncation could "
+                    "cut its image tokens. Set `max_prompt_length=None` (or larger) for multimodal prompts."
+                )
+            prompt_ids = [ids[-max_len:] for ids in prompt_ids]
+        return prompt_ids, images, multimodal_fields
+
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         # GRPO returns the rewards of the whole (cross-process) batch; keep them to find successful siblings.
         rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)

@@ -1,11 +1,21 @@
-"""SDPOConfig: documented defaults, loss-mode mapping, and every validation error."""
+"""SDPOConfig: documented defaults, field-by-field agreement with TRL 1.16's SDPOConfig, max_prompt_length, loss-mode
+mapping, and every validation error."""
 
+import dataclasses
 import warnings
 
 import pytest
+import test_trl_parity
+import torch
+from datasets import Dataset
 from trl import GRPOConfig
+from trl.experimental.sdpo import SDPOConfig as TRLConfig
+from trl.experimental.sdpo import SDPOTrainer as TRLTrainer
 
-from sdpo import SDPOConfig
+from sdpo import SDPOConfig, SDPOTrainer
+from sdpo.tiny import build_char_tokenizer, tiny_run_args
+
+model_dir = test_trl_parity.model_dir  # the saved tiny model fixture of test_trl_parity's harness
 
 
 def make(**kw):
@@ -32,7 +42,7 @@ def test_documented_defaults():
         distillation_aggregation="trl",
         use_teacher_server=False,
         teacher_regularization="ema",
-        teacher_update_rate=None,
+        teacher_update_rate=0.05,  # resolved from the deprecated alias ema_update_rate, as TRL 1.16's default
         ema_update_rate=0.05,
         max_reprompt_len=10240,
         use_successful_as_teacher=True,
@@ -229,3 +239,185 @@ def test_distillation_rollout_is_needs_vllm_and_official_defaults_enable_it_unde
     assert c.distillation_rollout_is and c.vllm_importance_sampling_mode == "token_truncate"
     assert c.vllm_importance_sampling_clip_max == 2.0
     assert not SDPOConfig.official_defaults(output_dir="unused", bf16=False, use_cpu=True).distillation_rollout_is
+
+
+# ---- one-import switch: field-by-field agreement with TRL 1.16's `trl.experimental.sdpo.SDPOConfig` ----------------
+
+# Fields only ours has (GRPOConfig's options that TRL 1.16's SDPOConfig lacks, and our SDPO options), with their
+# defaults. Each default is inert or TRL's behaviour, except where a construction warning says otherwise (GRPO's
+# vLLM importance-sampling correction with a policy term under vLLM: see test_defaults_warn_nothing_...).
+OURS_ONLY = dict(
+    cast_lm_head_to_fp32=False,
+    delta=None,
+    distillation_aggregation="trl",  # TRL's aggregation
+    distillation_fused_linear="auto",  # same loss, computed without materialising logits when possible
+    distillation_rollout_is=False,
+    ema_update_rate=0.05,  # deprecated alias of teacher_update_rate
+    entropy_coef=0.0,
+    entropy_coef_delta=0.005,
+    entropy_coef_max=1.0,
+    entropy_coef_min=0.0,
+    entropy_target=0.2,
+    full_logit_distillation=False,  # = distillation_mode="sampled_token"
+    log_completions=False,
+    log_completions_hub_repo=None,
+    log_multimodal=True,
+    log_unique_prompts=False,
+    max_tool_calling_iterations=None,
+    multi_objective_aggregation="sum_then_normalize",
+    num_completions_to_print=None,
+    off_policy_mask_threshold=None,
+    pad_to_multiple_of=None,
+    ref_model_mixup_alpha=0.6,
+    ref_model_sync_steps=512,
+    router_aux_loss_coef=None,
+    sapo_temperature_neg=1.05,
+    sapo_temperature_pos=1.0,
+    sdpo_policy_loss_mode=None,  # TRL 1.16's blend (1 - w)·policy + w·SD; at w = 1 the same as "distillation_only"
+    shuffle_generation_batch=False,  # TRL splits a generation batch in order
+    sync_ref_model=False,
+    teacher_ema_rounding="stochastic",  # deliberate: bf16 EMA teachers only, the trainer warns (docs/trainer.md)
+    teacher_regularization="ema",  # = teacher_model_kind="ema"
+    top_entropy_quantile=1.0,
+    transformers_continuous_batching_config=None,
+    use_adaptive_entropy=False,
+    use_bias_correction_kl=True,  # only with beta != 0, which the trainer rejects with it
+    use_transformers_continuous_batching=False,
+    use_transformers_paged=False,
+    vespo_k_neg=3.0,
+    vespo_k_pos=2.0,
+    vespo_lambda_neg=2.0,
+    vespo_lambda_pos=3.0,
+    vllm_importance_sampling_cap=None,
+    vllm_importance_sampling_clip_max=3.0,
+    vllm_importance_sampling_clip_min=None,
+    vllm_importance_sampling_correction=True,  # GRPO's; applies to a policy term under vLLM only, and warns then
+    vllm_importance_sampling_mode="sequence_mask",
+    vllm_structured_outputs_regex=None,
+)
+
+
+def _platform_kwargs():
+    """What this machine needs to build either config (bf16 defaults to True in both): nothing on a bf16 GPU."""
+    return {} if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else {"use_cpu": True}
+
+
+def _field_diff(ours, theirs) -> dict:
+    names = {f.name for f in dataclasses.fields(theirs)} & {f.name for f in dataclasses.fields(ours)}
+    return {n: (getattr(theirs, n), getattr(ours, n)) for n in sorted(names) if getattr(theirs, n) != getattr(ours, n)}
+
+
+def test_defaults_equal_trl_116_field_by_field():
+    """Built from `output_dir` alone, every field TRL 1.16's SDPOConfig has holds the same value in ours."""
+    theirs = TRLConfig(output_dir="unused", **_platform_kwargs())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no difference warning at the defaults
+        ours = SDPOConfig(output_dir="unused", **_platform_kwargs())
+    trl_names = {f.name for f in dataclasses.fields(TRLConfig)}
+    our_names = {f.name for f in dataclasses.fields(SDPOConfig)}
+    assert trl_names - our_names == set()  # every TRL field exists here
+    assert len(trl_names & our_names) > 170  # (a vacuous comparison would pass trivially)
+    assert _field_diff(ours, theirs) == {}
+    assert {n: getattr(ours, n) for n in our_names - trl_names} == OURS_ONLY
+    # The values TRL resolves in __post_init__ are resolved alike (not left None).
+    assert (ours.epsilon_high, ours.teacher_model_kind, ours.teacher_update_rate) == (0.2, "ema", 0.05)
+    assert (ours.learning_rate, ours.disable_dropout, ours.max_completion_length) == (5e-5, True, 256)
+    assert ours.max_prompt_length == 512 and ours.distillation_mode == "sampled_token"
+    # sdpo_policy_loss_mode=None at the default w = 1 trains exactly as the legacy "distillation_only".
+    legacy = SDPOConfig(output_dir="unused", sdpo_policy_loss_mode="distillation_only", **_platform_kwargs())
+    assert (ours.policy_loss_weight, ours.distillation_loss_weight) == (0.0, 1.0)
+    assert (legacy.policy_loss_weight, legacy.distillation_loss_weight) == (0.0, 1.0)
+
+
+def _declared_default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING
+
+
+def test_every_trl_field_is_accepted_at_trls_default():
+    """Ours accepts every TRL 1.16 keyword (each at TRL's declared default, all at once) and means the same."""
+    kwargs = {
+        f.name: _declared_default(f)
+        for f in dataclasses.fields(TRLConfig)
+        if f.init and _declared_default(f) is not dataclasses.MISSING
+    }
+    assert {"max_prompt_length", "teacher_model_kind", "teacher_update_rate", "distillation_mode"} <= kwargs.keys()
+    kwargs.update(output_dir="unused", **_platform_kwargs())
+    ours = SDPOConfig(**kwargs)  # no TypeError
+    assert _field_diff(ours, TRLConfig(**kwargs)) == {}
+
+
+def test_resolved_values_round_trip():
+    """Re-building from the resolved TRL-style values gives the same config (and no alias warning)."""
+    for kw in [dict(), dict(ema_update_rate=0.2), dict(teacher_model_kind="live"), dict(epsilon=0.1)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            c = make(**kw)
+        again = make(
+            teacher_update_rate=c.teacher_update_rate,
+            ema_update_rate=c.ema_update_rate,
+            teacher_model_kind=c.teacher_model_kind,
+            teacher_regularization=c.teacher_regularization,
+            epsilon=c.epsilon,
+            epsilon_high=c.epsilon_high,
+        )
+        for name in ("teacher_update_rate", "teacher_model_kind", "teacher_regularization", "epsilon_high"):
+            assert getattr(again, name) == getattr(c, name), (kw, name)
+    with pytest.warns(FutureWarning, match="ema_update_rate"):
+        assert make(ema_update_rate=0.2).teacher_update_rate == 0.2
+    assert make(epsilon=0.1).epsilon_high == 0.1 and make(epsilon_high=0.28).epsilon_high == 0.28
+    assert make(teacher_regularization="trust_region").teacher_model_kind is None  # TRL has no such teacher
+    assert make(teacher_regularization="none").teacher_model_kind == "live"
+
+
+def test_max_prompt_length_is_validated():
+    assert make(max_prompt_length=None).max_prompt_length is None
+    with pytest.raises(ValueError, match="max_prompt_length"):
+        make(max_prompt_length=0)
+
+
+# ---- max_prompt_length: left truncation where TRL 1.16's SDPOTrainer applies it -----------------------------------
+
+
+def _both_trainers(tmp_path, model_path, **kw):
+    tok = build_char_tokenizer()
+    args = dict(tiny_run_args(str(tmp_path)), **kw)
+    ds = Dataset.from_dict({"prompt": ["1+1="] * 4})
+    common = dict(model=model_path, reward_funcs=_zero_reward, train_dataset=ds, processing_class=tok)
+    return SDPOTrainer(args=SDPOConfig(**args), **common), TRLTrainer(args=TRLConfig(**args), **common), tok
+
+
+def _zero_reward(completions, **kwargs):
+    return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize("max_prompt_length", [3, 5, None])
+def test_max_prompt_length_truncates_prompt_tokens_from_the_left_like_trl(tmp_path, model_dir, max_prompt_length):
+    ours, theirs, tok = _both_trainers(tmp_path, model_dir[0], max_prompt_length=max_prompt_length)
+    text = ["1+1=", "12+34=", "7*8=?"]
+    chat = [[{"role": "user", "content": "12+34="}], [{"role": "user", "content": "1"}]]
+    for prompts in (text, chat):
+        our_ids, images, fields = ours._tokenize_prompts(prompts)
+        full = theirs._tokenize_prompts_untruncated(prompts)
+        assert [list(x) for x in our_ids] == [list(x) for x in theirs._tokenize_prompts(prompts)]
+        keep = max_prompt_length or max(len(x) for x in full)
+        assert [list(x) for x in our_ids] == [list(x)[-keep:] for x in full]
+        assert images is None and fields == {}
+    assert any(len(x) > 3 for x in full)  # (the truncation is exercised)
+    if max_prompt_length == 3:
+        assert tok.decode(ours._tokenize_prompts(["12+34="])[0][0]) == "34="
+
+
+@pytest.mark.slow
+def test_max_prompt_length_in_a_training_step_matches_trl(tmp_path, model_dir):
+    """One training step of both trainers (test_trl_parity's harness): generation sees the same truncated prompts,
+    and the logged loss agrees (both build the teacher prompts from the untruncated prompts)."""
+    path, tok = model_dir
+    settings = dict(max_prompt_length=2, max_steps=1)
+    trl_logs, _, trl_calls = test_trl_parity._run(tmp_path, False, path, tok, settings)
+    our_logs, _, our_calls = test_trl_parity._run(tmp_path, True, path, tok, settings)
+    assert our_calls == trl_calls
+    assert all(len(ids) == 2 for call in our_calls for ids in call)
+    for key in ("loss", "self_distillation/distillation_loss"):
+        torch.testing.assert_close(our_logs[0][key], trl_logs[0][key], rtol=1e-4, atol=1e-6)
