@@ -8,4 +8,8 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
   export TRITON_INTERPRET=1
 fi
+# Hypothesis replays fixed (derandomized) examples: the "ci" profile of tests/conftest.py. To hunt for new
+# failures locally, the "explore" profile (random, 10x the examples, database on), e.g.
+#   HYPOTHESIS_PROFILE=explore bash scripts/test.sh -k test_properties
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
 exec "$PY" -m pytest -n "${PYTEST_WORKERS:-2}" -p no:benchmark "$@" tests
