@@ -207,3 +207,49 @@ def test_large_vocab_chunking_matches_single_chunk(monkeypatch):
     monkeypatch.setattr(reference, "CHUNK_ELEMENTS", V)  # one row per chunk
     chunked = _loss_and_grad(self_distillation_loss, z, u, y, old, upstream=upstream, **kw)
     assert_close(whole, chunked, "exact")
+
+
+def _profiled_peak_bytes(fn) -> int:
+    """Peak bytes allocated by c10's CPU allocator while fn() runs, on top of what was live before
+    (the method of bench/harness.py's CPU peak memory)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.total_allocated))
+        stack.extend(node.children)
+    events.sort()
+    return max(e[2] for e in events) - (events[0][2] - events[0][1])
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=True),
+        dict(mode="topk_logits", topk=100, alpha=0.5, add_tail=False),
+        dict(mode="sampled_token", alpha=1.0),
+    ],
+    ids=_ids,
+)
+def test_peak_memory_is_the_gradient_plus_chunk_temporaries(monkeypatch, setting):
+    """fp32, 8 row chunks: the forward's temporaries stay under 1.5 chunks (no int64 [rows, V] count),
+    forward+backward under the gradient + half a chunk (the gradient is computed in its own rows)."""
+    from sdpo_kernels import reference
+
+    n, vocab = 32, 32768
+    monkeypatch.setattr(reference, "CHUNK_ELEMENTS", 4 * vocab)
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(n, vocab, generator=gen).requires_grad_()
+    u = torch.randn(n, vocab, generator=gen)
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    old = torch.randn(n, generator=gen) - 10.0
+    forward = lambda: self_distillation_loss(z, u, y, old, backend="reference", is_clip=2.0, **setting)
+    forward()  # one-time costs outside the measurement
+    unit, chunk = n * vocab * 4, 4 * vocab * 4
+    assert _profiled_peak_bytes(forward) <= 1.5 * chunk
+    assert _profiled_peak_bytes(lambda: torch.autograd.grad(forward().sum(), z)) <= unit + 0.5 * chunk

@@ -33,7 +33,7 @@ def _exp(x):
 def divergence_terms(a, b, alpha, DIVERGENCE: tl.constexpr):
     """Elementwise (terms, ∂terms/∂a) for student/teacher log-probs a, b (fp32, may be -inf).
 
-    Entries with zero probability contribute 0 (absent), never NaN.
+    Entries with zero probability contribute 0 (absent), never NaN; a NaN log-prob gives NaN.
     """
     if DIVERGENCE == REVERSE_KL:
         p = _exp(a)
@@ -42,7 +42,8 @@ def divergence_terms(a, b, alpha, DIVERGENCE: tl.constexpr):
         d_terms = tl.where(p > 0, p * (diff + 1.0), 0.0)
     elif DIVERGENCE == FORWARD_KL:
         q = _exp(b)
-        terms = tl.where(q > 0, q * (b - a), 0.0)
+        # q == 0, not q > 0: a NaN teacher log-prob must make the loss NaN, not drop out.
+        terms = tl.where(q == 0, 0.0, q * (b - a))
         d_terms = -q
     else:
         p = _exp(a)
@@ -51,7 +52,7 @@ def divergence_terms(a, b, alpha, DIVERGENCE: tl.constexpr):
         # underflow (log-prob below about -87) are absent here, a ~1e-38 difference.
         mix = tl.math.log2((1.0 - alpha) * p + alpha * q) * LN2
         student_part = tl.where(p > 0, p * (a - mix), 0.0)
-        terms = (1.0 - alpha) * student_part + alpha * tl.where(q > 0, q * (b - mix), 0.0)
+        terms = (1.0 - alpha) * student_part + alpha * tl.where(q == 0, 0.0, q * (b - mix))
         d_terms = (1.0 - alpha) * student_part
     return terms, d_terms
 
