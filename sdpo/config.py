@@ -109,7 +109,9 @@ class SDPOConfig(GRPOConfig):
         dont_reprompt_on_self_success (`bool`, *optional*, defaults to `True`):
             A rollout is never its own demonstration.
         max_reprompt_len (`int`, *optional*, defaults to `10240`):
-            Teacher prompts keep their last `max_reprompt_len` tokens.
+            Longer teacher prompts keep the template, question and instruction whole; the demonstration
+            keeps its beginning and the feedback its end (docs/trainer.md). Logged as
+            `self_distillation/reprompt_truncated_frac`.
         reprompt_template, solution_template, feedback_template (`str`, *optional*):
             Teacher prompt templates (defaults: see the fields).
         include_environment_feedback (`bool`, *optional*, defaults to `False`):
@@ -581,7 +583,7 @@ class SDPOConfig(GRPOConfig):
         demonstrations, the official templates, an EMA teacher at rate 0.05, 8 rollouts per prompt, lr 1e-5.
         With `use_vllm=True` in `overrides`, also the official rollout IS weights on the distillation term
         (token level, truncated at 2). Not carried over: the official right-truncation of long teacher prompts (here
-        the last `max_reprompt_len` tokens are kept, as TRL does).
+        the demonstration and feedback are cut, the question and instruction kept: docs/trainer.md).
         """
         rollout_is = {}
         if overrides.get("use_vllm"):

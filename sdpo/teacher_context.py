@@ -7,10 +7,13 @@ gathers the generation groups across processes, calls `select_teachers` on the g
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+logger = logging.getLogger(__name__)
 
 _THINK_RE = re.compile(r"<think>.*?</think>", flags=re.DOTALL)
 
@@ -131,6 +134,61 @@ def reprompt(
     return reprompt_template.format(prompt=prompt, solution=solution_text, feedback=feedback_text)
 
 
+@dataclass(frozen=True)
+class RepromptParts:
+    """What a teacher prompt was filled from, so that truncation can cut the right part.
+
+    `solution` is the raw demonstration (after thinking removal) or None; `feedback` the raw environment
+    feedback or None. The rendered prompt is `render()` with both whole.
+    """
+
+    prompt: str | list[dict[str, Any]]
+    solution: str | None
+    feedback: str | None
+    reprompt_template: str
+    solution_template: str
+    feedback_template: str
+
+    def render(self, solution: str | None = None, feedback: str | None = None) -> str | list[dict[str, Any]]:
+        """The teacher prompt with (possibly cut) `solution` / `feedback` text; None keeps the whole part."""
+        sol = self.solution if solution is None else solution
+        fb = self.feedback if feedback is None else feedback
+        solution_text = "" if self.solution is None else self.solution_template.format(successful_previous_attempt=sol)
+        feedback_text = "" if self.feedback is None else self.feedback_template.format(feedback_raw=fb)
+        return reprompt(self.prompt, solution_text, feedback_text, self.reprompt_template)
+
+
+class TeacherPrompts(list):
+    """`build_teacher_prompts`' result: a plain list of prompts, plus `parts[k]` (a `RepromptParts`, or None
+    where the rollout has no teacher and keeps its prompt) for `tokenize_teacher_prompts`' truncation."""
+
+    def __init__(self, prompts: Sequence[Any] = (), parts: Sequence[RepromptParts | None] | None = None):
+        super().__init__(prompts)
+        self.parts: list[RepromptParts | None] = list(parts) if parts is not None else [None] * len(self)
+
+
+class TeacherPromptIds(list):
+    """`tokenize_teacher_prompts`' result: a plain list of token-id lists, plus truncation counts.
+
+    Attributes:
+        num_truncated: teacher prompts longer than `max_reprompt_len` (rows without a teacher, whose prompt
+            is the original one and which are masked out, are cut from the left and not counted).
+        tokens_cut: tokens removed from those prompts in total.
+        num_fallback: of those, the prompts cut from the left because even their template, instruction and
+            question did not fit (or no parts were known).
+    """
+
+    def __init__(
+        self, ids: Sequence[list[int]] = (), num_truncated: int = 0, tokens_cut: int = 0, num_fallback: int = 0
+    ):
+        super().__init__(ids)
+        self.num_truncated, self.tokens_cut, self.num_fallback = num_truncated, tokens_cut, num_fallback
+
+    @property
+    def truncated_frac(self) -> float:
+        return self.num_truncated / max(len(self), 1)
+
+
 def build_teacher_prompts(
     prompts: Sequence[str | list[dict[str, Any]]],
     completions: Sequence[str],
@@ -142,7 +200,7 @@ def build_teacher_prompts(
     solution_template: str,
     feedback_template: str,
     remove_thinking_from_demonstration: bool = False,
-) -> list[str | list[dict[str, Any]]]:
+) -> TeacherPrompts:
     """Teacher prompts for the rollouts `indices` of the global batch.
 
     Args:
@@ -152,23 +210,98 @@ def build_teacher_prompts(
         selection: `select_teachers` output for the same global batch.
         indices: global indices of the rollouts to build (this process's slice).
     Returns:
-        One prompt per index; rollouts without a teacher keep their original prompt (their rows are masked out).
+        One prompt per index (a `TeacherPrompts` list, which also keeps each prompt's parts); rollouts without
+        a teacher keep their original prompt (their rows are masked out).
     """
     out: list[str | list[dict[str, Any]]] = []
+    parts: list[RepromptParts | None] = []
     for i in indices:
         demo, use_fb = selection.demo_index[i], selection.use_feedback[i]
         if demo is None and not use_fb:
             out.append(prompts[i])
+            parts.append(None)
             continue
-        solution_text = ""
+        demo_text = None
         if demo is not None:
             demo_text = completions[demo]
             if remove_thinking_from_demonstration:
                 demo_text = strip_thinking(demo_text)
-            solution_text = solution_template.format(successful_previous_attempt=demo_text)
-        feedback_text = feedback_template.format(feedback_raw=feedbacks[i]) if use_fb else ""
-        out.append(reprompt(prompts[i], solution_text, feedback_text, reprompt_template))
-    return out
+        p = RepromptParts(
+            prompts[i],
+            demo_text,
+            feedbacks[i] if use_fb else None,
+            reprompt_template,
+            solution_template,
+            feedback_template,
+        )
+        out.append(p.render())
+        parts.append(p)
+    return TeacherPrompts(out, parts)
+
+
+def _encode(processing_class: Any, prompts: Sequence[Any], chat_template_kwargs: dict[str, Any] | None) -> list:
+    if isinstance(prompts[0], list):
+        return processing_class.apply_chat_template(
+            conversation=list(prompts),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **(chat_template_kwargs or {}),
+        )["input_ids"]
+    return processing_class(text=list(prompts))["input_ids"]
+
+
+def _n_plain(processing_class: Any, text: str) -> int:
+    return len(processing_class(text=text, add_special_tokens=False)["input_ids"]) if text else 0
+
+
+def _longest_fitting(processing_class: Any, text: str, budget: int, keep_end: bool) -> str:
+    """The longest prefix (or, with `keep_end`, suffix) of `text` of at most `budget` tokens, by bisection
+    over characters (cuts never split a character, whatever the tokenizer)."""
+    if budget <= 0:
+        return ""
+    lo, hi = 0, len(text)  # invariant: a cut keeping `lo` characters fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        piece = text[len(text) - mid :] if keep_end else text[:mid]
+        if _n_plain(processing_class, piece) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[len(text) - lo :] if keep_end else text[:lo]
+
+
+_warned_fallback = False
+
+
+def _fit(processing_class: Any, p: RepromptParts, max_len: int, kwargs: dict[str, Any] | None) -> list[int] | None:
+    """Ids of `p` with its solution / feedback cut to fit `max_len` tokens, or None if the rest does not fit.
+
+    The rule: the chat template (header, system and earlier turns), the instruction and the question, and the
+    solution / feedback templates' own text, are kept whole. The demonstration keeps its BEGINNING (the teacher
+    reads it in order, and the student's completion it scores starts where the demonstration starts: a cut end
+    reads as an unfinished solution, a cut start as steps without their setup); the feedback keeps its END
+    (tracebacks, compilers and test runners report the decisive error last, after echoed logs). With both
+    present each gets half of the room left, and either one's unused half goes to the other.
+    """
+    skeleton = _encode(processing_class, [p.render("", "")], kwargs)[0]  # both parts emptied
+    room = max_len - len(skeleton)
+    if room < 0:
+        return None
+    n_sol = _n_plain(processing_class, p.solution or "")
+    n_fb = _n_plain(processing_class, p.feedback or "")
+    for _ in range(4):  # tokens merging across part boundaries can overshoot by a few: shrink and retry
+        k_sol = min(n_sol, max(room - n_fb, room // 2)) if p.feedback is not None else min(n_sol, room)
+        k_fb = min(n_fb, room - k_sol)
+        sol = _longest_fitting(processing_class, p.solution, k_sol, keep_end=False) if p.solution is not None else None
+        fb = _longest_fitting(processing_class, p.feedback, k_fb, keep_end=True) if p.feedback is not None else None
+        ids = list(_encode(processing_class, [p.render(sol, fb)], kwargs)[0])
+        if len(ids) <= max_len:
+            return ids
+        room -= len(ids) - max_len
+        if room < 0:
+            return None
+    return None
 
 
 def tokenize_teacher_prompts(
@@ -176,21 +309,46 @@ def tokenize_teacher_prompts(
     prompts: Sequence[str | list[dict[str, Any]]],
     max_reprompt_len: int,
     chat_template_kwargs: dict[str, Any] | None = None,
-) -> list[list[int]]:
-    """Token ids of each teacher prompt, keeping the LAST `max_reprompt_len` tokens (left truncation, as TRL).
+) -> TeacherPromptIds:
+    """Token ids of each teacher prompt, at most `max_reprompt_len` of them (a `TeacherPromptIds` list).
 
     Conversational prompts go through the chat template with a generation prompt, like the student's prompts.
+    Prompts that fit are tokenized as they are (what TRL does). A longer teacher prompt built by
+    `build_teacher_prompts` (whose `parts` are known) keeps its template, instruction and question whole and
+    has its demonstration / feedback cut (see `_fit` for which ends, and why); if even those do not fit, or
+    the parts are unknown (a plain list of prompts, or a rollout without a teacher), it keeps its LAST
+    `max_reprompt_len` tokens (left truncation, TRL's rule), with a warning once for teacher prompts.
     """
+    global _warned_fallback
     if len(prompts) == 0:
-        return []
-    if isinstance(prompts[0], list):
-        ids = processing_class.apply_chat_template(
-            conversation=list(prompts),
-            add_generation_prompt=True,
-            tokenize=True,
-            return_dict=True,
-            **(chat_template_kwargs or {}),
-        )["input_ids"]
-    else:
-        ids = processing_class(text=list(prompts))["input_ids"]
-    return [list(x)[-max_reprompt_len:] for x in ids]
+        return TeacherPromptIds()
+    ids = [list(x) for x in _encode(processing_class, prompts, chat_template_kwargs)]
+    parts = getattr(prompts, "parts", None)
+    known = parts is not None and len(parts) == len(prompts)
+    out: list[list[int]] = []
+    num_truncated = tokens_cut = num_fallback = 0
+    for k, x in enumerate(ids):
+        if len(x) <= max_reprompt_len:
+            out.append(x)
+            continue
+        p = parts[k] if known else None
+        if known and p is None:  # no teacher: the original prompt, masked out; not counted
+            out.append(x[-max_reprompt_len:])
+            continue
+        fitted = _fit(processing_class, p, max_reprompt_len, chat_template_kwargs) if p is not None else None
+        if fitted is None:
+            num_fallback += 1
+            fitted = x[-max_reprompt_len:]
+            if p is not None and not _warned_fallback:
+                _warned_fallback = True
+                logger.warning(
+                    "A teacher prompt's template, instruction and question alone exceed `max_reprompt_len=%d` "
+                    "tokens; such prompts keep their last %d tokens (left truncation, as TRL does). Raise "
+                    "`max_reprompt_len`. (Warned once.)",
+                    max_reprompt_len,
+                    max_reprompt_len,
+                )
+        num_truncated += 1
+        tokens_cut += len(x) - len(fitted)
+        out.append(fitted)
+    return TeacherPromptIds(out, num_truncated, tokens_cut, num_fallback)

@@ -441,6 +441,12 @@ class SDPOTrainer(GRPOTrainer):
         teacher_ids = tokenize_teacher_prompts(
             self.processing_class, teacher_prompts, self.args.max_reprompt_len, template_kwargs
         )
+        # Teacher prompts cut to `max_reprompt_len` (their solution / feedback), as a fraction of the global batch.
+        counts = self.accelerator.gather(torch.tensor([[teacher_ids.num_truncated, len(teacher_ids)]], device=device))
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["self_distillation/reprompt_truncated_frac"].append(
+            counts[:, 0].sum().item() / max(counts[:, 1].sum().item(), 1)
+        )
         teacher_prompt_ids = pad(
             [torch.tensor(x, dtype=torch.long) for x in teacher_ids],
             padding_value=self._tokenizer.pad_token_id,
