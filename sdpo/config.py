@@ -12,6 +12,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 from trl import GRPOConfig
 
+from .grpo_options import warn_options_ignored_without_policy_term
+
 # The choice fields are typed as `Literal[...]` so that `HfArgumentParser` / `TrlParser` list their values in
 # `sdpo train --help`; the tuples are the same values, for the validators (a `Literal` is not enforced at runtime).
 PolicyLossMode = Literal["distillation_only", "hybrid"]
@@ -376,6 +378,7 @@ class SDPOConfig(GRPOConfig):
                 self.num_generations = 1
         self._resolve_to_trl_116_values()
         self._warn_on_trl_differences()
+        warn_options_ignored_without_policy_term(self)  # sets beta to 0.0 there: no reference model
 
     def _resolve_to_trl_116_values(self) -> None:
         """After validation, the fields TRL 1.16's `SDPOConfig` resolves hold the same values as there (so that the

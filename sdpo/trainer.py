@@ -33,12 +33,22 @@ from trl.trainer.utils import create_model_from_path, get_config_model_id, pad, 
 import sdpo_kernels
 from sdpo_kernels import self_distillation_loss
 
+from . import grpo_options
 from .config import SDPOConfig
 from .loss_helpers import (  # re-exported: `sdpo.trainer` is their historical import path
     aggregation_weights,
     clipped_policy_per_token,
     distillation_aggregation_weights,
     distillation_loss_kwargs,
+)
+from .metrics import (
+    entropy_and_token_logps,
+    is_clip_flags,
+    masked_sum_count,
+    per_token_kl,
+    policy_clip_flags,
+    reduce_sum_counts,
+    teacher_prompt_lengths,
 )
 from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head
 from .teacher import EMATeacherCallback, SDPOTeacher
@@ -100,12 +110,7 @@ class SDPOTrainer(GRPOTrainer):
             raise ValueError("`reward_funcs` is required: SDPO scores rollouts to find successful demonstrations.")
         if train_dataset is None:
             raise ValueError("`train_dataset` is required.")
-        if args.policy_loss_weight != 0.0:
-            if args.top_entropy_quantile < 1.0 or args.off_policy_mask_threshold is not None:
-                raise ValueError(
-                    "A policy term (hybrid, or distillation_weight < 1) does not support `top_entropy_quantile < 1` or "
-                    "`off_policy_mask_threshold`; use GRPO's options through `trl.GRPOTrainer` instead."
-                )
+        grpo_options.refuse_policy_term_options(args)  # before GRPO loads a reference model for beta != 0
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -124,6 +129,8 @@ class SDPOTrainer(GRPOTrainer):
         }
         self._last_rewards_per_func: torch.Tensor | None = None
         self._setup_teacher_client()
+        grpo_options.disable_router_aux_loss(self)
+        grpo_options.refuse_ema_with_non_lora_peft(args, self.model)
 
         # The student computes its loss inside its own forward (see sdpo.modeling); patch the causal LM.
         lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
@@ -132,14 +139,14 @@ class SDPOTrainer(GRPOTrainer):
         self._warn_on_bf16_ema_rounding()
         self.distillation_topk = self._clamped_topk(lm)
         self._fused_linear_reason = self._why_not_fused_linear()
-        if self.beta != 0.0 and getattr(args, "use_bias_correction_kl", False):
-            raise ValueError("`use_bias_correction_kl=True` is not supported by SDPOTrainer's hybrid loss yet")
         if args.distillation_fused_linear == "always" and self._fused_linear_reason is not None:
             raise ValueError(
                 f"`distillation_fused_linear='always'` but the fused-linear loss cannot be used: "
                 f"{self._fused_linear_reason}."
             )
         self.use_fused_linear = args.distillation_fused_linear != "never" and self._fused_linear_reason is None
+        if args.distillation_fused_linear == "auto" and self._fused_linear_reason is not None:
+            logger.info("SDPO uses the logits path, not the fused-linear loss: %s.", self._fused_linear_reason)
 
     # ---- setup ------------------------------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self):
@@ -173,6 +180,8 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_model = copy.deepcopy(self.model)
                 # Drop the instance-level forwards patched onto the student (they close over the student).
                 teacher_model.__dict__.pop("forward", None)
+                if args.cast_lm_head_to_fp32:
+                    grpo_options.rebind_fp32_head(teacher_model)
             # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
             add_head_fn_forward(teacher_model)
         if (
@@ -267,6 +276,8 @@ class SDPOTrainer(GRPOTrainer):
         lm = self.model.get_base_model() if is_peft_model(self.model) else self.model
         if not is_plain_linear_head(lm):
             return "the output head is not a plain nn.Linear (soft-capping, scaling or an adapter on the head)"
+        if (reason := grpo_options.fused_linear_blocker(self.args, lm)) is not None:
+            return reason
         if self.teacher.model is not None and not is_plain_linear_head(
             self.teacher.model.get_base_model() if is_peft_model(self.teacher.model) else self.teacher.model
         ):
@@ -349,6 +360,7 @@ class SDPOTrainer(GRPOTrainer):
         return rewards_per_func
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        grpo_options.refuse_vision_inputs(inputs)
         output = super()._generate_and_score_completions(inputs)
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
@@ -404,6 +416,7 @@ class SDPOTrainer(GRPOTrainer):
         all_prompts = gather_object(local_prompts)
         all_completions = gather_object(local_completions)
         all_feedbacks = gather_object(local_feedbacks)
+        grpo_options.warn_unused_feedback(self, all_feedbacks)
         selection = select_teachers(
             rewards.tolist(),
             all_feedbacks,
@@ -684,7 +697,10 @@ class SDPOTrainer(GRPOTrainer):
                 }
             if fused:
                 return self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
-            return self._logits_losses(head_logits(hidden, lm), teacher_out, inputs, old, w_dist, w_pol)
+            logits = head_logits(hidden, lm)
+            losses = self._logits_losses(logits, teacher_out, inputs, old, w_dist, w_pol)
+            losses["metric_stats"] = self._logits_metric_stats(logits, inputs, old, mask, dist_mask, hybrid)
+            return losses
 
         student_input_ids = torch.cat([inputs["prompt_ids"], completion_ids], dim=1)
         student_attention_mask = torch.cat([inputs["prompt_mask"], completion_mask], dim=1)
@@ -698,6 +714,7 @@ class SDPOTrainer(GRPOTrainer):
         # TRL logs the policy loss before the gradient-accumulation division (dapo's normalizer keeps it).
         ga = self._accumulation_steps(mode)
         self._log_loss_metrics(mode, out, dist_mask, mask, policy_scale=1.0 if self.loss_type == "dapo" else ga)
+        self._log_metric_stats(mode, out.get("metric_stats", {}), inputs)
         return out["loss"]
 
     @staticmethod
@@ -762,6 +779,9 @@ class SDPOTrainer(GRPOTrainer):
             self.accelerator.gather(diff).mean().item()
         )
         self._log_loss_metrics(mode, {"loss": loss, "distillation_per_token": per_token.detach()}, dist_mask, mask)
+        # `logits` are already divided by the temperature here.
+        stats = self._logits_metric_stats(logits, inputs, old, mask, dist_mask, hybrid=False, temperature=1.0)
+        self._log_metric_stats(mode, stats, inputs)
         return loss
 
     def _logits_losses(self, logits, teacher_logits, inputs, old, w_dist, w_pol) -> dict[str, torch.Tensor]:
@@ -879,3 +899,43 @@ class SDPOTrainer(GRPOTrainer):
         if "policy_loss" in out:  # the policy loss itself, before the blend's coefficient (as TRL)
             scale = policy_scale / self.args.policy_loss_weight
             self._metrics[mode]["self_distillation/policy_loss"].append(scale * policy_sum / rows.shape[0])
+
+    # ---- watched metrics (docs/trainer.md, "Metrics") ---------------------------------------------------------
+    def _logits_metric_stats(
+        self, logits, inputs: dict[str, Any], old, mask, dist_mask, hybrid: bool, temperature: float | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(sum, count) pairs of the metrics the student logits [B, T, V] make available: GRPO's `entropy`,
+        `clip_ratio/*` and `kl` (hybrid), and the distillation IS clip fraction. One no-grad pass over the logits."""
+        args = self.args
+        temperature = self.temperature if temperature is None else temperature
+        entropy, logps = entropy_and_token_logps(logits, inputs["completion_ids"], temperature)
+        stats = {"entropy": masked_sum_count(entropy, mask)}
+        if hybrid:
+            if self.beta != 0.0 and "ref_per_token_logps" in inputs:
+                stats["kl"] = masked_sum_count(per_token_kl(logps, inputs["ref_per_token_logps"]), mask)
+            flags = policy_clip_flags(
+                logps,
+                inputs.get("old_per_token_logps"),
+                inputs["advantages"],
+                mask,
+                epsilon_low=self.epsilon_low,
+                epsilon_high=self.epsilon_high,
+                importance_sampling_level=self.importance_sampling_level,
+            )
+            for name in ("low", "high", "region"):
+                stats[f"clip_ratio/{name}_mean"] = masked_sum_count(flags[name], mask)
+        if args.distillation_loss_weight != 0.0 and args.distillation_is_clip is not None and old is not None:
+            flags = is_clip_flags(logps, old, args.distillation_is_clip)
+            stats["self_distillation/is_clip_frac"] = masked_sum_count(flags, dist_mask)
+        return stats
+
+    def _log_metric_stats(self, mode: str, stats: dict[str, torch.Tensor], inputs: dict[str, Any]) -> None:
+        """Log `stats` and the teacher prompt length (mean over rows with a teacher), with one collective."""
+        stats = dict(stats)
+        if "teacher_attention_mask" in inputs:
+            lengths = teacher_prompt_lengths(inputs["teacher_attention_mask"], inputs["completion_ids"].size(1))
+            sd_mask = inputs.get("self_distillation_mask")
+            rows = torch.ones_like(lengths) if sd_mask is None else sd_mask.float()
+            stats["self_distillation/teacher_prompt_length"] = masked_sum_count(lengths.unsqueeze(1), rows.unsqueeze(1))
+        for key, value in reduce_sum_counts(stats, self.accelerator.gather).items():
+            self._metrics[mode][key].append(value)
