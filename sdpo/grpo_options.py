@@ -39,6 +39,20 @@ def warn_options_ignored_without_policy_term(config: Any) -> None:
             "(use sdpo_policy_loss_mode='hybrid' or distillation_weight < 1 for a KL-regularised policy term)",
         )
         config.beta = 0.0
+    if (
+        config.use_vllm
+        and config.vllm_importance_sampling_correction
+        and config.distillation_is_clip is None
+        and not config.distillation_rollout_is
+    ):
+        # GRPO runs a student forward after each generation for this ratio; with neither the distillation IS clip
+        # nor the rollout IS weights, nothing would read it.
+        _ignored(
+            "vllm_importance_sampling_correction=True",
+            " with `distillation_is_clip=None` and `distillation_rollout_is=False`: it is set to False so GRPO "
+            "runs no student forward for it",
+        )
+        config.vllm_importance_sampling_correction = False
     if config.top_entropy_quantile < 1.0:
         _ignored(f"top_entropy_quantile={config.top_entropy_quantile}")
     if config.off_policy_mask_threshold is not None:
@@ -157,3 +171,28 @@ def rebind_fp32_head(teacher: torch.nn.Module) -> None:
         return torch.nn.functional.linear(hidden_states.to(torch.float32), head.weight.to(torch.float32), bias)
 
     head.forward = forward
+
+
+def prepare_separate_teacher(args: Any, teacher: torch.nn.Module, copied_from_student: bool) -> None:
+    """Give a separate (EMA / base / trust-region) teacher the student's GRPO model options, so that both run the
+    same head and the same kernels.
+
+    - `cast_lm_head_to_fp32`: a deep copy inherits GRPO's fp32 head forward, closed over the *student's* head; it
+      is rebound to the copy's own head (`rebind_fp32_head`). A teacher built from the checkpoint path (ZeRO-3)
+      has no cast head: refused.
+    - `use_liger_kernel`: Trainer patches the student with Liger's kernels in `train()`, after this copy was
+      made; the teacher is patched here with the same `liger_kernel_config` (GRPO has already turned off its
+      fused linear cross-entropy, which would replace the forward).
+    """
+    if args.cast_lm_head_to_fp32:
+        if not copied_from_student:
+            raise ValueError(
+                "`cast_lm_head_to_fp32=True` with a separate teacher under DeepSpeed ZeRO-3 is not supported (the "
+                "teacher is built from the checkpoint path, without GRPO's fp32 head): set "
+                "`cast_lm_head_to_fp32=False`, or `teacher_regularization='none'`."
+            )
+        rebind_fp32_head(teacher)
+    if args.use_liger_kernel:
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(teacher, args.liger_kernel_config)

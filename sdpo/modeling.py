@@ -52,6 +52,17 @@ def head_logits(hidden: torch.Tensor, model: nn.Module) -> torch.Tensor:
     return logits
 
 
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [B, L] (int64) of left-padded rows, as `generate` computes them: 0 at each row's first attended
+    token, counting attended tokens only; padding positions get 0 (they are masked out).
+
+    Without them a model counts positions from column 0, padding included: no effect with rotary embeddings
+    (attention scores depend on relative positions only, up to float rounding), but with absolute position
+    embeddings a row's logits would depend on how much padding its batch gave it.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def forward_with_head(
     model: nn.Module,
     input_ids: torch.Tensor,

@@ -50,7 +50,7 @@ from .metrics import (
     reduce_sum_counts,
     teacher_prompt_lengths,
 )
-from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head
+from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head, padded_position_ids
 from .teacher import EMATeacherCallback, SDPOTeacher
 from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
 from .teacher_server import fetch_teacher_logprobs, server_per_token_loss
@@ -82,7 +82,10 @@ class SDPOTrainer(GRPOTrainer):
         args: an `SDPOConfig`.
         train_dataset: needs a `prompt` column (plain text or conversational); an optional
             `privileged_context` column carries environment feedback (used with include_environment_feedback).
-        eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers, peft_config: as GRPO.
+            It may be None with an `environment_factory` whose `reset()` returns the prompt (as GRPO).
+        eval_dataset, processing_class, reward_processing_classes, callbacks, optimizers, peft_config,
+        quantization_config, tools, rollout_func, environment_factory: as GRPO. The teacher reprompt is built from
+            the prompt as generated (with an environment's `reset()` observation appended).
     """
 
     _tag_names: ClassVar[list[str]] = ["trl", "sdpo"]
@@ -100,16 +103,24 @@ class SDPOTrainer(GRPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple[Any, Any] = (None, None),
         peft_config: Any = None,
+        quantization_config: Any = None,
+        tools: list[Any] | None = None,
+        rollout_func: Any = None,
+        environment_factory: Any = None,
     ):
         if args is None:
             name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = SDPOConfig(output_dir=f"{str(name).split('/')[-1]}-SDPO")
         if not isinstance(args, SDPOConfig):
             raise ValueError(f"`args` must be an sdpo.SDPOConfig, got {type(args).__name__}.")
-        if reward_funcs is None or (isinstance(reward_funcs, list) and len(reward_funcs) == 0):
-            raise ValueError("`reward_funcs` is required: SDPO scores rollouts to find successful demonstrations.")
-        if train_dataset is None:
-            raise ValueError("`train_dataset` is required.")
+        no_reward_funcs = reward_funcs is None or (isinstance(reward_funcs, list) and len(reward_funcs) == 0)
+        if no_reward_funcs and environment_factory is None:
+            raise ValueError(
+                "`reward_funcs` is required (or an `environment_factory` whose environments define `get_reward`): "
+                "SDPO scores rollouts to find successful demonstrations."
+            )
+        if train_dataset is None and environment_factory is None:
+            raise ValueError("`train_dataset` is required (unless an `environment_factory` returns the prompts).")
         grpo_options.refuse_policy_term_options(args)  # before GRPO loads a reference model for beta != 0
         super().__init__(
             model=model,
@@ -122,7 +133,14 @@ class SDPOTrainer(GRPOTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
             peft_config=peft_config,
+            quantization_config=quantization_config,
+            tools=tools,
+            rollout_func=rollout_func,
+            environment_factory=environment_factory,
         )
+        # The prompts GRPO generated from (after an environment's `reset()` observation is appended): the teacher
+        # reprompt is built from these, not from the dataset's raw `prompt` column.
+        self._generation_prompts: list[Any] | None = None
         self._diagnostic_counters: dict[str, defaultdict[str, int]] = {
             "train": defaultdict(int),
             "eval": defaultdict(int),
@@ -180,8 +198,9 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_model = copy.deepcopy(self.model)
                 # Drop the instance-level forwards patched onto the student (they close over the student).
                 teacher_model.__dict__.pop("forward", None)
-                if args.cast_lm_head_to_fp32:
-                    grpo_options.rebind_fp32_head(teacher_model)
+            grpo_options.prepare_separate_teacher(
+                args, teacher_model, copied_from_student=not is_deepspeed_zero3_enabled()
+            )
             # The teacher runs through its root forward too: FSDP unshards and ZeRO-3 gathers there.
             add_head_fn_forward(teacher_model)
         if (
@@ -359,8 +378,13 @@ class SDPOTrainer(GRPOTrainer):
         self._last_rewards_per_func = rewards_per_func
         return rewards_per_func
 
+    def _generate(self, prompts: list):
+        self._generation_prompts = list(prompts)
+        return super()._generate(prompts)
+
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         grpo_options.refuse_vision_inputs(inputs)
+        self._generation_prompts = None
         output = super()._generate_and_score_completions(inputs)
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
@@ -410,7 +434,10 @@ class SDPOTrainer(GRPOTrainer):
         local_completions = self.processing_class.batch_decode(
             [ids[m.bool()] for ids, m in zip(completion_ids.cpu(), completion_mask.cpu())], skip_special_tokens=True
         )
-        local_prompts = [x["prompt"] for x in inputs]
+        # As generated: with an `environment_factory`, each prompt carries its `reset()` observation.
+        local_prompts = self._generation_prompts
+        if local_prompts is None or len(local_prompts) != len(inputs):
+            local_prompts = [x["prompt"] for x in inputs]
         local_feedbacks = [x.get("privileged_context") for x in inputs]
         # Groups may span processes: gather prompts, completions and feedback of the whole batch.
         all_prompts = gather_object(local_prompts)
@@ -599,19 +626,20 @@ class SDPOTrainer(GRPOTrainer):
     def _teacher_head(self, model, inputs: dict[str, Any], head_fn: Callable) -> Any:
         """Run the teacher forward (no grad) on its reprompted inputs, returning `head_fn(hidden, lm)`."""
         ids, attn = inputs["teacher_input_ids"], inputs["teacher_attention_mask"]
+        # Reprompts differ in length far more than prompts: count positions from each row's first token, as
+        # `generate` does (docs/trainer.md, "Teacher positions").
+        kw = dict(input_ids=ids, attention_mask=attn, position_ids=padded_position_ids(attn))
         keep = inputs["completion_ids"].size(1)
         with torch.no_grad():
             if self.teacher_model_wrapped is not None:  # separate EMA copy, through its (wrapped) root forward
-                out = self.teacher_model_wrapped(
-                    input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep
-                )
+                out = self.teacher_model_wrapped(**kw, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
                 if self.is_fsdp_enabled:
                     # FSDP2 leaves the root group (embeddings, norm, head) unsharded after a forward; the EMA
                     # and the checkpoint need the shards back, and so does the memory.
                     self.teacher_model_wrapped.reshard()
                 return out
             with self.teacher.forward_context():  # live student, or the EMA adapter under PEFT
-                return model(input_ids=ids, attention_mask=attn, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
+                return model(**kw, sdpo_head_fn=head_fn, sdpo_logits_to_keep=keep)
 
     def _teacher_outputs(self, model, inputs: dict[str, Any], fused: bool) -> Any:
         """The teacher's side of the loss: (hidden, head weight, bias) on the fused path, else logits [B, T, V].
@@ -630,9 +658,11 @@ class SDPOTrainer(GRPOTrainer):
         both on the teacher's reprompted inputs (the reference is the initial student; no gradient)."""
         reference = self._teacher_head(model, inputs, head_logits)
         with torch.no_grad():
+            attn = inputs["teacher_attention_mask"]
             student = model(
                 input_ids=inputs["teacher_input_ids"],
-                attention_mask=inputs["teacher_attention_mask"],
+                attention_mask=attn,
+                position_ids=padded_position_ids(attn),
                 sdpo_head_fn=head_logits,
                 sdpo_logits_to_keep=inputs["completion_ids"].size(1),
             )

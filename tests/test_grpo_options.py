@@ -1,5 +1,6 @@
 """GRPO options under SDPO (issue 16 item 2): each works, is refused naming the option, or warns once."""
 
+import copy
 import logging
 import types
 import warnings
@@ -150,3 +151,63 @@ def test_ema_teacher_with_pure_lora_is_accepted(tmp_path):
     peft = pytest.importorskip("peft")
     lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
     make_trainer(tmp_path, teacher_regularization="ema", peft_config=lora)
+
+
+# ---- PEFT + EMA teacher: what GRPO's vLLM weight sync would send ----------------------------------------------------
+def _vllm_sync_names_and_weights(model):
+    """Run TRL's `VLLMGeneration._iter_named_params` (the names and tensors `sync_weights` sends) on `model`, without
+    vLLM: a bare instance with a single-process, non-sharded `_dist`."""
+    import contextlib
+
+    from trl.generation.vllm_generation import VLLMGeneration
+
+    sync = VLLMGeneration.__new__(VLLMGeneration)
+    sync.model = model
+    sync._dist = types.SimpleNamespace(gather_params=lambda params: contextlib.nullcontext(), is_fsdp=False)
+    return {name: p.detach().clone() for name, p in sync._iter_named_params()}
+
+
+def test_peft_ema_teacher_adapter_is_not_sent_by_the_vllm_weight_sync(tmp_path):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    trainer = make_trainer(tmp_path, teacher_regularization="ema", peft_config=config)
+    model = trainer.model
+    assert "sdpo_teacher" in model.peft_config  # the EMA teacher is a second adapter on the same base
+    with torch.no_grad():  # make the teacher adapter differ from the student's, so a leak would show in the values
+        for name, p in model.named_parameters():
+            if ".sdpo_teacher." in name:
+                p.add_(1.0)
+    sent = _vllm_sync_names_and_weights(model)
+    plain = build_tiny_model(build_char_tokenizer(), seed=0)
+    assert set(sent) == {n for n, _ in plain.named_parameters()}  # exactly the names vLLM's model has
+    assert not any("sdpo_teacher" in n or "lora_" in n for n in sent)
+    # The values are the student's merged weights (base + the student's adapter), not the teacher's.
+    student = copy.deepcopy(model)
+    student.delete_adapter("sdpo_teacher")
+    merged = dict(student.merge_and_unload().named_parameters())
+    for name, value in sent.items():
+        torch.testing.assert_close(value, merged[name].detach(), rtol=0, atol=0)
+
+
+def test_why_modules_to_save_is_refused_the_sync_would_send_the_teachers_copy(tmp_path, monkeypatch):
+    # With the refusal bypassed, the teacher adapter's `modules_to_save` copy passes GRPO's name filter.
+    peft = pytest.importorskip("peft")
+    monkeypatch.setattr(grpo_options, "refuse_ema_with_non_lora_peft", lambda *args: None)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    trainer = make_trainer(tmp_path, teacher_regularization="ema", peft_config=config)
+    assert "lm_head.modules_to_save.sdpo_teacher.weight" in _vllm_sync_names_and_weights(trainer.model)
+
+
+def test_vllm_is_correction_is_turned_off_when_nothing_in_distillation_only_mode_reads_it(tmp_path):
+    with pytest.warns(UserWarning, match=r"vllm_importance_sampling_correction=True.* is ignored"):
+        args = config(tmp_path, use_vllm=True, distillation_is_clip=None)
+    assert args.vllm_importance_sampling_correction is False  # GRPO then runs no student forward for the ratio
+    # Kept where something reads it: the distillation IS clip (old log-probs), the rollout IS weights, a policy term.
+    for kw in (
+        dict(distillation_is_clip=2.0),
+        dict(distillation_is_clip=None, distillation_rollout_is=True),
+        dict(distillation_is_clip=None, sdpo_policy_loss_mode="hybrid"),
+    ):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert config(tmp_path, use_vllm=True, **kw).vllm_importance_sampling_correction is True, kw
