@@ -137,6 +137,15 @@ SETTINGS = {
         steps_per_generation=2,
         per_device_train_batch_size=2,
     ),
+    # The recommended top-K logit distillation at TRL's teacher default (EMA, update rate 0.05) and alpha default,
+    # with rollout log-probs so the IS clip (default 2) acts.
+    "topk_tail_ema_is": dict(
+        distillation_mode="topk_logits",
+        distillation_topk=5,
+        distillation_add_tail=True,
+        steps_per_generation=2,
+        per_device_train_batch_size=2,
+    ),
     # Full-vocabulary forward KL against the frozen initial student, with environment feedback.
     "full_fkl_base_feedback": dict(
         distillation_mode="full_logits",
