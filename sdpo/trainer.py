@@ -51,6 +51,7 @@ from .metrics import (
     teacher_prompt_lengths,
 )
 from .modeling import add_head_fn_forward, head_logits, is_plain_linear_head, padded_position_ids
+from .rollout_feedback import FeedbackRecorder, combine_feedback
 from .teacher import EMATeacherCallback, SDPOTeacher
 from .teacher_context import build_teacher_prompts, select_teachers, tokenize_teacher_prompts
 from .teacher_server import fetch_teacher_logprobs, server_per_token_loss
@@ -146,6 +147,11 @@ class SDPOTrainer(GRPOTrainer):
             "eval": defaultdict(int),
         }
         self._last_rewards_per_func: torch.Tensor | None = None
+        # Reward functions may return per-completion feedback (sdpo.rollout_feedback); rewards pass through.
+        self._rollout_feedback = FeedbackRecorder()
+        self.reward_funcs = [
+            f if isinstance(f, nn.Module) else self._rollout_feedback.wrap(f) for f in self.reward_funcs
+        ]
         self._setup_teacher_client()
         grpo_options.disable_router_aux_loss(self)
         grpo_options.refuse_ema_with_non_lora_peft(args, self.model)
@@ -385,6 +391,7 @@ class SDPOTrainer(GRPOTrainer):
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         grpo_options.refuse_vision_inputs(inputs)
         self._generation_prompts = None
+        self._rollout_feedback.start_batch()
         output = super()._generate_and_score_completions(inputs)
         device = self.accelerator.device
         mode = "train" if self.model.training else "eval"
@@ -438,7 +445,10 @@ class SDPOTrainer(GRPOTrainer):
         local_prompts = self._generation_prompts
         if local_prompts is None or len(local_prompts) != len(inputs):
             local_prompts = [x["prompt"] for x in inputs]
-        local_feedbacks = [x.get("privileged_context") for x in inputs]
+        # The dataset's privileged_context, then the reward functions' per-completion feedback (if any).
+        local_feedbacks = combine_feedback(
+            [x.get("privileged_context") for x in inputs], self._rollout_feedback.per_rollout(len(inputs))
+        )
         # Groups may span processes: gather prompts, completions and feedback of the whole batch.
         all_prompts = gather_object(local_prompts)
         all_completions = gather_object(local_completions)
