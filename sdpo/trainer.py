@@ -754,7 +754,11 @@ class SDPOTrainer(GRPOTrainer):
         # TRL logs the policy loss before the gradient-accumulation division (dapo's normalizer keeps it).
         ga = self._accumulation_steps(mode)
         self._log_loss_metrics(mode, out, dist_mask, mask, policy_scale=1.0 if self.loss_type == "dapo" else ga)
-        self._log_metric_stats(mode, out.get("metric_stats", {}), inputs)
+        stats = dict(out.get("metric_stats", {}))
+        if "topk_mass" in out:  # both paths, top-K mode: over the tokens that have a teacher
+            stats["self_distillation/student_topk_mass"] = masked_sum_count(out["topk_mass"], dist_mask)
+            stats["self_distillation/teacher_student_support_kl"] = masked_sum_count(out["support_kl"], dist_mask)
+        self._log_metric_stats(mode, stats, inputs)
         return out["loss"]
 
     @staticmethod
@@ -829,13 +833,18 @@ class SDPOTrainer(GRPOTrainer):
         completion_ids = inputs["completion_ids"]
         out: dict[str, torch.Tensor] = {}
         if teacher_logits is not None:
-            per_token = self_distillation_loss(
+            topk = self.args.distillation_mode == "topk_logits"
+            result = self_distillation_loss(
                 logits,
                 teacher_logits.to(logits.dtype),  # no copy when the dtypes already agree
                 completion_ids,
                 old,
                 **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
+                return_support_stats=topk,  # two [N, K] gathers at the kernel's support (metrics)
             )
+            per_token = result[0] if topk else result
+            if topk:
+                out["topk_mass"], out["support_kl"] = result[1]
             loss = (per_token * w_dist).sum()
             out["distillation_per_token"] = per_token.detach()
         else:  # only reached in hybrid mode (see student_head): the policy term keeps the graph attached
@@ -870,6 +879,8 @@ class SDPOTrainer(GRPOTrainer):
         from trl.trainer.utils import maybe_gather_lm_head_ctx
 
         head = lm.get_output_embeddings()
+        # Per-row top-K diagnostics (metrics), on the chunks' logits: two [rows, K] gathers per chunk.
+        support_stats = teacher_out is not None and self.args.distillation_mode == "topk_logits"
         if teacher_out is None:  # no teacher row: w_dist is all zero, the student stands in as a teacher
             teacher_out = (hidden.detach(), head.weight, head.bias)
         t_hidden, t_weight, t_bias = teacher_out
@@ -908,11 +919,20 @@ class SDPOTrainer(GRPOTrainer):
                 teacher_bias=t_bias,
                 policy=policy,
                 **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
+                return_support_stats=support_stats,
             )
         loss, per_token = result
-        dist_tokens = torch.zeros_like(w_dist)
-        dist_tokens.view(-1)[flat] = per_token.detach().to(dist_tokens.dtype)
-        out = {"loss": loss, "distillation_per_token": dist_tokens}
+
+        def unflatten(values: torch.Tensor) -> torch.Tensor:
+            """[B, T] from the kernel's values at the selected rows (0 elsewhere)."""
+            full = torch.zeros_like(w_dist)
+            full.view(-1)[flat] = values.detach().to(full.dtype)
+            return full
+
+        out = {"loss": loss, "distillation_per_token": unflatten(per_token)}
+        if support_stats:
+            out["topk_mass"] = unflatten(result.support_stats.topk_mass)
+            out["support_kl"] = unflatten(result.support_stats.support_kl)
         if w_pol is not None:
             # The kernel's per-token policy losses (a difference of totals would cancel in float32).
             policy_tokens = torch.zeros_like(w_pol)

@@ -362,8 +362,9 @@ def test_opcheck_loss_ops(setting, backend):
     torch.library.opcheck(ops.loss_forward, _op_args(setting, backend))
 
 
+@pytest.mark.parametrize("support_stats", [False, True])
 @pytest.mark.parametrize("with_policy", [False, True])
-def test_opcheck_linear_op(with_policy):
+def test_opcheck_linear_op(with_policy, support_stats):
     torch.manual_seed(0)
     n = 6
     h = torch.randn(n, 8, requires_grad=True)
@@ -373,7 +374,7 @@ def test_opcheck_linear_op(with_policy):
         (torch.randn(n), torch.full((n,), 0.5), None, 0.2, 0.3, None) if with_policy else (None,) * 3 + (0.0, 0.0, None)
     )
     args = (h, w, None, torch.randn(n, 8), w.detach(), None, ids, torch.randn(n) - 3, torch.ones(n), *policy,
-            "topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False)  # fmt: skip
+            "topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False, support_stats)  # fmt: skip
     torch.library.opcheck(ops.linear_loss, args)
 
 

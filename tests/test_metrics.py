@@ -19,6 +19,8 @@ from sdpo.metrics import (
 )
 from sdpo.tiny import build_char_tokenizer, build_tiny_model, tiny_run_args
 
+from tolerances import assert_close_ulps
+
 
 def test_masked_sum_count_token_and_sequence_level():
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
@@ -185,3 +187,27 @@ def test_fused_linear_path_logs_what_it_has(tmp_path):
     logs = tiny_logs(tmp_path, sdpo_policy_loss_mode="hybrid", distillation_fused_linear="always", num_iterations=2)
     assert "self_distillation/teacher_prompt_length" in logs[0] and "self_distillation/policy_loss" in logs[0]
     assert not any(k in logs[0] for k in (*GRPO_KEYS, "self_distillation/is_clip_frac"))
+
+
+SUPPORT_KEYS = ("self_distillation/student_topk_mass", "self_distillation/teacher_student_support_kl")
+
+
+def test_topk_support_metrics_on_both_paths_agree(tmp_path):
+    """Top-K mode logs the student's top-K mass and the teacher-student KL on the support on the fused-linear and
+    the logits path alike; step 1 sees the same batch and weights on both, so the values agree to a few ulps of
+    the O(1) terms (tolerances.PATHS_ULPS: two graphs, chunked matmul vs logits)."""
+    topk = dict(distillation_mode="topk_logits", distillation_topk=5, distillation_add_tail=True)
+    fused = tiny_logs(tmp_path / "fused", distillation_fused_linear="always", **topk)
+    logits = tiny_logs(tmp_path / "logits", distillation_fused_linear="never", **topk)
+    for logs in (fused, logits):
+        for h in logs:
+            assert 0.0 < h[SUPPORT_KEYS[0]] <= 1.0 and h[SUPPORT_KEYS[1]] >= 0.0
+    for key in SUPPORT_KEYS:
+        assert_close_ulps(torch.tensor(fused[0][key]), torch.tensor(logits[0][key]), scale=1.0)
+    # K = 5 of a 50-token vocabulary on a fresh tiny model: far from all the mass (the metric is not trivially 1).
+    assert fused[0][SUPPORT_KEYS[0]] < 0.9
+
+
+def test_support_metrics_absent_without_a_support(tmp_path):
+    logs = tiny_logs(tmp_path, distillation_mode="sampled_token", distillation_fused_linear="never")
+    assert not any(k in logs[0] for k in SUPPORT_KEYS)

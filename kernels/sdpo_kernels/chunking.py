@@ -17,6 +17,7 @@ import torch
 from .config import LossConfig
 from .policy import PolicyTerm, fold_policy_grad, renormalised_policy_grad_
 from .stats import RowStats
+from .support_stats import SupportStats, support_stats
 
 # Default chunking: N // 8 rows per chunk (at least 1), so that the (at most two) [rows, V] chunk
 # buffers stay ≤ 1/4 of one [N, V] logits tensor, with chunks as large as that allows (see
@@ -63,8 +64,8 @@ class RowInputs:
 
 @dataclass(frozen=True)
 class ChunkPlan:
-    """Validated settings of one fused pass: loss config, backend module, rows per chunk, and
-    which student gradients to compute."""
+    """Validated settings of one fused pass: loss config, backend module, rows per chunk, which
+    student gradients to compute, and whether to keep each row's `SupportStats` (topk_logits)."""
 
     config: LossConfig
     backend: ModuleType
@@ -72,6 +73,7 @@ class ChunkPlan:
     need_hidden: bool
     need_weight: bool
     need_bias: bool
+    support_stats: bool = False
 
     @property
     def needs_grad(self) -> bool:
@@ -80,13 +82,15 @@ class ChunkPlan:
 
 @dataclass(frozen=True)
 class FusedResult:
-    """Scalar loss, per-token losses [N], policy per-token losses [N] (or None) and the student
-    gradients `(grad_hidden, grad_weight, grad_bias)` (None where not planned)."""
+    """Scalar loss, per-token losses [N], policy per-token losses [N] (or None), the student
+    gradients `(grad_hidden, grad_weight, grad_bias)` (None where not planned) and the rows'
+    `SupportStats` ([N] each; None unless planned)."""
 
     total: torch.Tensor
     per_token: torch.Tensor
     policy_per_token: torch.Tensor | None
     grads: tuple
+    support: SupportStats | None = None
 
 
 @dataclass
@@ -99,6 +103,7 @@ class _Sums:
     grad_h: torch.Tensor | None
     grad_w: torch.Tensor | None
     grad_b: torch.Tensor | None
+    support: SupportStats | None = None
 
     @classmethod
     def allocate(cls, student: Head, plan: ChunkPlan, has_policy: bool) -> _Sums:
@@ -112,6 +117,7 @@ class _Sums:
             grad_h=torch.empty_like(h) if plan.need_hidden else None,
             grad_w=torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if plan.need_weight else None,
             grad_b=torch.zeros_like(b, dtype=torch.promote_types(b.dtype, torch.float32)) if plan.need_bias else None,
+            support=SupportStats(rows(), rows()) if plan.support_stats else None,
         )
 
     def add_grads(self, grad_logits: torch.Tensor, student: Head, lo: int, hi: int) -> None:
@@ -129,7 +135,7 @@ class _Sums:
             grad_w = grad_w.to(student.weight.dtype)
         if grad_b is not None and grad_b.dtype != student.bias.dtype:
             grad_b = grad_b.to(student.bias.dtype)
-        return FusedResult(self.total, self.per_token, self.policy_tok, (self.grad_h, grad_w, grad_b))
+        return FusedResult(self.total, self.per_token, self.policy_tok, (self.grad_h, grad_w, grad_b), self.support)
 
 
 def fused_pass(*, student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan) -> FusedResult:
@@ -153,6 +159,10 @@ def _run_chunk(student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan, s
     logits_s = student.logits(lo, hi)
     logits_t = teacher.logits(lo, hi)
     loss, stats = plan.backend.forward(logits_s, logits_t, c_ids, c_old, config)
+    if sums.support is not None:  # before the backward overwrites logits_s (two [rows, K] gathers)
+        chunk = support_stats(logits_s, logits_t, stats, config.inv_temperature)
+        sums.support.topk_mass[lo:hi] = chunk.topk_mass
+        sums.support.support_kl[lo:hi] = chunk.support_kl
     if config.mode != "full_logits":
         logits_t = None  # only full_logits' backward reads the teacher logits
     g = rows.weights[lo:hi].to(loss.dtype)

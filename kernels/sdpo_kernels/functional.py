@@ -9,6 +9,7 @@ import torch
 
 from . import ops
 from .config import BACKENDS, LossConfig
+from .support_stats import SupportStats, support_stats
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -65,7 +66,8 @@ def self_distillation_loss(
     is_clip: float | None = 2.0,
     temperature: float = 1.0,
     backend: str = "auto",
-) -> torch.Tensor:
+    return_support_stats: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, SupportStats]:
     """Per-token SDPO self-distillation loss, never materialising full-vocabulary log-probs.
 
     Semantics are TRL 1.16's `trl.experimental.sdpo.loss_utils` applied to `logits / temperature`
@@ -87,9 +89,15 @@ def self_distillation_loss(
         is_clip: clip of the importance weight exp(logp - old_logp); None disables it.
         temperature: logits are divided by it (> 0).
         backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
+        return_support_stats: topk_logits only: also return the `SupportStats` of each row (the student's
+            top-K mass and the teacher-student KL on the support; `sdpo_kernels.support_stats`: two [N, K]
+            gathers, no pass over the vocabulary).
     Returns:
-        [...] float32 per-token loss, differentiable w.r.t. `student_logits`.
+        [...] float32 per-token loss, differentiable w.r.t. `student_logits`; with `return_support_stats`,
+        `(loss, SupportStats)` whose fields are [...] detached float32.
     """
+    if return_support_stats and mode != "topk_logits":
+        raise ValueError(f"return_support_stats needs mode='topk_logits' (the top-K support), got mode={mode!r}")
     config = LossConfig.from_args(
         student_logits,
         teacher_logits,
@@ -112,7 +120,10 @@ def self_distillation_loss(
     ids = None if completion_ids is None else completion_ids.reshape(-1)
     old = None if (old_logps is None or config.is_clip is None) else old_logps.detach().reshape(-1)
     c = config
-    loss = ops.loss_forward(
+    loss, *packed = ops.loss_forward(
         student, teacher, ids, old, c.mode, c.topk, c.alpha, c.add_tail, c.is_clip, c.temperature, impl
-    )[0]
-    return loss.view(rows_shape)
+    )
+    if not return_support_stats:
+        return loss.view(rows_shape)
+    rows = support_stats(student, teacher, ops.unpack_stats(packed, c.mode), c.inv_temperature)
+    return loss.view(rows_shape), SupportStats(*(x.view(rows_shape) for x in rows))

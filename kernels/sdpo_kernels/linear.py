@@ -28,6 +28,7 @@ from .chunking import DEFAULT_CHUNK_DIVISOR, REFERENCE_CHUNK_DIVISOR, default_ch
 from .config import LossConfig, check_chunk_size, check_linear_pair, check_policy, check_rows
 from .functional import resolve_backend_name
 from .policy import POLICY_KEYS, POLICY_OPTIONAL_KEYS, PolicyTerm, as_policy_term
+from .support_stats import SupportStats
 
 __all__ = [
     "DEFAULT_CHUNK_DIVISOR",
@@ -43,11 +44,18 @@ __all__ = [
 
 
 class LinearLossOutput(tuple):
-    """`(loss, per_token)`, with `.loss`, `.per_token` and `.policy_per_token` attributes."""
+    """`(loss, per_token)`, with `.loss`, `.per_token`, `.policy_per_token` and `.support_stats` attributes."""
 
-    def __new__(cls, loss: torch.Tensor, per_token: torch.Tensor, policy_per_token: torch.Tensor | None = None):
+    def __new__(
+        cls,
+        loss: torch.Tensor,
+        per_token: torch.Tensor,
+        policy_per_token: torch.Tensor | None = None,
+        support_stats: SupportStats | None = None,
+    ):
         out = super().__new__(cls, (loss, per_token))
         out.policy_per_token = policy_per_token
+        out.support_stats = support_stats
         return out
 
     @property
@@ -83,6 +91,7 @@ def linear_self_distillation_loss(
     policy: PolicyTerm | dict | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
+    return_support_stats: bool = False,
 ) -> LinearLossOutput:
     """SDPO self-distillation loss from hidden states and lm_head weights (docs/fused-linear.md).
 
@@ -109,10 +118,14 @@ def linear_self_distillation_loss(
             with a DeprecationWarning; a missing `old_logps` key means the call's `old_logps`).
         chunk_size: rows per chunk (default `max(1, N // 8)`, `N // 32` with the reference backend).
         backend: "auto" (Triton for CUDA tensors, reference otherwise) | "triton" | "reference".
+        return_support_stats: topk_logits only: also compute each row's `SupportStats` (the student's
+            top-K mass, the teacher-student KL on the support) on each chunk's logits: two [rows, K]
+            gathers per chunk, no extra pass over the vocabulary.
     Returns:
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable float32 (float64 for
         float64 inputs) scalar, `per_token` [...] detached ℓ; `out.policy_per_token` [...] detached
-        policy loss (None without policy). Rows with weight 0 contribute exactly 0 to the loss and
+        policy loss (None without policy); `out.support_stats` a `SupportStats` of [...] detached
+        tensors (None unless `return_support_stats`). Rows with weight 0 contribute exactly 0 to the loss and
         to every gradient, even where their loss is not finite (e.g. padding rows).
     """
     policy = as_policy_term(policy)
@@ -126,6 +139,8 @@ def linear_self_distillation_loss(
         cast = lambda t: t.to(cast_to) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t
         student, teacher = tuple(map(cast, student)), tuple(map(cast, teacher))
         context = torch.autocast(student_hidden.device.type, enabled=False)
+    if return_support_stats and mode != "topk_logits":
+        raise ValueError(f"return_support_stats needs mode='topk_logits' (the top-K support), got mode={mode!r}")
     settings = dict(mode=mode, topk=topk, alpha=alpha, add_tail=add_tail, is_clip=is_clip, temperature=temperature)
     with context:
         return _fused_loss(
@@ -138,6 +153,7 @@ def linear_self_distillation_loss(
             settings=settings,
             chunk_size=chunk_size,
             backend=backend,
+            return_support_stats=return_support_stats,
         )
 
 
@@ -156,7 +172,9 @@ def _validate(*, student, teacher, completion_ids, old_logps, weights, policy, s
     return config, rows_shape
 
 
-def _fused_loss(*, student, teacher, completion_ids, old_logps, weights, policy, settings, chunk_size, backend):
+def _fused_loss(
+    *, student, teacher, completion_ids, old_logps, weights, policy, settings, chunk_size, backend, return_support_stats
+):
     """Validated, planned and flattened: the fused pass, through autograd when a gradient is wanted."""
     config, rows_shape = _validate(
         student=student,
@@ -182,7 +200,7 @@ def _fused_loss(*, student, teacher, completion_ids, old_logps, weights, policy,
     term = None if policy is None else policy.flattened(n, call_old_logps=old)
     c = config
     # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
-    total, per_token, policy_tok, *_grads = ops.linear_loss(
+    total, per_token, policy_tok, _grad_h, _grad_w, _grad_b, topk_mass, support_kl = ops.linear_loss(
         h_s.reshape(n, h_s.shape[-1]) if need_hidden else h_s.detach().reshape(n, h_s.shape[-1]),
         w_s if need_weight else w_s.detach(),
         b_s if need_bias else detach(b_s),
@@ -209,11 +227,16 @@ def _fused_loss(*, student, teacher, completion_ids, old_logps, weights, policy,
         need_hidden,
         need_weight,
         need_bias,
+        return_support_stats,
     )
+    support = None
+    if return_support_stats:
+        support = SupportStats(topk_mass.detach().view(rows_shape), support_kl.detach().view(rows_shape))
     return LinearLossOutput(
         total,
         per_token.detach().view(rows_shape),
         None if policy is None else policy_tok.detach().view(rows_shape),
+        support,
     )
 
 
