@@ -736,7 +736,13 @@ class SDPOTrainer(GRPOTrainer):
                     "loss": hidden.sum() * 0.0 + sum(p.sum() for p in lm.get_output_embeddings().parameters()) * 0.0
                 }
             if fused:
-                return self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
+                losses = self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
+                if "token_logps" in losses:  # the kernel's per-row log-probs: GRPO's clip ratios, the IS clip share
+                    rows = losses.pop("token_rows")
+                    losses["metric_stats"] = self._token_metric_stats(
+                        losses.pop("token_logps"), inputs, old, mask * rows, dist_mask * rows, hybrid
+                    )
+                return losses
             logits = head_logits(hidden, lm)
             losses = self._logits_losses(logits, teacher_out, inputs, old, w_dist, w_pol)
             losses["metric_stats"] = self._logits_metric_stats(logits, inputs, old, mask, dist_mask, hybrid)
@@ -881,6 +887,13 @@ class SDPOTrainer(GRPOTrainer):
         head = lm.get_output_embeddings()
         # Per-row top-K diagnostics (metrics), on the chunks' logits: two [rows, K] gathers per chunk.
         support_stats = teacher_out is not None and self.args.distillation_mode == "topk_logits"
+        # The student's log-prob of each completion token (one gathered logit per row): what GRPO's clip ratios
+        # (policy term on) and the distillation IS clip share (rollout log-probs present) are computed from.
+        args = self.args
+        is_clip_stat = (
+            args.distillation_loss_weight != 0.0 and args.distillation_is_clip is not None and old is not None
+        )
+        token_logps = w_pol is not None or is_clip_stat
         if teacher_out is None:  # no teacher row: w_dist is all zero, the student stands in as a teacher
             teacher_out = (hidden.detach(), head.weight, head.bias)
         t_hidden, t_weight, t_bias = teacher_out
@@ -920,6 +933,7 @@ class SDPOTrainer(GRPOTrainer):
                 policy=policy,
                 **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
                 return_support_stats=support_stats,
+                return_token_logps=token_logps,
             )
         loss, per_token = result
 
@@ -930,6 +944,9 @@ class SDPOTrainer(GRPOTrainer):
             return full
 
         out = {"loss": loss, "distillation_per_token": unflatten(per_token)}
+        if token_logps:
+            out["token_logps"] = unflatten(result.token_logps)
+            out["token_rows"] = flat.view_as(w_dist).to(w_dist.dtype)  # rows the kernel ran (logps 0 elsewhere)
         if support_stats:
             out["topk_mass"] = unflatten(result.support_stats.topk_mass)
             out["support_kl"] = unflatten(result.support_stats.support_kl)
@@ -966,10 +983,17 @@ class SDPOTrainer(GRPOTrainer):
     ) -> dict[str, torch.Tensor]:
         """(sum, count) pairs of the metrics the student logits [B, T, V] make available: GRPO's `entropy`,
         `clip_ratio/*` and `kl` (hybrid), and the distillation IS clip fraction. One no-grad pass over the logits."""
-        args = self.args
         temperature = self.temperature if temperature is None else temperature
         entropy, logps = entropy_and_token_logps(logits, inputs["completion_ids"], temperature)
         stats = {"entropy": masked_sum_count(entropy, mask)}
+        stats.update(self._token_metric_stats(logps, inputs, old, mask, dist_mask, hybrid))
+        return stats
+
+    def _token_metric_stats(self, logps, inputs: dict[str, Any], old, mask, dist_mask, hybrid: bool):
+        """(sum, count) pairs of what the student's token log-probs logps [B, T] give: GRPO's `kl` and
+        `clip_ratio/*` (hybrid) and the distillation IS clip fraction (rollout log-probs present)."""
+        args = self.args
+        stats: dict[str, torch.Tensor] = {}
         if hybrid:
             if self.beta != 0.0 and "ref_per_token_logps" in inputs:
                 stats["kl"] = masked_sum_count(per_token_kl(logps, inputs["ref_per_token_logps"]), mask)

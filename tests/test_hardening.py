@@ -362,9 +362,9 @@ def test_opcheck_loss_ops(setting, backend):
     torch.library.opcheck(ops.loss_forward, _op_args(setting, backend))
 
 
-@pytest.mark.parametrize("support_stats", [False, True])
+@pytest.mark.parametrize("row_outputs", [False, True])
 @pytest.mark.parametrize("with_policy", [False, True])
-def test_opcheck_linear_op(with_policy, support_stats):
+def test_opcheck_linear_op(with_policy, row_outputs):
     torch.manual_seed(0)
     n = 6
     h = torch.randn(n, 8, requires_grad=True)
@@ -373,8 +373,9 @@ def test_opcheck_linear_op(with_policy, support_stats):
     policy = (
         (torch.randn(n), torch.full((n,), 0.5), None, 0.2, 0.3, None) if with_policy else (None,) * 3 + (0.0, 0.0, None)
     )
+    settings = ("topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False, row_outputs, row_outputs)
     args = (h, w, None, torch.randn(n, 8), w.detach(), None, ids, torch.randn(n) - 3, torch.ones(n), *policy,
-            "topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False, support_stats)  # fmt: skip
+            *settings)  # fmt: skip
     torch.library.opcheck(ops.linear_loss, args)
 
 

@@ -182,11 +182,22 @@ def test_distillation_only_logits_path_logs_entropy_but_not_policy_metrics(tmp_p
     assert "self_distillation/is_clip_frac" not in logs[0]  # no old log-probs with num_iterations=1
 
 
-def test_fused_linear_path_logs_what_it_has(tmp_path):
-    # The fused kernel exposes no student log-prob nor entropy (docs/trainer.md, "Metrics"): only the cheap ones.
-    logs = tiny_logs(tmp_path, sdpo_policy_loss_mode="hybrid", distillation_fused_linear="always", num_iterations=2)
-    assert "self_distillation/teacher_prompt_length" in logs[0] and "self_distillation/policy_loss" in logs[0]
-    assert not any(k in logs[0] for k in (*GRPO_KEYS, "self_distillation/is_clip_frac"))
+def test_fused_linear_path_logs_clip_metrics_from_the_kernels_token_logps(tmp_path):
+    """The fused kernel returns each row's log-prob of its token (one gathered logit, the forward's LSE): GRPO's
+    clip ratios and the IS clip share come from it, equal to the logits path's on the same step-1 batch; only
+    `entropy` (a Σ p·z pass over the vocabulary) is missing (docs/trainer.md, "Metrics")."""
+    kw = dict(sdpo_policy_loss_mode="hybrid", num_iterations=2, distillation_is_clip=1.0001)
+    fused = tiny_logs(tmp_path / "fused", distillation_fused_linear="always", **kw)
+    logits = tiny_logs(tmp_path / "logits", distillation_fused_linear="never", **kw)
+    keys = (*GRPO_KEYS[1:], "self_distillation/is_clip_frac")
+    assert "self_distillation/teacher_prompt_length" in fused[0] and "self_distillation/policy_loss" in fused[0]
+    assert "entropy" not in fused[0] and "entropy" in logits[0]
+    for f, g in zip(fused, logits):
+        for key in keys:
+            assert key in f and 0.0 <= f[key] <= 1.0, key
+            assert f[key] == pytest.approx(g[key], abs=1e-6), key  # fractions of the same tokens
+    # Step 2 reuses step 1's batch (num_iterations=2) after an update: the ratio moved off 1, some tokens clip.
+    assert fused[1]["self_distillation/is_clip_frac"] > 0.0
 
 
 SUPPORT_KEYS = ("self_distillation/student_topk_mass", "self_distillation/teacher_student_support_kl")

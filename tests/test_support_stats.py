@@ -120,3 +120,22 @@ def test_support_stats_need_topk_mode(mode):
     with pytest.raises(ValueError, match="return_support_stats needs mode='topk_logits'"):
         linear_self_distillation_loss(torch.randn(2, 3), torch.randn(7, 3), torch.randn(2, 3), torch.randn(7, 3),
                                       weights=torch.ones(2), **kw)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mode", ["topk_logits", "full_logits"])
+def test_fused_linear_token_logps(backend, mode):
+    """`return_token_logps`: log softmax(z / T)_y per row, against the float64 log-softmax of the logits."""
+    torch.manual_seed(4)
+    n, d, v = 9, 8, 27
+    h_s, h_t, w = torch.randn(n, d), torch.randn(n, d), torch.randn(v, d)
+    ids = torch.randint(0, v, (n,))
+    out = linear_self_distillation_loss(
+        h_s, w, h_t, w, ids, weights=torch.ones(n), mode=mode, topk=4, temperature=0.6, chunk_size=4,
+        backend=backend, return_token_logps=True,
+    )  # fmt: skip
+    expected = ((h_s.double() @ w.double().t()) / 0.6).log_softmax(-1).gather(1, ids[:, None]).squeeze(1)
+    assert out.token_logps.shape == (n,) and out.support_stats is None
+    assert_close(out.token_logps.double(), expected, "f32_vs_f64")
+    with pytest.raises(ValueError, match="return_token_logps needs completion_ids"):
+        linear_self_distillation_loss(h_s, w, h_t, w, weights=torch.ones(n), return_token_logps=True)

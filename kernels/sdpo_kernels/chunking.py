@@ -65,7 +65,8 @@ class RowInputs:
 @dataclass(frozen=True)
 class ChunkPlan:
     """Validated settings of one fused pass: loss config, backend module, rows per chunk, which
-    student gradients to compute, and whether to keep each row's `SupportStats` (topk_logits)."""
+    student gradients to compute, whether to keep each row's `SupportStats` (topk_logits) and each
+    row's student log-prob of its completion token (`token_logps`)."""
 
     config: LossConfig
     backend: ModuleType
@@ -74,6 +75,7 @@ class ChunkPlan:
     need_weight: bool
     need_bias: bool
     support_stats: bool = False
+    token_logps: bool = False
 
     @property
     def needs_grad(self) -> bool:
@@ -84,13 +86,15 @@ class ChunkPlan:
 class FusedResult:
     """Scalar loss, per-token losses [N], policy per-token losses [N] (or None), the student
     gradients `(grad_hidden, grad_weight, grad_bias)` (None where not planned) and the rows'
-    `SupportStats` ([N] each; None unless planned)."""
+    `SupportStats` ([N] each; None unless planned) and student log-probs of the completion tokens
+    log softmax(z / T)_y [N] (None unless planned)."""
 
     total: torch.Tensor
     per_token: torch.Tensor
     policy_per_token: torch.Tensor | None
     grads: tuple
     support: SupportStats | None = None
+    token_logps: torch.Tensor | None = None
 
 
 @dataclass
@@ -104,6 +108,7 @@ class _Sums:
     grad_w: torch.Tensor | None
     grad_b: torch.Tensor | None
     support: SupportStats | None = None
+    token_logps: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, student: Head, plan: ChunkPlan, has_policy: bool) -> _Sums:
@@ -118,6 +123,7 @@ class _Sums:
             grad_w=torch.zeros_like(w, dtype=torch.promote_types(w.dtype, torch.float32)) if plan.need_weight else None,
             grad_b=torch.zeros_like(b, dtype=torch.promote_types(b.dtype, torch.float32)) if plan.need_bias else None,
             support=SupportStats(rows(), rows()) if plan.support_stats else None,
+            token_logps=rows() if plan.token_logps else None,
         )
 
     def add_grads(self, grad_logits: torch.Tensor, student: Head, lo: int, hi: int) -> None:
@@ -135,7 +141,8 @@ class _Sums:
             grad_w = grad_w.to(student.weight.dtype)
         if grad_b is not None and grad_b.dtype != student.bias.dtype:
             grad_b = grad_b.to(student.bias.dtype)
-        return FusedResult(self.total, self.per_token, self.policy_tok, (self.grad_h, grad_w, grad_b), self.support)
+        grads = (self.grad_h, grad_w, grad_b)
+        return FusedResult(self.total, self.per_token, self.policy_tok, grads, self.support, self.token_logps)
 
 
 def fused_pass(*, student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan) -> FusedResult:
@@ -170,9 +177,13 @@ def _run_chunk(student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan, s
     sums.total += _weighted_sum(g, loss)
 
     policy_coef = None
-    if rows.policy is not None:
+    z_y = None
+    if rows.policy is not None or sums.token_logps is not None:  # one gathered value per row
         y = c_ids.long()
         z_y = logits_s.gather(1, y[:, None]).squeeze(1).to(stats.lse_student.dtype) * config.inv_temperature
+    if sums.token_logps is not None:
+        sums.token_logps[lo:hi] = z_y - stats.lse_student
+    if rows.policy is not None:
         p_loss, policy_coef = rows.policy.surrogate(z_y, stats.lse_student, lo, hi)
         sums.policy_tok[lo:hi] = p_loss
         sums.total += _weighted_sum(rows.policy.weights[lo:hi].to(p_loss.dtype), p_loss)

@@ -44,7 +44,8 @@ __all__ = [
 
 
 class LinearLossOutput(tuple):
-    """`(loss, per_token)`, with `.loss`, `.per_token`, `.policy_per_token` and `.support_stats` attributes."""
+    """`(loss, per_token)`, with `.loss`, `.per_token`, `.policy_per_token`, `.support_stats` and `.token_logps`
+    attributes."""
 
     def __new__(
         cls,
@@ -52,10 +53,12 @@ class LinearLossOutput(tuple):
         per_token: torch.Tensor,
         policy_per_token: torch.Tensor | None = None,
         support_stats: SupportStats | None = None,
+        token_logps: torch.Tensor | None = None,
     ):
         out = super().__new__(cls, (loss, per_token))
         out.policy_per_token = policy_per_token
         out.support_stats = support_stats
+        out.token_logps = token_logps
         return out
 
     @property
@@ -92,6 +95,7 @@ def linear_self_distillation_loss(
     chunk_size: int | None = None,
     backend: str = "auto",
     return_support_stats: bool = False,
+    return_token_logps: bool = False,
 ) -> LinearLossOutput:
     """SDPO self-distillation loss from hidden states and lm_head weights (docs/fused-linear.md).
 
@@ -121,11 +125,14 @@ def linear_self_distillation_loss(
         return_support_stats: topk_logits only: also compute each row's `SupportStats` (the student's
             top-K mass, the teacher-student KL on the support) on each chunk's logits: two [rows, K]
             gathers per chunk, no extra pass over the vocabulary.
+        return_token_logps: also return the student's log-prob of each completion token,
+            log softmax(z / T)_y (needs `completion_ids`; one gathered logit per row and the forward's LSE).
     Returns:
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable float32 (float64 for
         float64 inputs) scalar, `per_token` [...] detached ℓ; `out.policy_per_token` [...] detached
         policy loss (None without policy); `out.support_stats` a `SupportStats` of [...] detached
-        tensors (None unless `return_support_stats`). Rows with weight 0 contribute exactly 0 to the loss and
+        tensors (None unless `return_support_stats`); `out.token_logps` [...] detached (None unless
+        `return_token_logps`). Rows with weight 0 contribute exactly 0 to the loss and
         to every gradient, even where their loss is not finite (e.g. padding rows).
     """
     policy = as_policy_term(policy)
@@ -141,6 +148,8 @@ def linear_self_distillation_loss(
         context = torch.autocast(student_hidden.device.type, enabled=False)
     if return_support_stats and mode != "topk_logits":
         raise ValueError(f"return_support_stats needs mode='topk_logits' (the top-K support), got mode={mode!r}")
+    if return_token_logps and completion_ids is None:
+        raise ValueError("return_token_logps needs completion_ids (the tokens whose log-probs are returned)")
     settings = dict(mode=mode, topk=topk, alpha=alpha, add_tail=add_tail, is_clip=is_clip, temperature=temperature)
     with context:
         return _fused_loss(
@@ -154,6 +163,7 @@ def linear_self_distillation_loss(
             chunk_size=chunk_size,
             backend=backend,
             return_support_stats=return_support_stats,
+            return_token_logps=return_token_logps,
         )
 
 
@@ -173,7 +183,18 @@ def _validate(*, student, teacher, completion_ids, old_logps, weights, policy, s
 
 
 def _fused_loss(
-    *, student, teacher, completion_ids, old_logps, weights, policy, settings, chunk_size, backend, return_support_stats
+    *,
+    student,
+    teacher,
+    completion_ids,
+    old_logps,
+    weights,
+    policy,
+    settings,
+    chunk_size,
+    backend,
+    return_support_stats,
+    return_token_logps,
 ):
     """Validated, planned and flattened: the fused pass, through autograd when a gradient is wanted."""
     config, rows_shape = _validate(
@@ -200,7 +221,7 @@ def _fused_loss(
     term = None if policy is None else policy.flattened(n, call_old_logps=old)
     c = config
     # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
-    total, per_token, policy_tok, _grad_h, _grad_w, _grad_b, topk_mass, support_kl = ops.linear_loss(
+    total, per_token, policy_tok, _grad_h, _grad_w, _grad_b, topk_mass, support_kl, token_logps = ops.linear_loss(
         h_s.reshape(n, h_s.shape[-1]) if need_hidden else h_s.detach().reshape(n, h_s.shape[-1]),
         w_s if need_weight else w_s.detach(),
         b_s if need_bias else detach(b_s),
@@ -228,6 +249,7 @@ def _fused_loss(
         need_weight,
         need_bias,
         return_support_stats,
+        return_token_logps,
     )
     support = None
     if return_support_stats:
@@ -237,6 +259,7 @@ def _fused_loss(
         per_token.detach().view(rows_shape),
         None if policy is None else policy_tok.detach().view(rows_shape),
         support,
+        token_logps.detach().view(rows_shape) if return_token_logps else None,
     )
 
 

@@ -9,7 +9,7 @@ sync inside). The ops take only tensors and plain settings; backends are named b
   `RowStats` with absent fields as empty tensors (`pack_stats` / `unpack_stats`).
 - `sdpo_kernels::loss_backward(student, teacher?, <stats>, grad_loss, <settings>)` -> the logits gradient.
 - `sdpo_kernels::linear_loss(<both heads>, <rows>, <policy>, <settings>, <plan>)` -> (total, per_token,
-  policy_per_token, grad_hidden, grad_weight, grad_bias, topk_mass, support_kl): the whole fused-linear
+  policy_per_token, grad_hidden, grad_weight, grad_bias, topk_mass, support_kl, token_logps): the whole fused-linear
   pass, the student gradients included (computed in the forward, as `chunking.fused_pass` does); its backward only
   scales them by the incoming scalar gradient, in place.
 
@@ -211,7 +211,8 @@ def linear_loss(
     need_weight: bool,
     need_bias: bool,
     support_stats: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    token_logps: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused pass over [N, D] hidden states (flattened rows [N]); absent outputs are empty [0] tensors."""
     policy = None
     if policy_advantages is not None:
@@ -231,6 +232,7 @@ def linear_loss(
         need_weight=need_weight,
         need_bias=need_bias,
         support_stats=support_stats,
+        token_logps=token_logps,
     )
     out = fused_pass(
         student=Head(student_hidden, student_weight, student_bias),
@@ -250,13 +252,14 @@ def linear_loss(
         none(student_hidden.dtype) if grad_b is None else grad_b,
         none(acc) if out.support is None else out.support.topk_mass,
         none(acc) if out.support is None else out.support.support_kl,
+        none(acc) if out.token_logps is None else out.token_logps,
     )
 
 
 @linear_loss.register_fake
 def _fake_linear(student_hidden, student_weight, student_bias, *args):
     policy_advantages = args[6]
-    need_hidden, need_weight, need_bias, support_stats = args[-4:]
+    need_hidden, need_weight, need_bias, support_stats, token_logps = args[-5:]
     acc = torch.promote_types(student_hidden.dtype, torch.float32)
     n = student_hidden.shape[0]
     none = lambda dtype: student_hidden.new_empty((0,), dtype=dtype)
@@ -269,6 +272,7 @@ def _fake_linear(student_hidden, student_weight, student_bias, *args):
         torch.empty_like(student_bias) if need_bias else none(student_hidden.dtype),
         student_hidden.new_empty((n,), dtype=acc) if support_stats else none(acc),
         student_hidden.new_empty((n,), dtype=acc) if support_stats else none(acc),
+        student_hidden.new_empty((n,), dtype=acc) if token_logps else none(acc),
     )
 
 
@@ -298,7 +302,7 @@ def _linear_backward(ctx, grad_total, *_grad_rest):
             out.append(g * grad_total.to(g.dtype))
         else:
             out.append(g.mul_(grad_total.to(g.dtype)))
-    return (*out, *([None] * 24))
+    return (*out, *([None] * 25))
 
 
 def _traced(t: Tensor) -> bool:
