@@ -180,44 +180,22 @@ def sampled_success(model, tok, strings: list[str], n: int = 8) -> float:
     return sum(t.strip() == strings[i // n][::-1] for i, t in enumerate(texts)) / len(texts)
 
 
-@dataclass
-class RLTask:
-    """What an RL arm needs from a demo task: the demo's one RL loop (`_run_rl`) runs any task given as one.
+def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings, log) -> None:
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
 
-    Attributes:
-        tokenizer: the processing class (left padding).
-        build: a fresh model holding the arms' common starting weights (called once per arm).
-        columns: dataset columns `prompt`, `answer` and `privileged_context` (the environment feedback).
-        reward: the TRL reward function (reads the `answer` column).
-        evaluate: model -> {"heldout_accuracy": ..., "train_accuracy": ...} (greedy, bare prompts).
-        start: `evaluate` of the starting weights, computed once per seed and logged as each arm's step-0 row
-            (greedy: no random draw, so computing it once changes no figure).
-        templates: SDPO's (reprompt, solution, feedback) templates for this task's prompts.
-        max_completion_length: completion budget in tokens.
-        learning_rate: the RL learning rate, shared by every arm.
-    """
+    from sdpo import SDPOConfig, SDPOTrainer
 
-    tokenizer: Any
-    build: Callable[[], Any]
-    columns: dict[str, list]
-    reward: Callable[..., list[float]]
-    evaluate: Callable[[Any], dict[str, float]]
-    start: dict[str, float]
-    templates: tuple[str, str, str]
-    max_completion_length: int
-    learning_rate: float
-
-
-def rl_args(method: str, task: RLTask, s: DemoSettings):
-    """The arm's trainer config: everything but the SDPO-only fields is shared by every arm (nothing per method).
-
-    SDPO top-K is the recommended top-K logit distillation (tail bucket, JSD alpha 0.5, IS clip 2) with
-    `s.topk`, through sdpo_kernels' fused-linear loss (`distillation_fused_linear="always"`: an error, not a
-    silent logits path, when it cannot run)."""
-    from trl import GRPOConfig
-
-    from sdpo import SDPOConfig
-
+    model = build()
+    model.load_state_dict(init_state)
+    ds = Dataset.from_dict(
+        {
+            "prompt": [_prompt(x) for x in train],
+            "answer": [x[::-1] for x in train],
+            "privileged_context": [f"expected {x[::-1]}" for x in train],
+        }
+    )
     common = dict(
         output_dir=os.path.join(s.out, f"run_{method}"),
         bf16=False,
@@ -226,9 +204,9 @@ def rl_args(method: str, task: RLTask, s: DemoSettings):
         seed=s.seed,
         per_device_train_batch_size=s.prompts_per_step * s.num_generations,
         num_generations=s.num_generations,
-        max_completion_length=task.max_completion_length,
+        max_completion_length=4,
         max_steps=s.rl_steps,
-        learning_rate=task.learning_rate,
+        learning_rate=s.learning_rate / 4,
         disable_dropout=False,  # GRPOConfig's default, pinned: SDPOConfig's is TRL 1.16 SDPO's True
         logging_steps=1,
         save_strategy="no",
@@ -236,16 +214,17 @@ def rl_args(method: str, task: RLTask, s: DemoSettings):
         beta=0.0,
         loss_type="grpo",
     )
-    reprompt, solution, feedback = task.templates
     sdpo_common = dict(
         include_environment_feedback=True,  # the task's feedback column
-        reprompt_template=reprompt,
-        solution_template=solution,
-        feedback_template=feedback,
+        reprompt_template=REPROMPT,
+        solution_template=SOLUTION,
+        feedback_template=FEEDBACK,
         diagnostics_warning_interval=0,
     )
     if method == "sdpo":
-        return SDPOConfig(
+        # The recommended top-K logit distillation (K=100 of ~150k tokens, tail bucket, JSD alpha 0.5, IS clip 2),
+        # with K scaled to this vocabulary, through sdpo_kernels' fused-linear loss ("always": an error otherwise).
+        args = SDPOConfig(
             **common,
             **sdpo_common,
             full_logit_distillation=True,
@@ -255,23 +234,13 @@ def rl_args(method: str, task: RLTask, s: DemoSettings):
             distillation_is_clip=2.0,
             distillation_fused_linear="always",
         )
-    if method == "sdpo_token":  # the library default loss: sampled-token reverse KL (no logits distilled)
-        return SDPOConfig(**common, **sdpo_common)
-    return GRPOConfig(**common)
-
-
-def _run_rl(method: str, task: RLTask, s: DemoSettings, log) -> None:
-    """One RL arm from the task's starting weights; per-step and per-eval rows go to `log(row)`."""
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-    from trl import GRPOTrainer
-
-    from sdpo import SDPOConfig, SDPOTrainer
-
-    model = task.build()
-    ds = Dataset.from_dict(task.columns)
-    args = rl_args(method, task, s)
-    trainer_cls = SDPOTrainer if isinstance(args, SDPOConfig) else GRPOTrainer
+        trainer_cls = SDPOTrainer
+    elif method == "sdpo_token":  # the library default loss: sampled-token reverse KL (no logits distilled)
+        args = SDPOConfig(**common, **sdpo_common)
+        trainer_cls = SDPOTrainer
+    else:
+        args = GRPOConfig(**common)
+        trainer_cls = GRPOTrainer
 
     class Eval(TrainerCallback):
         def on_log(self, args_, state, control, logs=None, model=None, **kw):
@@ -281,7 +250,8 @@ def _run_rl(method: str, task: RLTask, s: DemoSettings, log) -> None:
             if "frac_reward_zero_std" in logs:  # share of groups whose rewards are all equal (no GRPO signal)
                 row["frac_reward_zero_std"] = logs["frac_reward_zero_std"]
             if state.global_step % s.eval_every == 0 or state.global_step == s.rl_steps:
-                row.update(task.evaluate(model))
+                row["heldout_accuracy"] = accuracy(model, tok, heldout)
+                row["train_accuracy"] = accuracy(model, tok, train)
             for k in ("self_distillation/distillation_loss", "self_distillation/reprompt_sample_fraction"):
                 if k in logs:
                     row[k] = logs[k]
@@ -300,18 +270,19 @@ def _run_rl(method: str, task: RLTask, s: DemoSettings, log) -> None:
             self.bar.close()
 
     trainer = trainer_cls(
-        model=model,
-        reward_funcs=task.reward,
-        args=args,
-        train_dataset=ds,
-        processing_class=task.tokenizer,
-        callbacks=[Eval()],
+        model=model, reward_funcs=reward_exact, args=args, train_dataset=ds, processing_class=tok, callbacks=[Eval()]
     )
     # With transformers' verbosity at "error", Trainer picks PrinterCallback (prints every log dict) over its bar.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Progress())
-    start = {"method": method, "seed": s.seed, "step": 0, **task.start}
+    start = {
+        "method": method,
+        "seed": s.seed,
+        "step": 0,
+        "heldout_accuracy": accuracy(model, tok, heldout),
+        "train_accuracy": accuracy(model, tok, train),
+    }
     if isinstance(args, SDPOConfig):  # what the loss really ran: its mode and whether the fused-linear path
         start["distillation_mode"] = args.distillation_mode
         start["fused_linear"] = trainer.use_fused_linear
