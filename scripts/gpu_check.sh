@@ -15,12 +15,12 @@
 #   memcheck      60    compute-sanitizer memcheck over bench/sanitize_kernels.py (every kernel, NaN rows,
 #                       column-strided logits, K = V, the fused-linear path); any error fails the step
 #   racecheck     25    compute-sanitizer racecheck over the top-K forwards (sanitize_kernels.py --only topk_forward)
-#   kernels       70    bench/kernel_timing.py, N=8192, V in {151936, 32000}: each launch timed, its outputs
-#                       checked rewritten, measured / predicted (cost report)
+#   kernels      120    bench/kernel_timing.py, N=8192, V in {32000, 49152, 128256, 151936}: each launch timed, its outputs
+#                       checked rewritten, measured / predicted (cost report) per vocabulary
 #   loss          55    bench/bench_loss.py at N=8192, V=151936: ours, reference, TRL eager, torch.compile
 #   linear        70    bench/bench_linear.py at N=8192, V=151936, D=1536: ours, TRL eager, torch.compile,
 #                       Liger (2), the matmul floor
-#   total        465 s <= 8 min (plus a few seconds of bookkeeping). Timed benchmarks use fixed rounds
+#   total        515 s <= 9 min (plus a few seconds of bookkeeping). Timed benchmarks use fixed rounds
 #                       (SDPO_BENCH_ROUNDS) so they fit; D=3584 too: GPU_CHECK_LINEAR_D="1536 3584" (+70 s).
 #
 # Results: bench/results/gpu-<device>-<date>-{env.txt,selfcheck.*,tests.txt,sanitize.txt,kernels.*,
@@ -204,7 +204,7 @@ step racecheck 25 bash -o pipefail -c "'$SANITIZER' --tool racecheck $SAN_OPTS \
     '$PY' bench/sanitize_kernels.py --only topk_forward 2>&1 | tee -a '$RES-sanitize.txt'"
 
 # --- timings -------------------------------------------------------------------------------------------
-step kernels 70 "$PY" bench/kernel_timing.py --rows 8192 --vocab 151936 32000 --out "$RES-kernels"
+step kernels 120 "$PY" bench/kernel_timing.py --rows 8192 --out "$RES-kernels"  # its default V: the four real vocabularies
 step loss 55 bash -o pipefail -c "SDPO_BENCH_ROUNDS=5 '$PY' -m pytest -q bench/bench_loss.py -p no:cacheprovider -k 'N8192-V151936' \
     --benchmark-json='$RES-loss.json' && '$PY' bench/render.py '$RES-loss.json'"
 for d in $LINEAR_D; do

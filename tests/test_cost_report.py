@@ -2,7 +2,8 @@
 
 CPU tier. The unit tests run on handwritten SASS with known answers; the end-to-end test compiles
 one small launch in a subprocess without TRITON_INTERPRET (tests/conftest.py sets it, and the
-interpreter replaces the compiler), and skips when triton's NVIDIA tools are missing.
+interpreter replaces the compiler), and skips when triton's NVIDIA tools are missing. The top-K
+replay is tested in test_cost_report_replay.py, the package layout in test_cost_report_package.py.
 """
 
 from __future__ import annotations
@@ -183,34 +184,6 @@ def test_occupancy():
     assert cr.ctas_per_sm(142, 9216, 8) == (1, "registers")
     assert cr.ctas_per_sm(32, 0, 8)[0] == 8
     assert cr.ctas_per_sm(32, 100 * 1024, 4) == (2, "shared memory")
-
-
-def test_threshold_simulation_counts_every_selection_loop():
-    # The replay of the top-K forward's decisions on iid rows: blocks per path add up to the blocks
-    # streamed (each overflow streams its block twice), and the selection loops run.
-    sim = cr._threshold_simulation_cached(151936, 2048, 100, 128, 256, 512, 128, 8, 128)
-    n_blocks, tightens = sim["blocks_per_row"], sim["tightens_per_row"]["stream"]
-    assert n_blocks == 75 and tightens >= 1
-    assert abs(sum(sim["blocks"].values()) - (n_blocks + tightens)) < 1e-9
-    assert sim["blocks"]["first block"] == 1
-    for where in ("stream", "final"):
-        trips = sim["trips_per_row"][where]
-        assert trips["bisection"] >= 1 and trips["compact chunk"] >= 1
-        assert trips["count chunk"] >= trips["bisection"]
-
-
-def test_threshold_simulation_follows_the_kernel_for_large_k():
-    # K' > BLOCK_V / 2: no first-block threshold, and a selection with at most K' candidates keeps
-    # them all (no bisection): only selections over more than K' candidates bisect.
-    sim = cr._threshold_simulation_cached(151936, 2048, 4096, 4096, 256, 1024, 128, 8, 4096)
-    assert sim["blocks"]["first block"] == 1 and sim["tightens_per_row"]["stream"] >= 1
-    # V = 2 blocks, K = V: every entry passes (thr stays -inf), the second block overflows the runs,
-    # and neither that selection (2048 candidates) nor the final one (4096) exceeds K' = 4096.
-    sim = cr._threshold_simulation_cached(4096, 2048, 4096, 4096, 256, 1024, 128, 8, 4096)
-    assert sim["tightens_per_row"]["stream"] == 1
-    for where in ("stream", "final"):
-        trips = sim["trips_per_row"][where]
-        assert trips["expand chunk"] == 2 and trips["bisection"] == 0 and trips["compact chunk"] == 0
 
 
 def _nvidia_tools() -> bool:

@@ -46,17 +46,17 @@ def launches(dtype_name: str):
     """Every (description, KernelLaunch) the launchers produce for `configs()` × `shapes()`."""
     import torch
 
-    from . import cost_report
+    from .cost_report import launches as cost_launches
 
-    dtype = getattr(torch, cost_report.DTYPES[dtype_name])
+    dtype = getattr(torch, cost_launches.DTYPES[dtype_name])
     for (student, teacher), config in itertools.product(list(shapes(dtype)), list(configs())):
         rows_shape = student.shape[:-1]
         ids = torch.empty(rows_shape, dtype=torch.int64, device="meta")
         old = torch.empty(rows_shape, dtype=torch.float32, device="meta") if config.is_clip is not None else None
-        fwd, outputs = cost_report.forward_launches(student, teacher, ids, old, config)
-        stats = cost_report.row_stats_of(outputs) or cost_report.row_stats_like(config, rows_shape)
+        fwd, outputs = cost_launches.forward_launches(student, teacher, ids, old, config)
+        stats = cost_launches.row_stats_of(outputs) or cost_launches.row_stats_like(config, rows_shape)
         grad_loss = torch.empty(rows_shape, dtype=torch.float32, device="meta")
-        bwd, _ = cost_report.backward_launches(student, teacher, stats, grad_loss, config)
+        bwd, _ = cost_launches.backward_launches(student, teacher, stats, grad_loss, config)
         desc = (
             f"{config.mode} K={config.topk} tail={config.add_tail} alpha={config.alpha} IS={config.is_clip is not None}"
         )
@@ -76,19 +76,20 @@ def main(argv: list[str] | None = None) -> int:
 
     import triton
 
-    from . import cost_report
+    from .cost_report.compile import compile_launch
+    from .cost_report.hardware import ctas_per_sm
 
     warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
     seen = set()
     spilled = 0
     for desc, launch in launches(args.dtype):
         stages = getattr(launch, "num_stages", None)
-        comp = cost_report.compile_launch(launch.kernel, launch.args, launch.num_warps, stages, args.arch)
+        comp = compile_launch(launch.kernel, launch.args, launch.num_warps, stages, args.arch)
         if id(comp) in seen:
             continue
         seen.add(id(comp))
         spilled += comp.local_bytes > 0
-        ctas, limit = cost_report.ctas_per_sm(comp.regs, comp.smem_per_cta, comp.num_warps)
+        ctas, limit = ctas_per_sm(comp.regs, comp.smem_per_cta, comp.num_warps)
         flags = ",".join(f"{k}={v}" for k, v in comp.constexprs.items() if k.isupper())
         print(
             f"{comp.name}[{flags}] warps={comp.num_warps} ({desc}): {comp.regs} registers, "

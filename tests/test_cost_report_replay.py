@@ -1,0 +1,128 @@
+"""The cost report's replay of the top-K forward's control flow (`cost_report.replay_topk`).
+
+CPU tier, numpy only: the replay takes the kernel's decisions on sample rows (iid rows in the
+launch's dtype, or the committed real-rows fixture) and counts the paths and selection-loop trips.
+"""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+from sdpo_kernels.cost_report import replay_topk as rt
+
+FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "bench" / "fixtures" / "smollm2_replay_rows.pt"
+
+
+def params(vocab=151936, block_v=2048, topk=100, k_pow2=128, runs_cap=256, chunk=512, compact=128, run=8, keep=128):
+    return rt.TopkParams(vocab, block_v, topk, k_pow2, runs_cap, chunk, compact, run, keep)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_threshold_simulation_counts_every_selection_loop(dtype):
+    # The replay of the top-K forward's decisions on iid rows: blocks per path add up to the blocks
+    # streamed (each overflow streams its block twice), and the selection loops run.
+    sim = rt.replay_iid(params(), dtype, 1.0, 8)
+    n_blocks, tightens = sim["blocks_per_row"], sim["tightens_per_row"]["stream"]
+    assert n_blocks == 75 and tightens >= 1
+    assert abs(sum(sim["blocks"].values()) - (n_blocks + tightens)) < 1e-9
+    assert sim["blocks"]["first block"] == 1
+    for where in ("stream", "final"):
+        trips = sim["trips_per_row"][where]
+        assert trips["bisection"] >= 1 and trips["compact chunk"] >= 1
+        assert trips["count chunk"] >= trips["bisection"]
+
+
+def test_threshold_simulation_follows_the_kernel_for_large_k():
+    # K' > BLOCK_V / 2: no first-block threshold, and a selection with at most K' candidates keeps
+    # them all (no bisection): only selections over more than K' candidates bisect.
+    sim = rt.replay_iid(params(topk=4096, k_pow2=4096, chunk=1024, keep=4096), "fp32", 1.0, 4)
+    assert sim["blocks"]["first block"] == 1 and sim["tightens_per_row"]["stream"] >= 1
+    # V = 2 blocks, K = V: every entry passes (thr stays -inf), the second block overflows the runs,
+    # and neither that selection (2048 candidates) nor the final one (4096) exceeds K' = 4096.
+    sim = rt.replay_iid(params(vocab=4096, topk=4096, k_pow2=4096, chunk=1024, keep=4096), "fp32", 1.0, 4)
+    assert sim["tightens_per_row"]["stream"] == 1
+    for where in ("stream", "final"):
+        trips = sim["trips_per_row"][where]
+        assert trips["expand chunk"] == 2 and trips["bisection"] == 0 and trips["compact chunk"] == 0
+
+
+def test_rounding_to_the_launch_dtype_is_torchs():
+    x = (np.random.default_rng(1).standard_normal(20000) * 7).astype(np.float32)
+    for dtype, torch_dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
+        want = torch.from_numpy(x).to(torch_dtype).float().numpy()
+        assert np.array_equal(rt.round_to_dtype(x, dtype), want)
+    assert np.array_equal(rt.round_to_dtype(x, "fp32"), x)
+
+
+def test_ties_at_the_cut_run_the_bisection_down_and_keep_the_lowest_indices():
+    # 3 entries above the cut, 4 tied at it, the rest below; keep exactly 5: no key has a count of
+    # exactly 5, so the bisection narrows to an adjacent key pair, and the two lowest-index ties stay.
+    z = np.array([1.0, 4.0, 5.0, 4.0, 1.0, 5.0, 4.0, 4.0, 5.0, 1.0], np.float32)
+    keep, thr, trips = rt._tighten_sim(z, n_runs=2, thr=0.5, keep_lo=5, keep_hi=5, chunk=512, compact_chunk=128, run=8)
+    assert keep.tolist() == [False, True, True, True, False, True, False, False, True, False]
+    assert thr == 4.0
+    keys = rt._ordered_key(z)
+    lo, hi = int(rt._ordered_key(np.float32([0.5]))[0]), int(keys.max()) + 1
+    assert trips["bisection"] >= int(np.floor(np.log2(hi - lo)))  # ran until hi - lo == 1
+    # Without ties the same selection stops as soon as a key gives exactly 5.
+    distinct = np.array([1.0, 4.0, 5.0, 4.5, 1.0, 5.5, 4.25, 3.0, 6.0, 1.0], np.float32)
+    _, _, quick = rt._tighten_sim(distinct, 2, 0.5, 5, 5, 512, 128, 8)
+    assert quick["bisection"] < trips["bisection"]
+
+
+def test_bf16_rows_lengthen_the_final_bisection():
+    # bf16 logits tie at the K-th value often: the final selection (exactly K) then bisects to the end.
+    p = params()
+    fp32, bf16 = rt.replay_iid(p, "fp32", 1.0, 16), rt.replay_iid(p, "bf16", 1.0, 16)
+    assert bf16["trips_per_row"]["final"]["bisection"] > 1.5 * fp32["trips_per_row"]["final"]["bisection"]
+
+
+def test_the_spread_between_row_subsets_is_reported():
+    sim = rt.replay_iid(params(vocab=32000), "bf16", 1.0, 16)
+    spread = sim["spread"]
+    assert spread["subsets"] == rt.IID_SUBSETS and spread["rows_per_subset"] == 2
+    assert set(spread["tightens_per_row"]) == {"stream", "final"} and spread["tightens_per_row"]["final"] == 0
+    assert spread["bisection_per_row"]["final"] > 0  # ties make the final bisection vary between rows
+    assert sim["rows"] == 16 and "bf16" in sim["source"]
+
+
+def _reduce(rows: np.ndarray, p: rt.TopkParams) -> dict:
+    """The fixture's reduction (bench/make_replay_rows.py): entries >= the first-block threshold."""
+    floors = np.array([r[: p.block_v].reshape(p.k_pow2, -1).max(1).min() for r in rows], np.float32)
+    kept = rows >= floors[:, None]
+    return {
+        "vocab": rows.shape[1],
+        "dtype": "bf16",
+        "values": torch.from_numpy(rows[kept]).bfloat16(),
+        "mask": torch.from_numpy(np.packbits(kept, axis=1, bitorder="little")),
+        "floor": torch.from_numpy(floors),
+    }
+
+
+def test_reduced_rows_replay_as_the_full_rows():
+    p = params(vocab=49152)
+    rows = np.stack(rt.iid_rows(p.vocab, 4, "bf16", seed=3))
+    fixture = _reduce(rows, p)
+    assert fixture["values"].numel() < rows.size / 2
+    for full, reduced in zip(rows, rt.dense_rows(fixture)):
+        a, b = rt.replay_row(full, p), rt.replay_row(reduced, p)
+        assert (a.blocks, a.trips, a.tightens, a.first_threshold) == (b.blocks, b.trips, b.tightens, b.first_threshold)
+    # A floor above the threshold of another launch's first block is refused, not replayed wrongly.
+    fixture["floor"] = fixture["floor"] + 1.0
+    with pytest.raises(ValueError, match="below the floor"):
+        rt.replay_reduced(p, fixture)
+
+
+@pytest.mark.skipif(not FIXTURE.exists(), reason="bench/fixtures/smollm2_replay_rows.pt not generated")
+def test_the_real_rows_fixture_is_small_and_replays():
+    assert FIXTURE.stat().st_size < 10e6
+    fixture = rt.load_reduced_rows(FIXTURE)
+    assert fixture["vocab"] == 49152 and fixture["dtype"] == "bf16"
+    p = params(vocab=49152, chunk=1024, block_v=fixture["made_for"]["block_v"], k_pow2=fixture["made_for"]["k_pow2"])
+    sim = rt.replay_reduced(p, fixture)
+    assert sim["rows"] == fixture["mask"].shape[0] and sim["blocks"]["first block"] == 1
+    assert abs(sum(sim["blocks"].values()) - (sim["blocks_per_row"] + sim["tightens_per_row"]["stream"])) < 1e-9
