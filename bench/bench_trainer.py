@@ -1,6 +1,7 @@
-"""One SDPO training step at V = 151936: peak memory and time of the loss + backward, per trainer.
+"""One SDPO training step: peak memory and time of the loss + backward, per trainer.
 
     python bench/bench_trainer.py --out bench/results/cpu-trainer-<date>      # writes <out>.json/.md/.png
+    python bench/bench_trainer.py --model smollm2-135m-instruct --out bench/results/cpu-trainer-smollm2-<date>
     python bench/bench_trainer.py --render bench/results/cpu-trainer-<date>.json   # re-write .md/.png only
 
 Implementations (each in its own subprocess, same tiny model, same prepared batch):
@@ -14,8 +15,15 @@ Settings of the SDPO trainers: `distillation_mode="topk_logits"`, top-K 100 with
 `distillation_is_clip=2.0` (with rollout log-probs in the batch, so the clip acts), `distillation_weight=1.0`,
 EMA teacher (TRL's default), temperature 1, loss_type "dapo" (TRL's default). GRPO: its defaults (beta 0).
 
-Model: an in-code Llama (hidden 64, 2 layers, 4 heads, untied head) over an in-code character tokenizer of exactly
-151936 tokens. Batch: 8 sequences, prompt 16 tokens (two rows left-padded), 128 completion tokens each (no padding:
+Model (default): an in-code Llama (hidden 64, 2 layers, 4 heads, untied head) over an in-code character tokenizer
+of exactly 151936 tokens. With `--model smollm2-135m-instruct`: the real pretrained SmolLM2-135M-Instruct
+(`sdpo.models`; V = 49152, hidden 576, 30 layers, tied embeddings, fp32), loaded by every trainer from its cache
+folder (never copied), with its own tokenizer; batch 8 x 64 completion tokens (`SMOLLM2_SHAPE`: two CPU cores
+take ~4 s per step of the whole 135M model), the same prompt / teacher-prompt lengths and token ids drawn
+uniformly from the real vocabulary; the EMA teacher is perturbed by 0.05 x each parameter's std x N(0,1)
+(relative: an absolute 0.05 would swamp pretrained weights of std ~0.02..0.1). Every parameter trains, so the
+peak includes the gradients of all 134.5M parameters (5.3 units at this shape; reported separately).
+Default batch: 8 sequences, prompt 16 tokens (two rows left-padded), 128 completion tokens each (no padding:
 tokens = 8 x 128 = 1024), teacher prompt 48 tokens, every row distilled. The EMA teacher copy is perturbed by
 0.05 N(0,1) (same noise in every SDPO trainer). `old_per_token_logps` = the model's own log-probs of the completion
 + 0.5 N(0,1). The batch is built once in the parent (generation is not measured) and
@@ -52,6 +60,38 @@ V = 151936
 B, P, T, PT = 8, 16, 128, 48
 HIDDEN, LAYERS, HEADS = 64, 2, 4
 TOPK, ALPHA, IS_CLIP = 100, 0.5, 2.0
+MODEL: str | None = None  # None: the in-code model; else a name of `sdpo.models.OFFLINE_MODELS`
+REAL_MODELS = ("smollm2-135m-instruct",)
+SMOLLM2_SHAPE = dict(B=8, P=16, T=64, PT=48)  # sequences, prompt, completion, teacher prompt tokens
+
+
+def configure(model: str | None) -> None:
+    """Set the module's shape globals for `model` (None: the in-code model at V = 151936, unchanged)."""
+    global MODEL, V, B, P, T, PT, HIDDEN, LAYERS, HEADS
+    if model is None:
+        return
+    if model not in REAL_MODELS:
+        raise SystemExit(f"--model must be one of {REAL_MODELS}, got {model!r}")
+    from transformers import AutoConfig
+
+    from sdpo import models
+
+    cfg = AutoConfig.from_pretrained(models.convert(model), local_files_only=True)
+    MODEL = model
+    V, HIDDEN, LAYERS, HEADS = cfg.vocab_size, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+    B, P, T, PT = (SMOLLM2_SHAPE[k] for k in ("B", "P", "T", "PT"))
+
+
+def load_tokenizer():
+    """The tokenizer every trainer gets: the in-code character tokenizer, or the real model's pinned one."""
+    if MODEL is None:
+        return build_tokenizer()
+    from sdpo import models
+
+    model, tok = models.load(MODEL)
+    del model
+    return tok
+
 
 IMPLS = {
     "trl_sdpo": "TRL 1.16 trl.experimental.sdpo.SDPOTrainer",
@@ -89,9 +129,14 @@ def make_batch(path: Path, model_dir: Path) -> None:
     student's model id, which an in-memory model built in code does not have."""
     import torch
 
-    tok = build_tokenizer()
-    model = build_model(tok).eval()
-    model.save_pretrained(model_dir)
+    tok = load_tokenizer()
+    if MODEL is None:
+        model = build_model(tok).eval()
+        model.save_pretrained(model_dir)
+    else:  # the trainers load the converted checkpoint from its cache folder (`model_path`)
+        from sdpo import models
+
+        model, _ = models.load(MODEL)
     g = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(3, V, (B, P), generator=g)
     prompt_mask = torch.ones(B, P, dtype=torch.long)
@@ -177,12 +222,21 @@ def make_trainer(impl: str, tok, model, outdir: str):
     return SDPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok)
 
 
+def model_path(tmp_model_dir: Path) -> Path:
+    """Where the trainers load the model from: the saved in-code model, or the real model's cache folder."""
+    if MODEL is None:
+        return tmp_model_dir
+    from sdpo import models
+
+    return models.convert(MODEL)
+
+
 def worker(impl: str, batch_path: Path, model_dir: Path, rounds: int, out_path: Path) -> None:
     import torch
     from harness import device_name, peak_extra_bytes
 
     torch.manual_seed(0)
-    tok = build_tokenizer()
+    tok = load_tokenizer()
     with tempfile.TemporaryDirectory() as tmp:
         trainer = make_trainer(impl, tok, str(model_dir), tmp)
     trainer.model.train()
@@ -196,7 +250,9 @@ def worker(impl: str, batch_path: Path, model_dir: Path, rounds: int, out_path: 
         g = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for _, p in sorted(teacher[impl]().named_parameters()):
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
+                # Relative for pretrained weights (absolute 0.05 would swamp them); absolute for the in-code model.
+                scale = 0.05 if MODEL is None else 0.05 * float(p.float().std()) if p.numel() > 1 else 0.0
+                p.add_(scale * torch.randn(p.shape, generator=g))
     model = trainer.model
     params = [p for p in model.parameters() if p.requires_grad]
     losses = []
@@ -254,6 +310,15 @@ def versions() -> dict:
     return v
 
 
+def _model_text(s: dict) -> str:
+    if s.get("model"):
+        return (
+            f"pretrained {s['model']} (hidden {s['hidden']}, {s['layers']} layers, tied embeddings, every parameter "
+            "trains)"
+        )
+    return f"in-code Llama (hidden {s['hidden']}, {s['layers']} layers, untied head)"
+
+
 def write_md(data: dict, path: Path) -> None:
     s = data["settings"]
     lines = [
@@ -263,14 +328,15 @@ def write_md(data: dict, path: Path) -> None:
         + ", ".join(f"{k} {data['versions'].get(k)}" for k in ("torch", "transformers", "trl", "python")),
         "",
         f"Shape: {s['B']} sequences x {s['T']} completion tokens = {s['tokens']} tokens, V = {s['V']}, "
-        f"in-code Llama (hidden {s['hidden']}, {s['layers']} layers, untied head), fp32. Settings: "
+        f"{_model_text(s)}, fp32. Settings: "
         f"top-K {s['topk']} logit distillation with tail, alpha {s['alpha']}, IS clip {s['is_clip']}, "
         "distillation_weight 1, EMA teacher, loss_type dapo. One batch prepared once (no generation); "
         "`trainer.compute_loss(model, inputs)` + `.backward()`, one subprocess per implementation.",
         "",
         f"Peak = extra bytes allocated during one step (torch.profiler profile_memory, `harness.peak_extra_bytes`), "
         f"in units of one fp32 [tokens, V] tensor ({s['unit_bytes'] / 2**20:.0f} MiB); it includes the parameter "
-        f"gradients (embedding + head, {data['results'][0]['param_grad_tokens_v_fp32']:.3f} units). "
+        f"gradients ({'all parameters' if s.get('model') else 'embedding + head'}, "
+        f"{next(r for r in data['results'] if 'error' not in r)['param_grad_tokens_v_fp32']:.3f} units). "
         f"Time = median of {s['rounds']} un-profiled steps (wall clock, shared 2-core CPU: noisy).",
         "",
         "| implementation | what | peak (fp32 [tokens,V]) | peak (MiB) | time (median) | times (s) | loss |",
@@ -305,7 +371,8 @@ def write_png(data: dict, path: Path) -> None:
     a2.bar_label(bars, fmt="%.2f")
     a2.set_ylabel("median time of loss + backward (s)")
     s = data["settings"]
-    fig.suptitle(f"SDPO trainer step, {s['B']}x{s['T']} tokens, V={s['V']}, CPU fp32 ({data['date']})")
+    what = f"{s['model']}, " if s.get("model") else ""
+    fig.suptitle(f"SDPO trainer step, {what}{s['B']}x{s['T']} tokens, V={s['V']}, CPU fp32 ({data['date']})")
     for a in (a1, a2):
         a.tick_params(axis="x", rotation=20)
     fig.tight_layout()
@@ -319,12 +386,16 @@ def main(argv=None) -> None:
     ap.add_argument("--impls", default=",".join(IMPLS), help="comma-separated subset of " + ",".join(IMPLS))
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per implementation")
     ap.add_argument("--render", type=Path, help="only re-write the .md and .png of an existing results JSON")
+    ap.add_argument(
+        "--model", choices=REAL_MODELS, help="a real pretrained model (sdpo.models) instead of the in-code one"
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--batch", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.batch, a.batch.parent / "model", a.rounds, a.result)
+        configure(a.model)
+        worker(a.worker, a.batch, model_path(a.batch.parent / "model"), a.rounds, a.result)
         return
     if a.render:
         data = json.loads(a.render.read_text())
@@ -336,6 +407,7 @@ def main(argv=None) -> None:
         ap.error("--out is required")
     from harness import device_name
 
+    configure(a.model)
     impls = [i for i in a.impls.split(",") if i]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -344,7 +416,7 @@ def main(argv=None) -> None:
         for impl in impls:
             res_path = Path(tmp) / f"{impl}.json"
             cmd = [sys.executable, __file__, "--worker", impl, "--batch", str(batch), "--rounds", str(a.rounds)]
-            cmd += ["--result", str(res_path)]
+            cmd += ["--result", str(res_path)] + (["--model", a.model] if a.model else [])
             t0 = time.perf_counter()
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0 or not res_path.exists():
@@ -376,6 +448,7 @@ def main(argv=None) -> None:
             "hidden": HIDDEN,
             "layers": LAYERS,
             "heads": HEADS,
+            "model": MODEL,
             "dtype": "fp32",
             "topk": TOPK,
             "add_tail": True,
