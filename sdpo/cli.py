@@ -1,7 +1,9 @@
-"""`sdpo` command line: `sdpo train --config cfg.yaml` (TRL-style) and `sdpo demo`.
+"""`sdpo` command line: `sdpo train --config cfg.yaml` (TRL-style), `sdpo demo` and `sdpo discover`.
 
 sdpo train --config examples/sdpo_config.yaml          # or flags: --model_name_or_path ... --dataset_name ...
 sdpo demo --out demo_out
+sdpo demo --model smollm2-135m-instruct --out demo_real   # real pretrained model, 14-39 min on 2 cores
+sdpo discover --out discover_out                          # test-time SDPO vs best-of-k vs multi-turn (docs/discover.md)
 """
 
 from __future__ import annotations
@@ -109,48 +111,47 @@ def train(argv: list[str]) -> None:
 
 
 def demo(argv: list[str]) -> None:
-    from .demo import DemoSettings, run_demo
+    from .demo import TINY, run_demo, settings_for
 
-    d = DemoSettings
     p = argparse.ArgumentParser(
-        prog="sdpo demo", description="Offline demo: SDPO (top-K, fused-linear) vs GRPO on a tiny char model."
+        prog="sdpo demo",
+        description="Offline demo: SDPO (top-K, fused-linear) vs GRPO, on a tiny char model (default) or a real "
+        "pretrained model (--model smollm2-135m-instruct). Unset flags take the model's defaults.",
     )
+    p.add_argument("--model", default=TINY, help="'tiny' (in-code char model) or a real model, see sdpo.models")
     p.add_argument("--out", default="demo_out", help="output directory (metrics.jsonl, curves.png)")
-    p.add_argument("--seed", type=int, default=d.seed, help="first seed")
-    p.add_argument("--num_seeds", type=int, default=d.num_seeds)
-    p.add_argument("--rl_steps", type=int, default=d.rl_steps)
-    p.add_argument("--warmup_steps", type=int, default=d.warmup_steps)
-    p.add_argument("--topk", type=int, default=d.topk, help="SDPO's top-K support size")
+    p.add_argument("--seed", type=int, help="first seed")
+    p.add_argument("--num_seeds", type=int)
+    p.add_argument("--rl_steps", type=int)
+    p.add_argument("--eval_every", type=int, help="RL steps between held-out evaluations")
+    p.add_argument("--warmup_steps", type=int, help="tiny model only: supervised warm-up steps")
+    p.add_argument("--learning_rate", type=float, help="tiny: warm-up lr (RL uses a quarter); real: RL lr")
+    p.add_argument("--topk", type=int, help="SDPO's top-K support size")
     p.add_argument(
         "--token_level_arm",
         action=argparse.BooleanOptionalAction,
-        default=d.token_level_arm,
         help="also run SDPO with the token-level (sampled-token) loss",
     )
-    p.add_argument("--workers", type=int, default=d.workers, help="processes running seeds (0: one per core)")
-    p.add_argument("--threads", type=int, default=d.threads, help="torch intra-op threads per process")
-    a = p.parse_args(argv)
-    run_demo(
-        DemoSettings(
-            out=a.out,
-            seed=a.seed,
-            num_seeds=a.num_seeds,
-            rl_steps=a.rl_steps,
-            warmup_steps=a.warmup_steps,
-            topk=a.topk,
-            token_level_arm=a.token_level_arm,
-            workers=a.workers,
-            threads=a.threads,
-        )
-    )
+    p.add_argument("--workers", type=int, help="processes running seeds (0: one per core)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads per process")
+    a = vars(p.parse_args(argv))
+    run_demo(settings_for(a.pop("model"), **a))
+
+
+def discover(argv: list[str]) -> None:
+    """`sdpo discover ...`: `sdpo.discover.main` (imported only when used)."""
+    importlib.import_module("sdpo.discover").main(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {"train": train, "demo": demo}
+    commands = {"train": train, "demo": demo, "discover": discover}
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
         print(__doc__.strip())
-        print("\ncommands: train (real runs, TrlParser: --config cfg.yaml), demo (offline tiny demo)")
+        print(
+            "\ncommands: train (real runs, TrlParser: --config cfg.yaml), demo (offline demo; --model for a real "
+            "model), discover (test-time SDPO on single hard questions, with best-of-k and multi-turn baselines)"
+        )
         sys.exit(0 if argv and argv[0] in ("-h", "--help") else 2)
     commands[argv[0]](argv[1:])
 

@@ -48,6 +48,10 @@ the worker count or the load. They do depend on the CPU kernels torch dispatches
 differently and RL amplifies it; MKL and oneDNN also pick kernels by CPU model), which is why the dispatch and
 the CPU model are recorded and the dispatch is printed with the verdict.
 
+Real models. `sdpo demo --model smollm2-135m-instruct` runs the same pipeline (`run_seed` -> `run_arm` for each
+arm, with one `RLTask` per seed; the same `rl_args`, verdict, plot and metrics) on a pretrained model and the
+addition task of `sdpo.real_task`, without a warm-up: see `sdpo.demo_real` and docs/real-model-demo.md.
+
 Threads: each process uses one intra-op and one inter-op torch thread (`threads`), and tokenizers' Rust pool
 is off: for a model this small more threads only spin, and when other processes shared the cores, spinning
 pools slowed the demo 40x.
@@ -60,10 +64,22 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+from .runtime import (  # noqa: F401  (cpu_info, DISPATCH_VARIABLES: their historical import path)
+    DISPATCH_VARIABLES,
+    cpu_capability_text,
+    cpu_info,
+    default_workers,
+    limit_threads,
+    quiet_libraries,
+    versions,
+)
 
 ALPHABET = "abcdef"
 TOKEN_CHARS = ALPHABET + " >;:" + "nsxpectdf"  # everything prompts, answers and feedback use: 15 + 3 special
@@ -72,9 +88,15 @@ SOLUTION = "ans {successful_previous_attempt};"
 FEEDBACK = "fb {feedback_raw};"
 
 
+TINY = "tiny"  # the default model: the in-code char-level Llama (the other names: `sdpo.models.OFFLINE_MODELS`)
+
+
 @dataclass
 class DemoSettings:
+    """The demo's settings; the defaults are the tiny demo's (`settings_for(model)` gives a real model's)."""
+
     out: str = "demo_out"
+    model: str = TINY  # "tiny", or a real model's registry name (`sdpo.models`; the run is `sdpo.demo_real`'s)
     seed: int = 0  # first seed; the demo repeats the whole pipeline for seeds seed, seed+1, ...
     num_seeds: int = 12
     hidden: int = 64
@@ -94,6 +116,20 @@ class DemoSettings:
     workers: int = 0  # seeds run in this many processes at once; 0: one per usable core (at most one per seed)
     bootstrap_samples: int = 10000
     progress: bool = True  # tqdm bars
+    # Real-model task only (`sdpo.demo_real`): training and held-out questions per seed (disjoint).
+    num_train: int = 0
+    num_heldout: int = 0
+
+
+def settings_for(model: str = TINY, **overrides) -> DemoSettings:
+    """`DemoSettings` with `model`'s defaults (the tiny demo's, or `sdpo.demo_real.DEFAULTS[model]`), then
+    `overrides` (None values are ignored: unset command-line flags)."""
+    fields = {k: v for k, v in overrides.items() if v is not None}
+    if model != TINY:
+        from .demo_real import defaults
+
+        fields = {**defaults(model), **fields}
+    return DemoSettings(model=model, **fields)
 
 
 METHODS = {"sdpo": "SDPO top-K", "grpo": "GRPO", "sdpo_token": "SDPO token-level"}
@@ -180,22 +216,44 @@ def sampled_success(model, tok, strings: list[str], n: int = 8) -> float:
     return sum(t.strip() == strings[i // n][::-1] for i, t in enumerate(texts)) / len(texts)
 
 
-def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings, log) -> None:
-    from datasets import Dataset
-    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
+@dataclass
+class RLTask:
+    """What an RL arm needs from a demo task: the demo's one RL loop (`run_arm`) runs any task given as one.
 
-    from sdpo import SDPOConfig, SDPOTrainer
+    Attributes:
+        tokenizer: the processing class (left padding).
+        build: a fresh model holding the arms' common starting weights (called once per arm).
+        columns: dataset columns `prompt`, `answer` and `privileged_context` (the environment feedback).
+        reward: the TRL reward function (reads the `answer` column).
+        evaluate: model -> {"heldout_accuracy": ..., "train_accuracy": ...} (greedy, bare prompts).
+        start: `evaluate` of the starting weights, computed once per seed and logged as each arm's step-0 row
+            (greedy: no random draw, so computing it once changes no figure).
+        templates: SDPO's (reprompt, solution, feedback) templates for this task's prompts.
+        max_completion_length: completion budget in tokens.
+        learning_rate: the RL learning rate, shared by every arm.
+    """
 
-    model = build()
-    model.load_state_dict(init_state)
-    ds = Dataset.from_dict(
-        {
-            "prompt": [_prompt(x) for x in train],
-            "answer": [x[::-1] for x in train],
-            "privileged_context": [f"expected {x[::-1]}" for x in train],
-        }
-    )
+    tokenizer: Any
+    build: Callable[[], Any]
+    columns: dict[str, list]
+    reward: Callable[..., list[float]]
+    evaluate: Callable[[Any], dict[str, float]]
+    start: dict[str, float]
+    templates: tuple[str, str, str]
+    max_completion_length: int
+    learning_rate: float
+
+
+def rl_args(method: str, task: RLTask, s: DemoSettings):
+    """The arm's trainer config: everything but the SDPO-only fields is shared by every arm (nothing per method).
+
+    SDPO top-K is the recommended top-K logit distillation (tail bucket, JSD alpha 0.5, IS clip 2) with
+    `s.topk`, through sdpo_kernels' fused-linear loss (`distillation_fused_linear="always"`: an error, not a
+    silent logits path, when it cannot run)."""
+    from trl import GRPOConfig
+
+    from sdpo import SDPOConfig
+
     common = dict(
         output_dir=os.path.join(s.out, f"run_{method}"),
         bf16=False,
@@ -204,9 +262,9 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
         seed=s.seed,
         per_device_train_batch_size=s.prompts_per_step * s.num_generations,
         num_generations=s.num_generations,
-        max_completion_length=4,
+        max_completion_length=task.max_completion_length,
         max_steps=s.rl_steps,
-        learning_rate=s.learning_rate / 4,
+        learning_rate=task.learning_rate,
         disable_dropout=False,  # GRPOConfig's default, pinned: SDPOConfig's is TRL 1.16 SDPO's True
         logging_steps=1,
         save_strategy="no",
@@ -214,17 +272,16 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
         beta=0.0,
         loss_type="grpo",
     )
+    reprompt, solution, feedback = task.templates
     sdpo_common = dict(
         include_environment_feedback=True,  # the task's feedback column
-        reprompt_template=REPROMPT,
-        solution_template=SOLUTION,
-        feedback_template=FEEDBACK,
+        reprompt_template=reprompt,
+        solution_template=solution,
+        feedback_template=feedback,
         diagnostics_warning_interval=0,
     )
     if method == "sdpo":
-        # The recommended top-K logit distillation (K=100 of ~150k tokens, tail bucket, JSD alpha 0.5, IS clip 2),
-        # with K scaled to this vocabulary, through sdpo_kernels' fused-linear loss ("always": an error otherwise).
-        args = SDPOConfig(
+        return SDPOConfig(
             **common,
             **sdpo_common,
             full_logit_distillation=True,
@@ -234,13 +291,23 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
             distillation_is_clip=2.0,
             distillation_fused_linear="always",
         )
-        trainer_cls = SDPOTrainer
-    elif method == "sdpo_token":  # the library default loss: sampled-token reverse KL (no logits distilled)
-        args = SDPOConfig(**common, **sdpo_common)
-        trainer_cls = SDPOTrainer
-    else:
-        args = GRPOConfig(**common)
-        trainer_cls = GRPOTrainer
+    if method == "sdpo_token":  # the library default loss: sampled-token reverse KL (no logits distilled)
+        return SDPOConfig(**common, **sdpo_common)
+    return GRPOConfig(**common)
+
+
+def run_arm(method: str, task: RLTask, s: DemoSettings, log) -> None:
+    """One RL arm from the task's starting weights; per-step and per-eval rows go to `log(row)`."""
+    from datasets import Dataset
+    from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+    from trl import GRPOTrainer
+
+    from sdpo import SDPOConfig, SDPOTrainer
+
+    model = task.build()
+    ds = Dataset.from_dict(task.columns)
+    args = rl_args(method, task, s)
+    trainer_cls = SDPOTrainer if isinstance(args, SDPOConfig) else GRPOTrainer
 
     class Eval(TrainerCallback):
         def on_log(self, args_, state, control, logs=None, model=None, **kw):
@@ -250,8 +317,7 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
             if "frac_reward_zero_std" in logs:  # share of groups whose rewards are all equal (no GRPO signal)
                 row["frac_reward_zero_std"] = logs["frac_reward_zero_std"]
             if state.global_step % s.eval_every == 0 or state.global_step == s.rl_steps:
-                row["heldout_accuracy"] = accuracy(model, tok, heldout)
-                row["train_accuracy"] = accuracy(model, tok, train)
+                row.update(task.evaluate(model))
             for k in ("self_distillation/distillation_loss", "self_distillation/reprompt_sample_fraction"):
                 if k in logs:
                     row[k] = logs[k]
@@ -270,19 +336,18 @@ def _run_rl(method: str, init_state, tok, build, train, heldout, s: DemoSettings
             self.bar.close()
 
     trainer = trainer_cls(
-        model=model, reward_funcs=reward_exact, args=args, train_dataset=ds, processing_class=tok, callbacks=[Eval()]
+        model=model,
+        reward_funcs=task.reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=task.tokenizer,
+        callbacks=[Eval()],
     )
     # With transformers' verbosity at "error", Trainer picks PrinterCallback (prints every log dict) over its bar.
     trainer.remove_callback(ProgressCallback)
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(Progress())
-    start = {
-        "method": method,
-        "seed": s.seed,
-        "step": 0,
-        "heldout_accuracy": accuracy(model, tok, heldout),
-        "train_accuracy": accuracy(model, tok, train),
-    }
+    start = {"method": method, "seed": s.seed, "step": 0, **task.start}
     if isinstance(args, SDPOConfig):  # what the loss really ran: its mode and whether the fused-linear path
         start["distillation_mode"] = args.distillation_mode
         start["fused_linear"] = trainer.use_fused_linear
@@ -343,7 +408,7 @@ def _plot(rows: list[dict], path: str) -> None:
             smooth = [sum(vals[max(0, i - 9) : i + 1]) / len(vals[max(0, i - 9) : i + 1]) for i in range(len(vals))]
             axes[2].plot(steps, smooth, color=color, lw=2, label=f"{label} (seed mean, 10-step avg)")
     axes[0].set(
-        title="held-out accuracy (greedy, unseen strings)", xlabel="RL step", ylabel="exact match", ylim=(-0.02, 1.02)
+        title="held-out accuracy (greedy, unseen prompts)", xlabel="RL step", ylabel="exact match", ylim=(-0.02, 1.02)
     )
     axes[1].set(title="training reward (sampled rollouts)", xlabel="RL step", ylabel="mean reward", ylim=(-0.02, 1.02))
     axes[2].set(
@@ -450,89 +515,16 @@ def verdict(rows: list[dict], samples: int = 10000) -> str:
     return f"VERDICT: {calls[0]} ({'; '.join(parts)})." + "".join(f" Also: {c}." for c in calls[1:])
 
 
-def versions() -> dict[str, str]:
-    """Versions of the packages the run's numbers depend on (written to metrics.jsonl and printed)."""
-    import importlib.metadata as md
-    import platform
-
-    out = {"python": platform.python_version()}
-    for name in ("torch", "transformers", "trl", "triton", "accelerate", "sdpo-kernels"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    out["torch_threads"] = f"{torch.get_num_threads()} intra-op / {torch.get_num_interop_threads()} inter-op"
-    out.update(cpu_info())
-    return out
-
-
-DISPATCH_VARIABLES = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
-
-
-def cpu_info() -> dict[str, str]:
-    """The CPU kernels torch dispatches to (`cpu_capability`: e.g. AVX512, AVX2), the variables that force a
-    dispatch (ATen's, and MKL's / oneDNN's, which pick their own kernels) when set, and the CPU model.
-
-    The figures are bit-identical on one dispatch; another (AVX-512 vs AVX2 vectorised kernels) rounds differently
-    and RL amplifies that, so the per-seed figures, the gap and its interval move (the call held in our runs)."""
-    out = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
-    out.update({k: os.environ[k] for k in DISPATCH_VARIABLES if os.environ.get(k)})
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((x.split(":", 1)[1].strip() for x in f if x.startswith("model name")), None)
-        if model:
-            out["cpu"] = model
-    except OSError:  # not Linux
-        pass
-    return out
-
-
-def cpu_capability_text(env: dict[str, str] | None = None) -> str:
-    """'CPU capability AVX512' (plus the dispatch variables that are set, e.g. ATEN_CPU_CAPABILITY=avx2), for the
-    verdict line."""
-    env = env or cpu_info()
-    forced = ", ".join(f"{k}={env[k]}" for k in DISPATCH_VARIABLES if env.get(k))
-    return f"CPU capability {env['cpu_capability']}" + (f" ({forced})" if forced else "")
-
-
-def _limit_threads(n: int) -> int:
-    """`n` intra-op and one inter-op torch thread: a model this small gains nothing from more, and when other
-    processes share the cores, spinning thread pools slowed the demo 40x. Returns the previous intra-op count.
-    The inter-op pool can only be sized before its first use (else it is left as it is)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:  # already started (e.g. in a test session that ran torch work first)
-        pass
-    return previous
-
-
-def _quiet_libraries() -> None:
-    import warnings
-
-    from transformers import logging as hf_logging
-
-    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")  # deprecations, per process
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # no Rust thread pool either
-    hf_logging.set_verbosity_error()
-
-
-def default_workers(num_seeds: int) -> int:
-    """One process per usable core, at most one per seed."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(num_seeds, cores))
-
-
 def run_seed(s: DemoSettings, log) -> None:
     """Warm-up, then every RL arm from the warmed-up weights, for seed `s.seed`; rows go to `log(row)`.
 
-    Everything is seeded from `s.seed` alone, so a seed gives the same rows in any process and order."""
+    Everything is seeded from `s.seed` alone, so a seed gives the same rows in any process and order. A real
+    model (`s.model` other than "tiny") runs `sdpo.demo_real.run_seed` instead (no warm-up)."""
+    if s.model != TINY:
+        from .demo_real import run_seed as run_real_seed
+
+        run_real_seed(s, log)
+        return
     from .tiny import build_char_tokenizer, build_tiny_model
 
     start = time.time()
@@ -546,31 +538,77 @@ def run_seed(s: DemoSettings, log) -> None:
     model = build()
     _warmup(model, tok, train, s)
     init_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def evaluate(m) -> dict[str, float]:
+        return {"heldout_accuracy": accuracy(m, tok, heldout), "train_accuracy": accuracy(m, tok, train)}
+
+    start_eval = evaluate(model)
     log(
         {
             "method": "warmup",
             "seed": s.seed,
             "step": 0,
-            "heldout_accuracy": accuracy(model, tok, heldout),
-            "train_accuracy": accuracy(model, tok, train),
+            **start_eval,
             "train_sampled_success": sampled_success(model, tok, train),
             "train_accuracy_with_demonstration": accuracy(model, tok, train, hint="demo"),
             "train_accuracy_with_feedback": accuracy(model, tok, train, hint="feedback"),
             "seconds": round(time.time() - start, 1),
         }
     )
-    for method in _arms(s):
-        _run_rl(method, init_state, tok, build, train, heldout, s, log)
+
+    def build_warm():
+        m = build()
+        m.load_state_dict(init_state)
+        return m
+
+    task = RLTask(
+        tokenizer=tok,
+        build=build_warm,
+        columns={
+            "prompt": [_prompt(x) for x in train],
+            "answer": [x[::-1] for x in train],
+            "privileged_context": [f"expected {x[::-1]}" for x in train],
+        },
+        reward=reward_exact,
+        evaluate=evaluate,
+        start=start_eval,
+        templates=(REPROMPT, SOLUTION, FEEDBACK),
+        max_completion_length=4,
+        learning_rate=s.learning_rate / 4,
+    )
+    for method in arms(s):
+        run_arm(method, task, s, log)
 
 
-def _arms(s: DemoSettings) -> list[str]:
+START_ROWS = ("warmup", "start")  # each seed's row on the arms' starting weights: tiny (after warm-up), real
+
+
+def _vocab_size(s: DemoSettings) -> int:
+    if s.model == TINY:
+        from .tiny import build_char_tokenizer
+
+        return len(build_char_tokenizer(TOKEN_CHARS))
+    from .demo_real import vocab_size
+
+    return vocab_size(s.model)
+
+
+def _loadavg() -> list[float]:
+    """The machine's 1/5/15-minute load averages (the demo's wall time depends on what else runs)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:  # not available on this platform
+        return []
+
+
+def arms(s: DemoSettings) -> list[str]:
     return ["sdpo", "grpo"] + (["sdpo_token"] if s.token_level_arm else [])
 
 
 def _seed_worker(s: DemoSettings) -> list[dict]:
     """One seed in a worker process (spawned: a fresh interpreter, single-threaded torch, no progress bars)."""
-    _limit_threads(s.threads)
-    _quiet_libraries()
+    limit_threads(s.threads)
+    quiet_libraries()
     rows: list[dict] = []
     run_seed(replace(s, progress=False), rows.append)
     return rows
@@ -579,7 +617,7 @@ def _seed_worker(s: DemoSettings) -> list[dict]:
 def run_demo(settings: DemoSettings | None = None) -> str:
     """Run the whole demo; returns the verdict line (also printed). Outputs go to `settings.out`."""
     base = settings or DemoSettings()
-    previous_threads = _limit_threads(base.threads)
+    previous_threads = limit_threads(base.threads)
     try:
         return _run_demo(base)
     finally:
@@ -590,19 +628,17 @@ def _run_demo(base: DemoSettings) -> str:
     import concurrent.futures
     import multiprocessing
 
-    from .tiny import build_char_tokenizer
-
     os.makedirs(base.out, exist_ok=True)
-    _quiet_libraries()
+    quiet_libraries()
     start = time.time()
     seeds = list(range(base.seed, base.seed + base.num_seeds))
     workers = base.workers or default_workers(len(seeds))
     metrics_path = os.path.join(base.out, "metrics.jsonl")
     rows: list[dict] = []
-    arms = _arms(base)
+    run_arms = arms(base)
     env = versions()
     print("versions: " + ", ".join(f"{k} {v}" for k, v in env.items()))
-    print(f"{len(seeds)} seeds x ({' | '.join(METHODS[m] for m in arms)}), {workers} worker process(es)")
+    print(f"{len(seeds)} seeds x ({' | '.join(METHODS[m] for m in run_arms)}), {workers} worker process(es)")
     with open(metrics_path, "w") as f:
 
         def log(row):
@@ -610,15 +646,20 @@ def _run_demo(base: DemoSettings) -> str:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
-        vocab_size = len(build_char_tokenizer(TOKEN_CHARS))
-        log({"versions": env, "settings": asdict(base), "workers": workers, "vocab_size": vocab_size})
+        first = {"versions": env, "settings": asdict(base), "workers": workers, "vocab_size": _vocab_size(base)}
+        log({**first, "loadavg": _loadavg()})
 
         def done(seed: int) -> None:
-            final = " ".join(f"{METHODS[m]} {final_accuracies(rows, m).get(seed, float('nan')):.2f}" for m in arms)
-            warm = next(r for r in rows if r.get("method") == "warmup" and r["seed"] == seed)
+            final = " ".join(f"{METHODS[m]} {final_accuracies(rows, m).get(seed, float('nan')):.2f}" for m in run_arms)
+            warm = next(r for r in rows if r.get("method") in START_ROWS and r["seed"] == seed)
+            sampled = (
+                f"start sampled success {warm['train_sampled_success']:.2f}, "
+                if "train_sampled_success" in warm
+                else ""
+            )
             tqdm.write(
-                f"seed {seed} done at {time.time() - start:.0f}s: warm-up sampled success "
-                f"{warm['train_sampled_success']:.2f}, final held-out accuracy {final}"
+                f"seed {seed} done at {time.time() - start:.0f}s (load average {_loadavg()}): {sampled}"
+                f"final held-out accuracy {final}"
             )
 
         if workers == 1:
@@ -635,11 +676,14 @@ def _run_demo(base: DemoSettings) -> str:
                     done(seed)
         # The CPU dispatch next to the call: figures reproduce exactly only on the same one (see `cpu_info`).
         line = f"{verdict(rows, base.bootstrap_samples)} [{cpu_capability_text(env)}]"
-        f.write(json.dumps({"verdict": line, "seconds": round(time.time() - start, 1), "versions": env}) + "\n")
+        end = {"verdict": line, "seconds": round(time.time() - start, 1), "versions": env, "loadavg": _loadavg()}
+        f.write(json.dumps(end) + "\n")
     _plot(rows, os.path.join(base.out, "curves.png"))
     print(f"wrote {metrics_path} and {os.path.join(base.out, 'curves.png')} in {time.time() - start:.0f}s")
-    finals = {m: final_accuracies(rows, m) for m in arms}
-    per_seed = ", ".join(f"seed {k}: " + "/".join(f"{finals[m][k]:.2f}" for m in arms) for k in sorted(finals["sdpo"]))
-    print(f"final held-out accuracy {'/'.join(METHODS[m] for m in arms)} per seed: {per_seed}")
+    finals = {m: final_accuracies(rows, m) for m in run_arms}
+    per_seed = ", ".join(
+        f"seed {k}: " + "/".join(f"{finals[m][k]:.2f}" for m in run_arms) for k in sorted(finals["sdpo"])
+    )
+    print(f"final held-out accuracy {'/'.join(METHODS[m] for m in run_arms)} per seed: {per_seed}")
     print(line)
     return line

