@@ -186,11 +186,17 @@ class SDPOLossMixin:
                 }
             if fused:
                 losses = self._fused_linear_losses(hidden, lm, teacher_out, inputs, old, w_dist, w_pol)
-                if "token_logps" in losses:  # the kernel's per-row log-probs: GRPO's clip ratios, the IS clip share
-                    rows = losses.pop("token_rows")
-                    losses["metric_stats"] = self._token_metric_stats(
-                        losses.pop("token_logps"), inputs, old, mask * rows, dist_mask * rows, hybrid
+                # From the kernel's per-row outputs, over the tokens it ran on: GRPO's entropy (a pass over each
+                # chunk's logits, as GRPO's own), its clip ratios and the IS clip share (token log-probs).
+                rows = losses.pop("token_rows")
+                stats = {"entropy": masked_sum_count(losses.pop("entropy"), mask * rows)}
+                if "token_logps" in losses:
+                    stats.update(
+                        self._token_metric_stats(
+                            losses.pop("token_logps"), inputs, old, mask * rows, dist_mask * rows, hybrid
+                        )
                     )
+                losses["metric_stats"] = stats
                 return losses
             logits = head_logits(hidden, lm)
             losses = self._logits_losses(logits, teacher_out, inputs, old, w_dist, w_pol)
@@ -383,6 +389,7 @@ class SDPOLossMixin:
                 **distillation_loss_kwargs(self.args, self.temperature, self.distillation_topk),
                 return_support_stats=support_stats,
                 return_token_logps=token_logps,
+                return_entropy=True,
             )
         loss, per_token = result
 
@@ -393,9 +400,10 @@ class SDPOLossMixin:
             return full
 
         out = {"loss": loss, "distillation_per_token": unflatten(per_token)}
+        out["entropy"] = unflatten(result.entropy)
+        out["token_rows"] = flat.view_as(w_dist).to(w_dist.dtype)  # rows the kernel ran (its outputs 0 elsewhere)
         if token_logps:
             out["token_logps"] = unflatten(result.token_logps)
-            out["token_rows"] = flat.view_as(w_dist).to(w_dist.dtype)  # rows the kernel ran (logps 0 elsewhere)
         if support_stats:
             out["topk_mass"] = unflatten(result.support_stats.topk_mass)
             out["support_kl"] = unflatten(result.support_stats.support_kl)

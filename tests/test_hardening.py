@@ -373,7 +373,7 @@ def test_opcheck_linear_op(with_policy, row_outputs):
     policy = (
         (torch.randn(n), torch.full((n,), 0.5), None, 0.2, 0.3, None) if with_policy else (None,) * 3 + (0.0, 0.0, None)
     )
-    settings = ("topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False, row_outputs, row_outputs)
+    settings = ("topk_logits", 5, 0.5, True, 2.0, 1.0, 2, "reference", True, True, False, *(row_outputs,) * 3)
     args = (h, w, None, torch.randn(n, 8), w.detach(), None, ids, torch.randn(n) - 3, torch.ones(n), *policy,
             *settings)  # fmt: skip
     torch.library.opcheck(ops.linear_loss, args)

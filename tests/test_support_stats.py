@@ -8,7 +8,7 @@ import torch
 from sdpo_kernels import linear_self_distillation_loss, self_distillation_loss
 
 from conftest import INTERPRET_MARKS
-from tolerances import assert_close
+from tolerances import CHAIN_ROUNDINGS, assert_close
 
 BACKENDS = ["reference", pytest.param("triton", marks=INTERPRET_MARKS)]
 
@@ -139,3 +139,23 @@ def test_fused_linear_token_logps(backend, mode):
     assert_close(out.token_logps.double(), expected, "f32_vs_f64")
     with pytest.raises(ValueError, match="return_token_logps needs completion_ids"):
         linear_self_distillation_loss(h_s, w, h_t, w, weights=torch.ones(n), return_token_logps=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fused_linear_entropy(backend):
+    """`return_entropy`: H(softmax(z / T)) per row, against the float64 entropy of the logits (TRL's formula)."""
+    torch.manual_seed(5)
+    n, d, v = 7, 8, 33
+    h_s, h_t, w = torch.randn(n, d) * 2, torch.randn(n, d), torch.randn(v, d)
+    out = linear_self_distillation_loss(
+        h_s, w, h_t, w, weights=torch.ones(n), topk=4, temperature=0.7, chunk_size=3, backend=backend,
+        return_entropy=True,
+    )  # fmt: skip
+    z = (h_s @ w.t()).double() / 0.7  # the float32 logits the chunks see, then exact arithmetic
+    expected = -(z.softmax(-1) * z.log_softmax(-1)).sum(-1)
+    assert out.entropy.shape == (n,) and out.token_logps is None
+    # H = LSE(z) - Σ p·z cancels: both terms are of size max|z| (up to ~24 here, entropies down to ~0.1), and each
+    # carries about CHAIN_ROUNDINGS ulps of it (scaling, exp, product, sum), so the error is ulps of max|z|, not
+    # of H: cond = 2 · CHAIN_ROUNDINGS · max|z| ulps on top of the float32 entry.
+    cond = 2 * CHAIN_ROUNDINGS * z.abs().max().item()
+    assert_close(out.entropy.double(), expected, "f32_vs_f64", cond=cond)

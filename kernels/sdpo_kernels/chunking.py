@@ -17,7 +17,7 @@ import torch
 from .config import LossConfig
 from .policy import PolicyTerm, fold_policy_grad, renormalised_policy_grad_
 from .stats import RowStats
-from .support_stats import SupportStats, support_stats
+from .support_stats import SupportStats, row_entropy, support_stats
 
 # Default chunking: N // 8 rows per chunk (at least 1), so that the (at most two) [rows, V] chunk
 # buffers stay ≤ 1/4 of one [N, V] logits tensor, with chunks as large as that allows (see
@@ -65,8 +65,8 @@ class RowInputs:
 @dataclass(frozen=True)
 class ChunkPlan:
     """Validated settings of one fused pass: loss config, backend module, rows per chunk, which
-    student gradients to compute, whether to keep each row's `SupportStats` (topk_logits) and each
-    row's student log-prob of its completion token (`token_logps`)."""
+    student gradients to compute, whether to keep each row's `SupportStats` (topk_logits), each
+    row's student log-prob of its completion token (`token_logps`) and the student's entropy (`entropy`)."""
 
     config: LossConfig
     backend: ModuleType
@@ -76,6 +76,7 @@ class ChunkPlan:
     need_bias: bool
     support_stats: bool = False
     token_logps: bool = False
+    entropy: bool = False
 
     @property
     def needs_grad(self) -> bool:
@@ -87,7 +88,7 @@ class FusedResult:
     """Scalar loss, per-token losses [N], policy per-token losses [N] (or None), the student
     gradients `(grad_hidden, grad_weight, grad_bias)` (None where not planned) and the rows'
     `SupportStats` ([N] each; None unless planned) and student log-probs of the completion tokens
-    log softmax(z / T)_y [N] (None unless planned)."""
+    log softmax(z / T)_y [N] and entropies of softmax(z / T) [N] (each None unless planned)."""
 
     total: torch.Tensor
     per_token: torch.Tensor
@@ -95,6 +96,7 @@ class FusedResult:
     grads: tuple
     support: SupportStats | None = None
     token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
 
 @dataclass
@@ -109,6 +111,7 @@ class _Sums:
     grad_b: torch.Tensor | None
     support: SupportStats | None = None
     token_logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, student: Head, plan: ChunkPlan, has_policy: bool) -> _Sums:
@@ -124,6 +127,7 @@ class _Sums:
             grad_b=torch.zeros_like(b, dtype=torch.promote_types(b.dtype, torch.float32)) if plan.need_bias else None,
             support=SupportStats(rows(), rows()) if plan.support_stats else None,
             token_logps=rows() if plan.token_logps else None,
+            entropy=rows() if plan.entropy else None,
         )
 
     def add_grads(self, grad_logits: torch.Tensor, student: Head, lo: int, hi: int) -> None:
@@ -142,7 +146,9 @@ class _Sums:
         if grad_b is not None and grad_b.dtype != student.bias.dtype:
             grad_b = grad_b.to(student.bias.dtype)
         grads = (self.grad_h, grad_w, grad_b)
-        return FusedResult(self.total, self.per_token, self.policy_tok, grads, self.support, self.token_logps)
+        return FusedResult(
+            self.total, self.per_token, self.policy_tok, grads, self.support, self.token_logps, self.entropy
+        )
 
 
 def fused_pass(*, student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan) -> FusedResult:
@@ -170,6 +176,8 @@ def _run_chunk(student: Head, teacher: Head, rows: RowInputs, plan: ChunkPlan, s
         chunk = support_stats(logits_s, logits_t, stats, config.inv_temperature)
         sums.support.topk_mass[lo:hi] = chunk.topk_mass
         sums.support.support_kl[lo:hi] = chunk.support_kl
+    if sums.entropy is not None:  # also before the backward: a pass over the chunk's student logits
+        sums.entropy[lo:hi] = row_entropy(logits_s, config.inv_temperature, sums.entropy.dtype)
     if config.mode != "full_logits":
         logits_t = None  # only full_logits' backward reads the teacher logits
     g = rows.weights[lo:hi].to(loss.dtype)

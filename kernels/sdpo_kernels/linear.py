@@ -44,8 +44,8 @@ __all__ = [
 
 
 class LinearLossOutput(tuple):
-    """`(loss, per_token)`, with `.loss`, `.per_token`, `.policy_per_token`, `.support_stats` and `.token_logps`
-    attributes."""
+    """`(loss, per_token)`, with `.loss`, `.per_token`, `.policy_per_token`, `.support_stats`, `.token_logps` and
+    `.entropy` attributes."""
 
     def __new__(
         cls,
@@ -54,11 +54,13 @@ class LinearLossOutput(tuple):
         policy_per_token: torch.Tensor | None = None,
         support_stats: SupportStats | None = None,
         token_logps: torch.Tensor | None = None,
+        entropy: torch.Tensor | None = None,
     ):
         out = super().__new__(cls, (loss, per_token))
         out.policy_per_token = policy_per_token
         out.support_stats = support_stats
         out.token_logps = token_logps
+        out.entropy = entropy
         return out
 
     @property
@@ -96,6 +98,7 @@ def linear_self_distillation_loss(
     backend: str = "auto",
     return_support_stats: bool = False,
     return_token_logps: bool = False,
+    return_entropy: bool = False,
 ) -> LinearLossOutput:
     """SDPO self-distillation loss from hidden states and lm_head weights (docs/fused-linear.md).
 
@@ -127,12 +130,15 @@ def linear_self_distillation_loss(
             gathers per chunk, no extra pass over the vocabulary.
         return_token_logps: also return the student's log-prob of each completion token,
             log softmax(z / T)_y (needs `completion_ids`; one gathered logit per row and the forward's LSE).
+        return_entropy: also return the student's entropy per row, H(softmax(z / T)): one more pass over each
+            chunk's logits (in 128-row float32 blocks), as GRPO's `entropy` metric makes over its logits.
     Returns:
         `LinearLossOutput`: `loss, per_token = out`; `loss` a differentiable float32 (float64 for
         float64 inputs) scalar, `per_token` [...] detached ℓ; `out.policy_per_token` [...] detached
         policy loss (None without policy); `out.support_stats` a `SupportStats` of [...] detached
         tensors (None unless `return_support_stats`); `out.token_logps` [...] detached (None unless
-        `return_token_logps`). Rows with weight 0 contribute exactly 0 to the loss and
+        `return_token_logps`); `out.entropy` [...] detached (None unless `return_entropy`). Rows with weight 0
+        contribute exactly 0 to the loss and
         to every gradient, even where their loss is not finite (e.g. padding rows).
     """
     policy = as_policy_term(policy)
@@ -164,6 +170,7 @@ def linear_self_distillation_loss(
             backend=backend,
             return_support_stats=return_support_stats,
             return_token_logps=return_token_logps,
+            return_entropy=return_entropy,
         )
 
 
@@ -195,6 +202,7 @@ def _fused_loss(
     backend,
     return_support_stats,
     return_token_logps,
+    return_entropy,
 ):
     """Validated, planned and flattened: the fused pass, through autograd when a gradient is wanted."""
     config, rows_shape = _validate(
@@ -221,7 +229,7 @@ def _fused_loss(
     term = None if policy is None else policy.flattened(n, call_old_logps=old)
     c = config
     # reshape is a view when the leading dims collapse; autograd routes grad_h back through it.
-    total, per_token, policy_tok, _grad_h, _grad_w, _grad_b, topk_mass, support_kl, token_logps = ops.linear_loss(
+    outputs = ops.linear_loss(
         h_s.reshape(n, h_s.shape[-1]) if need_hidden else h_s.detach().reshape(n, h_s.shape[-1]),
         w_s if need_weight else w_s.detach(),
         b_s if need_bias else detach(b_s),
@@ -250,7 +258,9 @@ def _fused_loss(
         need_bias,
         return_support_stats,
         return_token_logps,
+        return_entropy,
     )
+    total, per_token, policy_tok, _grad_h, _grad_w, _grad_b, topk_mass, support_kl, token_logps, entropy = outputs
     support = None
     if return_support_stats:
         support = SupportStats(topk_mass.detach().view(rows_shape), support_kl.detach().view(rows_shape))
@@ -260,6 +270,7 @@ def _fused_loss(
         None if policy is None else policy_tok.detach().view(rows_shape),
         support,
         token_logps.detach().view(rows_shape) if return_token_logps else None,
+        entropy.detach().view(rows_shape) if return_entropy else None,
     )
 
 

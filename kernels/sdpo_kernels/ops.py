@@ -9,9 +9,9 @@ sync inside). The ops take only tensors and plain settings; backends are named b
   `RowStats` with absent fields as empty tensors (`pack_stats` / `unpack_stats`).
 - `sdpo_kernels::loss_backward(student, teacher?, <stats>, grad_loss, <settings>)` -> the logits gradient.
 - `sdpo_kernels::linear_loss(<both heads>, <rows>, <policy>, <settings>, <plan>)` -> (total, per_token,
-  policy_per_token, grad_hidden, grad_weight, grad_bias, topk_mass, support_kl, token_logps): the whole fused-linear
-  pass, the student gradients included (computed in the forward, as `chunking.fused_pass` does); its backward only
-  scales them by the incoming scalar gradient, in place.
+  policy_per_token, grad_hidden, grad_weight, grad_bias, topk_mass, support_kl, token_logps, entropy): the whole
+  fused-linear pass, the student gradients included (computed in the forward, as `chunking.fused_pass` does); its
+  backward only scales them by the incoming scalar gradient, in place.
 
 Double backward is not supported: a backward with `create_graph=True` through these ops raises a
 RuntimeError (their backward formulas are hand-derived kernels, not differentiable graphs).
@@ -212,7 +212,8 @@ def linear_loss(
     need_bias: bool,
     support_stats: bool,
     token_logps: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    entropy: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The fused pass over [N, D] hidden states (flattened rows [N]); absent outputs are empty [0] tensors."""
     policy = None
     if policy_advantages is not None:
@@ -233,6 +234,7 @@ def linear_loss(
         need_bias=need_bias,
         support_stats=support_stats,
         token_logps=token_logps,
+        entropy=entropy,
     )
     out = fused_pass(
         student=Head(student_hidden, student_weight, student_bias),
@@ -253,13 +255,14 @@ def linear_loss(
         none(acc) if out.support is None else out.support.topk_mass,
         none(acc) if out.support is None else out.support.support_kl,
         none(acc) if out.token_logps is None else out.token_logps,
+        none(acc) if out.entropy is None else out.entropy,
     )
 
 
 @linear_loss.register_fake
 def _fake_linear(student_hidden, student_weight, student_bias, *args):
     policy_advantages = args[6]
-    need_hidden, need_weight, need_bias, support_stats, token_logps = args[-5:]
+    need_hidden, need_weight, need_bias, support_stats, token_logps, entropy = args[-6:]
     acc = torch.promote_types(student_hidden.dtype, torch.float32)
     n = student_hidden.shape[0]
     none = lambda dtype: student_hidden.new_empty((0,), dtype=dtype)
@@ -273,6 +276,7 @@ def _fake_linear(student_hidden, student_weight, student_bias, *args):
         student_hidden.new_empty((n,), dtype=acc) if support_stats else none(acc),
         student_hidden.new_empty((n,), dtype=acc) if support_stats else none(acc),
         student_hidden.new_empty((n,), dtype=acc) if token_logps else none(acc),
+        student_hidden.new_empty((n,), dtype=acc) if entropy else none(acc),
     )
 
 
@@ -302,7 +306,7 @@ def _linear_backward(ctx, grad_total, *_grad_rest):
             out.append(g * grad_total.to(g.dtype))
         else:
             out.append(g.mul_(grad_total.to(g.dtype)))
-    return (*out, *([None] * 25))
+    return (*out, *([None] * 26))
 
 
 def _traced(t: Tensor) -> bool:

@@ -62,4 +62,26 @@ def support_stats(
     return SupportStats(topk_mass, support_kl)
 
 
-__all__ = ["SupportStats", "support_stats"]
+def row_entropy(
+    logits_rows: torch.Tensor, inv_temperature: float, dtype: torch.dtype = torch.float32, sub_rows: int = 128
+) -> torch.Tensor:
+    """Entropy H = LSE(z) − Σ softmax(z)·z of each row, z = logits / T: [N] in `dtype`, detached.
+
+    Unlike the support statistics this is a pass over the vocabulary (GRPO's `entropy` metric makes the same pass):
+    one read of the rows, in `sub_rows` blocks so that the float32 temporaries stay [sub_rows, V]. The LSE is the
+    block's own, not the forward's: H cancels (both terms are of size max|z|) and dH/dLSE = 1 + Σ p·z ≈ LSE, so an
+    LSE computed in another order (the kernels' base-2 streaming sum) would cost ~|LSE| ulps of itself. -inf
+    logits contribute 0.
+    """
+    out = torch.empty(logits_rows.shape[0], dtype=dtype, device=logits_rows.device)
+    with torch.no_grad():
+        for lo in range(0, logits_rows.shape[0], sub_rows):
+            z = logits_rows[lo : lo + sub_rows].to(dtype) * inv_temperature
+            lse = torch.logsumexp(z, dim=-1)
+            p = torch.exp(z - lse[:, None])
+            pz = torch.where(p > 0, p * z, torch.zeros_like(p))
+            out[lo : lo + sub_rows] = lse - pz.sum(-1)
+    return out
+
+
+__all__ = ["SupportStats", "row_entropy", "support_stats"]
