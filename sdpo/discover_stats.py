@@ -110,7 +110,11 @@ def analyse(
             draws = [_ratio(rb, rs) for rb, rs in zip(boot_reach[b], boot_reach["sdpo"])]
             defined = sorted(d for d in draws if not math.isnan(d))  # inf: only SDPO reached p
             point = _ratio(reach[b], reach["sdpo"])
-            ci = [_json_num(_percentile(defined, q)) for q in (lo_q, hi_q)] if defined else None
+            # A draw where neither method reaches p has no ratio. Dropping such draws would bias the interval
+            # (only the draws where one of them happens to reach p remain), so the interval is reported only when
+            # the point estimate exists and the undefined draws are fewer than one tail of the interval.
+            valid = not math.isnan(point) and len(draws) - len(defined) <= lo_q * len(draws)
+            ci = [_json_num(_percentile(defined, q)) for q in (lo_q, hi_q)] if (defined and valid) else None
             out["ratios"][b] = {
                 "ratio": _json_num(point),
                 "ci": ci,
@@ -159,7 +163,10 @@ def verdict(analysis: dict, runs_per_question: int | None = None) -> str:
         ci = r["ci"]
         text = f"{LABELS[b]}/SDPO attempts ratio {_fmt_ratio(r['ratio'])}"
         if ci is None:
-            calls.append(f"{text} (neither reaches p={p:g}): no call vs {LABELS[b]}")
+            calls.append(
+                f"{text} (neither reaches p={p:g} within the budget, in the data or in too many bootstrap "
+                f"draws for an interval): no call vs {LABELS[b]}"
+            )
             continue
         lo, hi = _num(ci[0]), _num(ci[1])
         text += f" [95% CI {_fmt_ratio(ci[0])}, {_fmt_ratio(ci[1])}]"

@@ -262,3 +262,21 @@ def test_sdpo_cli_dispatches_discover(capsys):
     with pytest.raises(SystemExit) as info:
         cli.main(["discover", "--help"])
     assert info.value.code == 0 and "usage: sdpo discover" in capsys.readouterr().out
+
+
+def test_no_call_when_neither_method_reaches_the_target():
+    """Neither curve reaches p = 0.5 within the budget: no ratio, no interval, no winner (an interval from the few
+    bootstrap draws where one of them happens to reach p would be biased)."""
+    from sdpo.discover_stats import analyse, verdict
+
+    # 6 questions x 3 runs, budget 16: SDPO solves 1 run, best-of-k 8 of 18 (0.44): neither curve reaches 0.5,
+    # but many bootstrap draws of best-of-k do.
+    sdpo = [[None] * 3 for _ in range(6)]
+    sdpo[0][0] = 9
+    best = [[None] * 3 for _ in range(6)]
+    for q in range(4):
+        best[q][0], best[q][1] = 8, 10
+    analysis = analyse({"sdpo": sdpo, "best_of_k": best}, budget=16, samples=400)
+    assert analysis["ratios"]["best_of_k"]["ci"] is None
+    line = verdict(analysis, 3)
+    assert "no call vs best-of-k" in line and "ahead" not in line
