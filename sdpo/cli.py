@@ -2,7 +2,7 @@
 
 sdpo train --config examples/sdpo_config.yaml          # or flags: --model_name_or_path ... --dataset_name ...
 sdpo demo --out demo_out
-sdpo demo --model smollm2-135m-instruct --out demo_real   # real pretrained model, 14-39 min on 2 cores
+sdpo demo --model smollm2-135m-instruct --out demo_real   # real pretrained model, 39 min measured on 2 shared cores
 sdpo discover --out discover_out                          # test-time SDPO vs best-of-k vs multi-turn (docs/discover.md)
 """
 

@@ -238,6 +238,35 @@ def sample(model: nn.Module, tokenizer, prompt: str, n: int, config: DiscoverCon
     return texts, completion
 
 
+def sample_batch(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    samples: int,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    add_special_tokens: bool = True,
+) -> list[list[str]]:
+    """`samples` full-vocabulary samples for each of `prompts` in one left-padded `generate` call: per prompt, the
+    decoded completions (special tokens dropped). For estimating pass rates (question selection); torch's global
+    RNG, no gradient, the model's train/eval mode left as it is."""
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True, add_special_tokens=add_special_tokens)
+    with torch.no_grad():
+        out = model.generate(
+            **enc.to(_device(model)),
+            max_new_tokens=max_new_tokens,
+            do_sample=True,
+            temperature=temperature,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=samples,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    texts = tokenizer.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
+    return [texts[i * samples : (i + 1) * samples] for i in range(len(prompts))]
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from .discover import METHODS, DiscoverConfig, discover
+from .discover import METHODS, DiscoverConfig, discover, sample_batch
 from .discover_bench import per_question_table
 from .discover_stats import analyse, plot, verdict
 
@@ -89,20 +89,10 @@ def pass_rates(model, tok, pairs, samples: int, max_new_tokens: int, seed: int, 
     with torch.no_grad():
         for i in range(0, len(pairs), batch):
             chunk = pairs[i : i + batch]
-            enc = tok([prompt(a, b) for a, b in chunk], return_tensors="pt", padding=True, add_special_tokens=False)
-            out = model.generate(
-                **enc,
-                max_new_tokens=max_new_tokens,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=samples,
-                pad_token_id=tok.pad_token_id,
+            texts = sample_batch(
+                model, tok, [prompt(a, b) for a, b in chunk], samples, max_new_tokens, add_special_tokens=False
             )
-            texts = tok.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
-            for j, (a, b) in enumerate(chunk):
-                got = texts[j * samples : (j + 1) * samples]
+            for (a, b), got in zip(chunk, texts):
                 rates.append(sum(parse_answer(t) == a + b for t in got) / samples)
     return rates
 

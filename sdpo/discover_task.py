@@ -181,26 +181,17 @@ def build_task_model(settings: TaskSettings, seed: int):
 @torch.no_grad()
 def pass_rates(model, tok, strings: list[str], samples: int, seed: int, prompt_prefix: str = "") -> list[float]:
     """Per string, the share of `samples` temperature-1 samples that are exact (`prompt_prefix` + question)."""
+    from .discover import sample_batch  # (sdpo.discover imports this module at its top)
+
     rates = []
     gen = torch.random.fork_rng()
     with gen:
         torch.manual_seed(seed)
         for chunk in range(0, len(strings), 16):
             part = strings[chunk : chunk + 16]
-            enc = tok([prompt_prefix + reverse_prompt(s) for s in part], return_tensors="pt", padding=True)
-            out = model.generate(
-                **enc,
-                max_new_tokens=len(part[0]) + 2,
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                num_return_sequences=samples,
-                pad_token_id=tok.pad_token_id,
-            )
-            texts = tok.batch_decode(out[:, enc["input_ids"].size(1) :], skip_special_tokens=True)
-            for i, s in enumerate(part):
-                rates.append(sum(t.strip() == s[::-1] for t in texts[i * samples : (i + 1) * samples]) / samples)
+            prompts = [prompt_prefix + reverse_prompt(s) for s in part]
+            for s, got in zip(part, sample_batch(model, tok, prompts, samples, max_new_tokens=len(part[0]) + 2)):
+                rates.append(sum(t.strip() == s[::-1] for t in got) / samples)
     return rates
 
 

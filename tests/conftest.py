@@ -48,6 +48,23 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 requires_interpreter = pytest.mark.skipif(not INTERPRET, reason="needs TRITON_INTERPRET=1")
 
+
+def _nvidia_tools() -> bool:
+    """Whether triton's bundled NVIDIA tools are present: the cost report compiles sm_90 SASS with them, no GPU."""
+    import importlib.util
+    import pathlib
+
+    spec = importlib.util.find_spec("triton")
+    if spec is None:
+        return False
+    bin_dir = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin"
+    return all((bin_dir / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump"))
+
+
+requires_nvidia_tools = pytest.mark.skipif(
+    not _nvidia_tools(), reason="triton's NVIDIA backend tools (ptxas, nvdisasm, cuobjdump) missing"
+)
+
 # The two Triton tiers, defined once for the loss-library tests (test_triton.py, test_properties.py):
 # "interpret" runs the kernels on CPU tensors under TRITON_INTERPRET=1 (tiny shapes: the interpreter is
 # slow), "gpu" on a real CUDA device. Each tier is a pytest marker (select with `-m interpret` / `-m gpu`)

@@ -8,16 +8,14 @@ replay is tested in test_cost_report_replay.py, the package layout in test_cost_
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
-import pytest
-
 from sdpo_kernels import cost_report as cr
+
+from conftest import requires_nvidia_tools
 
 # cuobjdump syntax. Block 0: prologue (address of param 0 in R6:R7, param 1 in R8:R9);
 # loop at 0x60 (header 0x60, body 0x0a0, latch 0x0d0) with an if around MUFU/STS/BAR;
@@ -186,15 +184,7 @@ def test_occupancy():
     assert cr.ctas_per_sm(32, 100 * 1024, 4) == (2, "shared memory")
 
 
-def _nvidia_tools() -> bool:
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        return False
-    bin_dir = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin"
-    return all((bin_dir / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _nvidia_tools(), reason="triton's NVIDIA backend tools (ptxas, nvdisasm, cuobjdump) missing")
+@requires_nvidia_tools
 def test_report_on_a_small_launch(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     cmd = [
@@ -234,7 +224,7 @@ def test_report_on_a_small_launch(tmp_path):
     assert kernels["backward"]["hbm_bytes_per_elem"] == 4  # student read + gradient written
 
 
-@pytest.mark.skipif(not _nvidia_tools(), reason="triton's NVIDIA backend tools (ptxas, nvdisasm, cuobjdump) missing")
+@requires_nvidia_tools
 def test_report_on_the_topk_forward(tmp_path):
     # The top-K forward as launched: every loop the path mix and the row extras name is found in the
     # SASS (the report stops otherwise), the selection runs outside the vocabulary loop, no spills.

@@ -7,28 +7,19 @@ variant keeps the compile short; the table's shape does not depend on the varian
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import pathlib
 import subprocess
 import sys
 
-import pytest
+from conftest import requires_nvidia_tools
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VOCABS = (32000, 49152, 128256, 151936)
 
 
-def _nvidia_tools() -> bool:
-    spec = importlib.util.find_spec("triton")
-    if spec is None:
-        return False
-    bin_dir = pathlib.Path(spec.origin).parent / "backends" / "nvidia" / "bin"
-    return all((bin_dir / t).exists() for t in ("ptxas", "nvdisasm", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _nvidia_tools(), reason="triton's NVIDIA backend tools (ptxas, nvdisasm, cuobjdump) missing")
+@requires_nvidia_tools
 def test_predict_only_fills_the_predicted_column_for_every_vocabulary(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = tmp_path / "kt"

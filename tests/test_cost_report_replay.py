@@ -91,16 +91,14 @@ def test_the_spread_between_row_subsets_is_reported():
 
 
 def _reduce(rows: np.ndarray, p: rt.TopkParams) -> dict:
-    """The fixture's reduction (bench/make_replay_rows.py): entries >= the first-block threshold."""
-    floors = np.array([r[: p.block_v].reshape(p.k_pow2, -1).max(1).min() for r in rows], np.float32)
-    kept = rows >= floors[:, None]
-    return {
-        "vocab": rows.shape[1],
-        "dtype": "bf16",
-        "values": torch.from_numpy(rows[kept]).bfloat16(),
-        "mask": torch.from_numpy(np.packbits(kept, axis=1, bitorder="little")),
-        "floor": torch.from_numpy(floors),
-    }
+    """The fixture's own reduction, `reduce_rows` of bench/make_replay_rows.py (a script, loaded from its path)."""
+    import importlib.util
+
+    path = FIXTURE.parents[1] / "make_replay_rows.py"
+    spec = importlib.util.spec_from_file_location("make_replay_rows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.reduce_rows(rows, p)
 
 
 def test_reduced_rows_replay_as_the_full_rows():
