@@ -17,8 +17,10 @@ from sdpo_kernels.cost_report import replay_topk as rt
 FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "bench" / "fixtures" / "smollm2_replay_rows.pt"
 
 
-def params(vocab=151936, block_v=2048, topk=100, k_pow2=128, runs_cap=256, chunk=512, compact=128, run=8, keep=128):
-    return rt.TopkParams(vocab, block_v, topk, k_pow2, runs_cap, chunk, compact, run, keep)
+def params(
+    vocab=151936, block_v=2048, topk=100, k_pow2=128, runs_cap=256, chunk=512, compact=128, run=8, keep=128, tile=512
+):
+    return rt.TopkParams(vocab, block_v, topk, k_pow2, runs_cap, chunk, compact, run, keep, tile)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -32,8 +34,12 @@ def test_threshold_simulation_counts_every_selection_loop(dtype):
     assert sim["blocks"]["first block"] == 1
     for where in ("stream", "final"):
         trips = sim["trips_per_row"][where]
-        assert trips["bisection"] >= 1 and trips["compact chunk"] >= 1
+        assert rt.search_steps(trips) >= 1
         assert trips["count chunk"] >= trips["bisection"]
+    # Mid-row selections over more candidates than one register tile search and compact in chunks.
+    assert sim["trips_per_row"]["stream"]["tile bisection"] > 0
+    chunked = rt.replay_iid(params(tile=64), dtype, 1.0, 8)["trips_per_row"]["stream"]
+    assert chunked["bisection"] > 0 and chunked["compact chunk"] >= 1 and chunked["count chunk"] >= chunked["bisection"]
 
 
 def test_threshold_simulation_follows_the_kernel_for_large_k():
@@ -47,7 +53,7 @@ def test_threshold_simulation_follows_the_kernel_for_large_k():
     assert sim["tightens_per_row"]["stream"] == 1
     for where in ("stream", "final"):
         trips = sim["trips_per_row"][where]
-        assert trips["expand chunk"] == 2 and trips["bisection"] == 0 and trips["compact chunk"] == 0
+        assert trips["expand chunk"] == 2 and rt.search_steps(trips) == 0 and trips["compact chunk"] == 0
 
 
 def test_rounding_to_the_launch_dtype_is_torchs():
@@ -58,27 +64,33 @@ def test_rounding_to_the_launch_dtype_is_torchs():
     assert np.array_equal(rt.round_to_dtype(x, "fp32"), x)
 
 
-def test_ties_at_the_cut_run_the_bisection_down_and_keep_the_lowest_indices():
+def test_ties_at_the_cut_end_the_snapped_search_and_keep_the_lowest_indices():
     # 3 entries above the cut, 4 tied at it, the rest below; keep exactly 5: no key has a count of
-    # exactly 5, so the bisection narrows to an adjacent key pair, and the two lowest-index ties stay.
+    # exactly 5. The search snaps to candidate keys, so it ends at the adjacent pair of distinct
+    # values (4, 5) instead of bisecting the ~2^23 int32 keys between them; the two lowest-index ties stay.
     z = np.array([1.0, 4.0, 5.0, 4.0, 1.0, 5.0, 4.0, 4.0, 5.0, 1.0], np.float32)
-    keep, thr, trips = rt._tighten_sim(z, n_runs=2, thr=0.5, keep_lo=5, keep_hi=5, chunk=512, compact_chunk=128, run=8)
+    keep, thr, trips = rt._tighten_sim(
+        z, n_runs=2, thr=0.5, keep_lo=5, keep_hi=5, chunk=512, compact_chunk=128, run=8, tile=512
+    )
     assert keep.tolist() == [False, True, True, True, False, True, False, False, True, False]
     assert thr == 4.0
-    keys = rt._ordered_key(z)
-    lo, hi = int(rt._ordered_key(np.float32([0.5]))[0]), int(keys.max()) + 1
-    assert trips["bisection"] >= int(np.floor(np.log2(hi - lo)))  # ran until hi - lo == 1
-    # Without ties the same selection stops as soon as a key gives exactly 5.
-    distinct = np.array([1.0, 4.0, 5.0, 4.5, 1.0, 5.5, 4.25, 3.0, 6.0, 1.0], np.float32)
-    _, _, quick = rt._tighten_sim(distinct, 2, 0.5, 5, 5, 512, 128, 8)
-    assert quick["bisection"] < trips["bisection"]
+    # Each step removes at least one distinct candidate value from the bracket.
+    assert 1 <= trips["tile bisection"] <= len(np.unique(z)) + 1
+    assert trips["bisection"] == trips["count chunk"] == trips["compact chunk"] == 0  # 10 candidates: one tile
+    # Over more candidates than a tile the same search runs chunked, with the same result.
+    keep_chunked, thr_chunked, chunked = rt._tighten_sim(z, 2, 0.5, 5, 5, 4, 4, 4, 8)
+    assert keep_chunked.tolist() == keep.tolist() and thr_chunked == thr
+    assert chunked["bisection"] == trips["tile bisection"] and chunked["count chunk"] == 3 * chunked["bisection"]
+    assert chunked["compact chunk"] == 3 and chunked["tile bisection"] == 0
 
 
-def test_bf16_rows_lengthen_the_final_bisection():
-    # bf16 logits tie at the K-th value often: the final selection (exactly K) then bisects to the end.
+def test_bf16_ties_do_not_lengthen_the_final_search():
+    # bf16 logits tie at the K-th value often; bisecting int32 keys ran those searches to hi - lo = 1
+    # (~20 steps at V = 151936). Snapped to candidate keys, bf16 rows (fewer distinct values) search
+    # no longer than fp32 rows.
     p = params()
     fp32, bf16 = rt.replay_iid(p, "fp32", 1.0, 16), rt.replay_iid(p, "bf16", 1.0, 16)
-    assert bf16["trips_per_row"]["final"]["bisection"] > 1.5 * fp32["trips_per_row"]["final"]["bisection"]
+    assert rt.search_steps(bf16["trips_per_row"]["final"]) <= rt.search_steps(fp32["trips_per_row"]["final"])
 
 
 def test_the_spread_between_row_subsets_is_reported():

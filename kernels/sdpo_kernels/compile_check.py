@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     spilled = 0
     for desc, launch in launches(args.dtype):
         stages = getattr(launch, "num_stages", None)
-        comp = compile_launch(launch.kernel, launch.args, launch.num_warps, stages, args.arch)
+        cap = getattr(launch, "max_registers", None)
+        comp = compile_launch(launch.kernel, launch.args, launch.num_warps, stages, args.arch, cap)
         if id(comp) in seen:
             continue
         seen.add(id(comp))

@@ -31,6 +31,9 @@ from .triton_topk import topk_forward_kernel
 TOPK_BLOCK_V = 2048
 TOPK_WARPS = 4
 TOPK_CHUNK = 1024
+# A selection over at most TOPK_TILE candidates (the common case) holds them in registers, one tile,
+# through its search and compaction; 1024 would take the kernel from 96 to 128 registers (Triton 3.9).
+TOPK_TILE = 512
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 # The support (K entries) is read back one entry per thread at a time: any K up to V compiles to
 # the same registers.
@@ -59,6 +62,13 @@ def tighten_keep(topk: int) -> int:
 # The cost report compiles with the same option.
 FP_FUSION = True
 
+# The top-K forward's register cap: 96 fits 5 CTAs of 4 warps per SM. Measured by the cost report
+# (sm_90a, K = 100): Triton 3.9 compiles it to 96 registers by itself but keeps values in an 8-byte
+# stack frame (11 LDL/STL), with the cap to 96 and no local memory at all; Triton 3.6 takes 168
+# (3 CTAs per SM) by itself, 128 with a cap of 128 (4 CTAs, no spill), and would spill 96 bytes
+# under a cap of 96.
+TOPK_MAX_REGISTERS = 96 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 128
+
 # Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.
 TOPK_PROGRAMS_PER_SM = 8
@@ -79,6 +89,7 @@ class KernelLaunch:
     args: dict[str, object] = field(repr=False)
     num_warps: int
     zeroed: tuple[torch.Tensor, ...] = field(default=(), repr=False)
+    max_registers: int | None = None  # ptxas's per-thread register cap (Triton's `maxnreg`), None: its choice
 
     @property
     def device(self) -> torch.device:
@@ -90,7 +101,8 @@ class KernelLaunch:
         with guard:
             for t in self.zeroed:
                 t.zero_()
-            self.kernel[self.grid](**self.args, num_warps=self.num_warps, enable_fp_fusion=FP_FUSION)
+            options = {} if self.max_registers is None else {"maxnreg": self.max_registers}
+            self.kernel[self.grid](**self.args, num_warps=self.num_warps, enable_fp_fusion=FP_FUSION, **options)
 
 
 def _block(n_cols: int, cap: int, floor: int = 16) -> int:
@@ -216,6 +228,7 @@ def forward_launches(
                 RUNS_CAP=runs_cap,
                 FLAT_CAP=flat_cap,
                 CHUNK=min(TOPK_CHUNK, block),
+                TILE=min(TOPK_TILE, block),
                 COMPACT_CHUNK=min(TOPK_COMPACT_CHUNK, block),
                 SUPPORT_CHUNK=min(TOPK_SUPPORT_CHUNK, k_pow2),
                 ADD_TAIL=config.add_tail,
@@ -223,6 +236,7 @@ def forward_launches(
             ),
             num_warps=TOPK_WARPS,
             zeroed=(row_counter,),
+            max_registers=TOPK_MAX_REGISTERS,
         )
         return [launch], loss, RowStats(lse, dense, index, coef)
 

@@ -21,6 +21,8 @@ REVERSE_KL: tl.constexpr = tl.constexpr(1)
 GENERALISED_JSD: tl.constexpr = tl.constexpr(2)
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+INT32_MAX: tl.constexpr = tl.constexpr(2147483647)
+INT32_MIN: tl.constexpr = tl.constexpr(-2147483648)
 
 
 @triton.jit

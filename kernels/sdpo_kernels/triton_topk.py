@@ -14,9 +14,11 @@ time (docs/kernels.md walks through the design and its cost):
   runs (its run number and mask: two stores per run, slots from a prefix sum over runs), in index
   order. The stream stores no values. When a block would overflow the recorded runs, the stream
   loop exits before that block and `tighten` runs: the runs are expanded into flat candidates
-  (index, z, raw u, values gathered back from the rows), a bisection on int32 keys of their values
-  finds a new threshold that K..tighten_keep of them reach, and the survivors are compacted in
-  place (the evicted ones go to the tail sums). The stream then restarts at that block. At the end
+  (index, z, raw u, values gathered back from the rows), a bisection on int32 keys of their values,
+  each step snapped to the nearest candidate keys (so ties end it at once), finds a new threshold
+  that K..tighten_keep of them reach, and the survivors are compacted in place (the evicted ones go
+  to the tail sums). Up to TILE candidates (the common case) stay in registers from the search to
+  the compaction; more are counted and compacted from the scratch in chunks. The stream then restarts at that block. At the end
   the same routine selects exactly K, ties at the K-th value resolved towards the lowest index (the
   flat candidates are in index order), leaving the support in the first K flat entries.
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
@@ -32,6 +34,8 @@ import triton
 import triton.language as tl
 
 from .triton_math import (
+    INT32_MAX,
+    INT32_MIN,
     LOG2E,
     divergence_terms,
     importance_weight,
@@ -105,14 +109,56 @@ def _lanes_set(bits, lanes):
 
 
 @triton.jit
-def _count_at_least(flat_z, n_flat, key, CHUNK: tl.constexpr):
-    """How many of the n_flat candidate values have ordered_key(z) >= key."""
+def _add_min_max(n0, lo0, hi0, n1, lo1, hi1):
+    return n0 + n1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
+
+
+@triton.jit
+def _bracket_tile(key, mid):
+    """Over a tile of candidate keys (INT32_MIN where no candidate): how many reach mid, the smallest
+    key that does and the largest that does not, in one three-operand reduction."""
+    at_least = key >= mid
+    return tl.reduce(
+        (at_least.to(tl.int32), tl.where(at_least, key, INT32_MAX), tl.where(at_least, INT32_MIN, key)),
+        0,
+        _add_min_max,
+    )
+
+
+@triton.jit
+def _bracket_chunks(flat_z, n_flat, mid, CHUNK: tl.constexpr):
+    """`_bracket_tile` over the n_flat candidate values in scratch, CHUNK at a time (more than a tile)."""
     count = 0
+    above = INT32_MAX
+    below = INT32_MIN
     for start in range(0, n_flat, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         z = tl.load(flat_z + offs, mask=offs < n_flat, other=float("-inf"))
-        count += tl.sum((ordered_key(z) >= key).to(tl.int32), 0)
-    return count
+        c, a, b = _bracket_tile(tl.where(offs < n_flat, ordered_key(z), INT32_MIN), mid)
+        count += c
+        above = tl.minimum(above, a)
+        below = tl.maximum(below, b)
+    return count, above, below
+
+
+@triton.jit
+def _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi):
+    """One step of the threshold search, snapped to candidate keys: count(lo) >= keep_lo > count(hi)
+    stays true, and no candidate key lies in [mid, above) or (below, mid) for the step's mid, so lo
+    moves up to `above` or hi down to below + 1. Ties (bf16 logits) then end the search at the adjacent pair of distinct
+    candidate values around the cut instead of bisecting the int32 keys between them."""
+    if count >= keep_lo:
+        lo = above.to(tl.int64)
+        found = (count <= keep_hi).to(tl.int32)
+    else:
+        hi = below.to(tl.int64) + 1
+        count_hi = count
+    return lo, hi, count_hi, found
+
+
+@triton.jit
+def _max_max_add(a0, b0, n0, a1, b1, n1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1), n0 + n1
 
 
 @triton.jit
@@ -150,12 +196,17 @@ def _expand_runs(
         z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
         tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
         tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
-        top_z = tl.maximum(top_z, _max_all(z))
         if STREAM_TEACHER:
             u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
             tl.store(flat_idx + 2 * FLAT_CAP + at, u, mask=valid)
-            top_u = tl.maximum(top_u, _max_all(u))
-        n_flat += _sum_all(valid.to(tl.int32))
+        else:
+            u = z
+        # One reduction for the chunk's maxima and its candidate count.
+        chunk_z, chunk_u, appended = tl.reduce((z, u, valid.to(tl.int32)), 1, _max_max_add)
+        chunk_z, chunk_u, appended = tl.reduce((chunk_z, chunk_u, appended), 0, _max_max_add)
+        top_z = tl.maximum(top_z, chunk_z)
+        top_u = tl.maximum(top_u, chunk_u)
+        n_flat += appended
     return n_flat, top_z, top_u
 
 
@@ -182,6 +233,7 @@ def tighten(
     RUNS_CAP: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
+    TILE: tl.constexpr,
     COMPACT_CHUNK: tl.constexpr,
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
@@ -195,8 +247,9 @@ def tighten(
     candidates in index order: indices, z and raw teacher logits u, [FLAT_CAP] each. The n_runs runs
     are first appended to the n_flat flat entries (`_expand_runs`), and the tail sums rebased above
     the candidates' maxima (top_z, top_u: those of the flat entries already there). Bisection over
-    int32 keys in [key(thr), key(max)] finds a key that keep_lo..keep_hi candidates reach, or else
-    the keep_lo-th largest key exactly; candidates below it are evicted (their e^z, e^u go to the
+    int32 keys in [key(thr), key(max)], snapped to candidate keys (`_bisect_step`), finds a key that
+    keep_lo..keep_hi candidates reach, or else the keep_lo-th largest key exactly (in registers when
+    n_flat <= TILE, else in chunks from the scratch); candidates below it are evicted (their e^z, e^u go to the
     tail sums), ties at the keep_lo-th key cut at the lowest indices, and the survivors are compacted
     in place. Returns (entries kept, new threshold, top_z, top_u, tail_z, tail_u, base_z, base_u).
     """
@@ -218,44 +271,84 @@ def tighten(
     if n_flat > keep_hi:  # else nothing to select: all are kept (and thr keeps its K witnesses)
         lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
         hi = ordered_key(top_z).to(tl.int64) + 1  # count(hi) = 0
+        count_lo = n_flat
         count_hi = 0
         found = 0
-        while (hi - lo > 1) & (found == 0):
-            mid = lo + (hi - lo) // 2
-            count = _count_at_least(flat_z, n_flat, mid.to(tl.int32), CHUNK)
-            if count >= keep_lo:
-                lo = mid
-                found = (count <= keep_hi).to(tl.int32)
-            else:
-                hi = mid
-                count_hi = count
-        lo_key = lo.to(tl.int32)
-        # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
-        room = tl.where(found != 0, 2147483647, keep_lo - count_hi)
-        n_kept = 0
-        ties = 0
-        for start in range(0, n_flat, COMPACT_CHUNK):
-            offs = start + tl.arange(0, COMPACT_CHUNK)
+        if n_flat <= TILE:
+            # The common case: every candidate fits one tile, held in registers through the search
+            # and the compaction (no scratch reads per step).
+            offs = tl.arange(0, TILE)
             valid = offs < n_flat
             z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
-            key = ordered_key(z)
-            tie = valid & (key == lo_key)
-            tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
-            keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
+            key = tl.where(valid, ordered_key(z), INT32_MIN)
+            while (hi - lo > 1) & (found == 0):
+                mid = lo + (hi - lo) // 2
+                count, above, below = _bracket_tile(key, mid.to(tl.int32))
+                count_lo = tl.where(count >= keep_lo, count, count_lo)
+                lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
+            lo_key = lo.to(tl.int32)
+            # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
+            room = tl.where(found != 0, INT32_MAX, keep_lo - count_hi)
+            above_cut = key > lo_key
+            tie = key == lo_key  # (lanes without a candidate hold INT32_MIN, below any lo)
+            # One scan gives both prefix counts: a survivor's slot is the survivors before it, i.e.
+            # the entries above the cut before it plus the ties before it that fit in `room`.
+            above_before, ties_before = tl.associative_scan((above_cut.to(tl.int32), tie.to(tl.int32)), 0, _add2)
+            above_before -= above_cut.to(tl.int32)
+            ties_before -= tie.to(tl.int32)
+            keep = above_cut | (tie & (ties_before < room))
             evict = valid & ~keep
-            tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+            at = above_before + tl.minimum(ties_before, room)
             idx = tl.load(flat_idx + offs, mask=valid)
+            evicted_z = tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0)
             if STREAM_TEACHER:
                 u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
-                tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
-            at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
-            tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
+                evicted_u = tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0)
+                evicted_z, evicted_u = tl.reduce((evicted_z, evicted_u), 0, _add2)
+                tail_u += evicted_u
+            else:
+                evicted_z = tl.sum(evicted_z, 0)
+            tail_z += evicted_z
+            tl.debug_barrier()  # every thread has read the tile before any survivor moves down into it
             tl.store(flat_idx + at, idx, mask=keep)
             tl.store(flat_z + at, z, mask=keep)
             if STREAM_TEACHER:
                 tl.store(flat_u + at, u, mask=keep)
-            n_kept += tl.sum(keep.to(tl.int32), 0)
-            ties += tl.sum(tie.to(tl.int32), 0)
+            # count(lo) when every tie stays, else exactly keep_lo (count(lo) >= keep_lo > count_hi).
+            n_kept = tl.where(found != 0, count_lo, keep_lo)
+        else:
+            # More candidates than a tile (ties over many blocks, K near V): counted from scratch in
+            # chunks, the same search, then compacted COMPACT_CHUNK at a time.
+            while (hi - lo > 1) & (found == 0):
+                mid = lo + (hi - lo) // 2
+                count, above, below = _bracket_chunks(flat_z, n_flat, mid.to(tl.int32), CHUNK)
+                lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
+            lo_key = lo.to(tl.int32)
+            room = tl.where(found != 0, INT32_MAX, keep_lo - count_hi)
+            n_kept = 0
+            ties = 0
+            for start in range(0, n_flat, COMPACT_CHUNK):
+                offs = start + tl.arange(0, COMPACT_CHUNK)
+                valid = offs < n_flat
+                z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
+                key = ordered_key(z)
+                tie = valid & (key == lo_key)
+                tie_rank = ties + tl.cumsum(tie.to(tl.int32), 0) - tie.to(tl.int32)
+                keep = valid & ((key > lo_key) | (tie & (tie_rank < room)))
+                evict = valid & ~keep
+                tail_z += tl.sum(tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0), 0)
+                idx = tl.load(flat_idx + offs, mask=valid)
+                if STREAM_TEACHER:
+                    u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
+                    tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
+                at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
+                tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
+                tl.store(flat_idx + at, idx, mask=keep)
+                tl.store(flat_z + at, z, mask=keep)
+                if STREAM_TEACHER:
+                    tl.store(flat_u + at, u, mask=keep)
+                n_kept += tl.sum(keep.to(tl.int32), 0)
+                ties += tl.sum(tie.to(tl.int32), 0)
         tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
         n_flat = n_kept
         thr = key_value(lo_key)
@@ -307,6 +400,7 @@ def topk_forward_kernel(
     RUNS_CAP: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
+    TILE: tl.constexpr,
     COMPACT_CHUNK: tl.constexpr,
     SUPPORT_CHUNK: tl.constexpr,
     ADD_TAIL: tl.constexpr,
@@ -409,7 +503,7 @@ def topk_forward_kernel(
                 n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
                     cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
                     thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-                    RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
+                    RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
                 )  # fmt: skip
                 n_runs = 0
 
@@ -417,7 +511,7 @@ def topk_forward_kernel(
         n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-            RUNS_CAP, FLAT_CAP, CHUNK, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
+            RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
         )  # fmt: skip
         # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
         # its masses, then the loss and the sum of dD/da, then the gradient coefficients.

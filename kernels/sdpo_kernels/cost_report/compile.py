@@ -50,7 +50,7 @@ class Compiled:
         return self.static_smem + self.dynamic_smem
 
 
-def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
+def _jit_kwargs(fn, num_warps: int, num_stages: int, max_registers: int | None = None) -> dict:
     """The options JITFunction.run adds before binding (Triton 3.6 and 3.9)."""
     from triton import knobs
 
@@ -59,6 +59,8 @@ def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
     kw = dict(num_warps=num_warps, enable_fp_fusion=FP_FUSION)  # as `KernelLaunch.run` passes it
     if num_stages is not None:  # else Triton's default, as for a launch that passes none
         kw["num_stages"] = num_stages
+    if max_registers is not None:  # as `KernelLaunch.run` passes a register cap
+        kw["maxnreg"] = max_registers
     kw["debug"] = getattr(fn, "debug", None) or knobs.runtime.debug
     comp = knobs.compilation
     for name in ("instrumentation_mode", "fpsan_homomorphic_casts"):
@@ -67,7 +69,9 @@ def _jit_kwargs(fn, num_warps: int, num_stages: int) -> dict:
     return kw
 
 
-def specialize(kernel, args: dict, num_warps: int, num_stages: int | None, arch: int = 90):
+def specialize(
+    kernel, args: dict, num_warps: int, num_stages: int | None, arch: int = 90, max_registers: int | None = None
+):
     """(backend, target, signature, constexprs, attrs, options) that Triton's JIT derives for this launch.
 
     Runs Triton's own binder (`create_function_from_signature` → `native_specialize_impl`) and
@@ -84,7 +88,7 @@ def specialize(kernel, args: dict, num_warps: int, num_stages: int | None, arch:
     if missing:
         raise ValueError(f"{fn.__name__}: launch args lack {missing}")
     binder = create_function_from_signature(fn.signature, fn.params, backend)
-    kw = _jit_kwargs(fn, num_warps, num_stages)
+    kw = _jit_kwargs(fn, num_warps, num_stages, max_registers)
     bound, specialization, options = binder(**{p.name: args[p.name] for p in fn.params}, **kw)
     options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, specialization, options)
     return backend, target, signature, constexprs, attrs, options
@@ -93,15 +97,25 @@ def specialize(kernel, args: dict, num_warps: int, num_stages: int | None, arch:
 _COMPILED: dict[tuple, Compiled] = {}
 
 
-def compile_launch(kernel, args: dict, num_warps: int, num_stages: int | None = None, arch: int = 90) -> Compiled:
-    """Compile (cached by Triton's specialization key) and read back SASS and resource usage."""
+def compile_launch(
+    kernel,
+    args: dict,
+    num_warps: int,
+    num_stages: int | None = None,
+    arch: int = 90,
+    max_registers: int | None = None,
+) -> Compiled:
+    """Compile (cached by Triton's specialization key and options) and read back SASS and resource
+    usage; `max_registers`: the launch's register cap (Triton's `maxnreg`)."""
     import triton
     from triton.compiler import ASTSource
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     fn = unwrap_kernel(kernel)
-    _backend, target, signature, constexprs, attrs, options = specialize(fn, args, num_warps, num_stages, arch)
+    _backend, target, signature, constexprs, attrs, options = specialize(
+        fn, args, num_warps, num_stages, arch, max_registers
+    )
     key = (
         fn.__module__,
         fn.__name__,

@@ -45,12 +45,13 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
         if loop.runs(r"tl\.store\(coef_ptr"):
             return "support coefficients"
         if loop.loops_over(r"while \(hi - lo"):
-            return f"{where} bisection"
+            # The chunked search has its count loop inside; the search over one register tile none.
+            return f"{where} bisection" if any(p.children for p in loop.paths) else f"{where} tile bisection"
         # Compaction before counting: compaction computes keys too, and the line info of inlined code
         # can name the counting line (it did under Triton 3.9 with the earlier run-based scratch).
         if loop.runs(r"tie_rank"):
             return f"{where} compact chunk"
-        if loop.runs(r"ordered_key\(z\) >= key"):
+        if loop.runs(r"_bracket_tile\(tl\.where\(offs"):
             return f"{where} count chunk"
         if loop.runs(r"_exclusive_cumsum\(valid"):
             return f"{where} expand chunk"

@@ -147,6 +147,11 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out)
 
 
+def _search_steps(trips: dict) -> float:
+    """A selection's threshold-search steps, in registers ("tile bisection") or chunked ("bisection")."""
+    return trips.get("tile bisection", 0.0) + trips.get("bisection", 0.0)
+
+
 def _mean_spread(mean: float, spread: float | None) -> str:
     return f"{mean:.2f}" if spread is None else f"{mean:.2f} ± {spread:.2f}"
 
@@ -184,7 +189,7 @@ def _replay_table(shape: dict) -> list[str]:
         tight_spread = spread["tightens_per_row"]["stream"] if has else None
         tight = _mean_spread(rep["tightens_per_row"].get("stream", 0.0), tight_spread)
         bis = [
-            _mean_spread(rep["trips_per_row"][w].get("bisection", 0.0), spread["bisection_per_row"][w] if has else None)
+            _mean_spread(_search_steps(rep["trips_per_row"][w]), spread["bisection_per_row"][w] if has else None)
             for w in ("stream", "final")
         ]
         out.append(f"| {rep['source']} | {', '.join(names)} | {sub} | {blocks} | {tight} | {bis[0]} | {bis[1]} |")

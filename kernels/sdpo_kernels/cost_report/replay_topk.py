@@ -1,13 +1,14 @@
 """A replay of `topk_forward_kernel`'s control flow (sdpo_kernels/triton_topk.py) on sample rows.
 
 MIRRORS: `topk_forward_kernel` and `tighten` in `sdpo_kernels/triton_topk.py`, with the launch
-parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, CHUNK,
+parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, CHUNK, TILE,
 COMPACT_CHUNK, RUN, topk, tighten_keep). The replay takes the same decisions as the kernel on the
 same values: the first-block threshold from K' group maxima, which entries pass (`>=` in the first
 block and while the threshold is -inf, `>` after), runs of RUN entries recorded per block, the
 block that would overflow RUNS_CAP recorded runs leaving the stream for a tightening and being
-streamed again, the bisection over int32 ordered keys in `tighten` (its stopping rule, ties at the
-cut resolved towards the lowest index) and the final selection of exactly K. It counts how often
+streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
+its stopping rule, ties at the cut resolved towards the lowest index; in registers when the
+candidates fit one TILE, else chunked from scratch) and the final selection of exactly K. It counts how often
 each path of the vocabulary loop runs and how many trips each selection loop makes.
 
 WHEN THE KERNEL CHANGES: any change to the filter, the run recording, the overflow rule, the
@@ -31,7 +32,9 @@ IID_ROWS = 256
 IID_SUBSETS = 8  # the spread reported: standard deviation of the means of IID_SUBSETS row subsets
 IID_SIGMA = 3.0
 SELECTIONS = ("stream", "final")  # mid-row tightenings (overflow of the recorded runs), the final top-K
-TRIP_LOOPS = ("expand chunk", "bisection", "count chunk", "compact chunk")
+# Per selection: the run expansion, the search over one register tile ("tile bisection") or else the
+# chunked search ("bisection", its "count chunk"s) and chunked compaction ("compact chunk").
+TRIP_LOOPS = ("expand chunk", "tile bisection", "bisection", "count chunk", "compact chunk")
 
 
 @dataclass(frozen=True)
@@ -47,11 +50,12 @@ class TopkParams:
     compact_chunk: int
     run: int
     tighten_keep: int
+    tile: int
 
     @staticmethod
     def of_launch(launch, vocab: int) -> TopkParams:
         a = launch.args
-        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "CHUNK", "COMPACT_CHUNK", "RUN", "tighten_keep")
+        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "CHUNK", "COMPACT_CHUNK", "RUN", "tighten_keep", "TILE")
         return TopkParams(vocab, *(int(a[n]) for n in names))
 
 
@@ -116,37 +120,43 @@ def _key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
 
 
-def _tighten_sim(cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, compact_chunk: int, run: int):
+def _tighten_sim(
+    cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, compact_chunk: int, run: int, tile: int
+):
     """The kernel's `tighten` on candidate values: (kept mask, new threshold, loop trips).
 
-    The bisection stops as the kernel's does: at a key that keep_lo..keep_hi candidates reach, or when
-    hi - lo = 1. With ties at the cut (bf16 logits) no key may give a count in the window, and it runs
-    down to an adjacent key pair; the ties are then cut at the lowest indices."""
+    The search keeps count(lo) >= keep_lo > count(hi) and snaps each step to candidate keys: lo to
+    the smallest key at or above the midpoint, hi to one above the largest key below it. It stops as
+    the kernel's does: at a key that keep_lo..keep_hi candidates reach, or when hi - lo = 1 (ties at
+    the cut, e.g. bf16 logits: the adjacent pair of distinct values around it); the ties are then
+    cut at the lowest indices. Up to `tile` candidates are searched in registers ("tile bisection"),
+    more in chunks from scratch ("bisection", "count chunk", "compact chunk")."""
     import numpy as np
 
-    expand = -(-n_runs // (chunk // run))
+    trips = dict.fromkeys(TRIP_LOOPS, 0)
+    trips["expand chunk"] = -(-n_runs // (chunk // run))
     if len(cand_z) <= keep_hi:  # nothing to select: all kept, the threshold unchanged
-        trips = {"expand chunk": expand, "bisection": 0, "count chunk": 0, "compact chunk": 0}
         return np.ones(len(cand_z), bool), thr, trips
     keys = _ordered_key(cand_z)
     lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
     count_hi, found, steps = 0, False, 0
     while hi - lo > 1 and not found:
         mid = lo + (hi - lo) // 2
-        count = int((keys >= mid).sum())
+        at_least = keys >= mid
+        count = int(at_least.sum())
         steps += 1
         if count >= keep_lo:
-            lo, found = mid, count <= keep_hi
+            lo, found = int(keys[at_least].min()), count <= keep_hi
         else:
-            hi, count_hi = mid, count
+            hi, count_hi = int(keys[~at_least].max()) + 1, count
     room = len(cand_z) if found else keep_lo - count_hi
     keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
-    trips = {
-        "expand chunk": expand,
-        "bisection": steps,
-        "count chunk": steps * -(-len(cand_z) // chunk),
-        "compact chunk": -(-len(cand_z) // compact_chunk),
-    }
+    if len(cand_z) <= tile:
+        trips["tile bisection"] = steps
+    else:
+        trips["bisection"] = steps
+        trips["count chunk"] = steps * -(-len(cand_z) // chunk)
+        trips["compact chunk"] = -(-len(cand_z) // compact_chunk)
     return keep, _key_value(lo), trips
 
 
@@ -177,7 +187,9 @@ def replay_row(row, p: TopkParams) -> RowReplay:
             # loop; costed as a skip, which does all it does and more); after the selection the
             # block is streamed again.
             blocks["skip"] += 1
-            keep, thr, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run)
+            keep, thr, t = _tighten_sim(
+                row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run, p.tile
+            )
             cand = cand[keep]
             n_flat = len(cand)
             trips["stream"].update(t)
@@ -186,10 +198,15 @@ def replay_row(row, p: TopkParams) -> RowReplay:
         blocks["first block" if b == 0 else "append" if len(new) else "skip"] += 1
         cand = np.concatenate([cand, new])
     n_runs = len(np.unique(cand[n_flat:] // p.run))
-    _, _, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.topk, p.chunk, p.compact_chunk, p.run)
+    _, _, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.topk, p.chunk, p.compact_chunk, p.run, p.tile)
     trips["final"].update(t)
     tightens["final"] += 1
     return out
+
+
+def search_steps(trips: dict) -> float:
+    """Steps of a selection's threshold search, in registers or chunked."""
+    return trips.get("tile bisection", 0.0) + trips.get("bisection", 0.0)
 
 
 def _per_row(replays: list[RowReplay]) -> dict:
@@ -227,7 +244,7 @@ def _spread(replays: list[RowReplay], subsets: int) -> dict:
         "rows_per_subset": size,
         "tightens_per_row": {w: std([m["tightens_per_row"].get(w, 0.0) for m in means]) for w in SELECTIONS},
         "blocks": {k: std([m["blocks"].get(k, 0.0) for m in means]) for k in labels},
-        "bisection_per_row": {w: std([m["trips_per_row"][w].get("bisection", 0.0) for m in means]) for w in SELECTIONS},
+        "bisection_per_row": {w: std([search_steps(m["trips_per_row"][w]) for m in means]) for w in SELECTIONS},
     }
 
 
@@ -242,6 +259,7 @@ def summarize(replays: list[RowReplay], p: TopkParams, subsets: int = 1, source:
     for where in SELECTIONS:
         t = trips[where]
         extras[f"{where} expand chunk"] = t.get("expand chunk", 0.0) - 1
+        extras[f"{where} tile bisection"] = t.get("tile bisection", 0.0) - 1
         extras[f"{where} bisection"] = t.get("bisection", 0.0) - 1
         extras[f"{where} count chunk"] = t.get("count chunk", 0.0) - t.get("bisection", 0.0)
         extras[f"{where} compact chunk"] = t.get("compact chunk", 0.0) - 1

@@ -166,7 +166,8 @@ def analyze_structure(launch, rows: int, vocab: int, arch: int = 90, path_limit:
     """Compile one KernelLaunch and cost its streaming loops, paths and the rest; the loops keep their
     address labels and the paths have no labels and no share yet (`analysis.analyze` adds them)."""
     fn = unwrap_kernel(launch.kernel)
-    comp = compile_launch(fn, launch.args, launch.num_warps, launch_stages(launch), arch)
+    cap = getattr(launch, "max_registers", None)
+    comp = compile_launch(fn, launch.args, launch.num_warps, launch_stages(launch), arch, cap)
     instrs = parse_sass(comp.sass)
     cfg = build_cfg(instrs)
     warnings = []
