@@ -14,13 +14,15 @@ time (docs/kernels.md walks through the design and its cost):
   runs (its run number and mask: two stores per run, slots from a prefix sum over runs), in index
   order. The stream stores no values. When a block would overflow the recorded runs, the stream
   loop exits before that block and `tighten` runs: the runs are expanded into flat candidates
-  (index, z, raw u, values gathered back from the rows), a bisection on int32 keys of their values,
-  each step snapped to the nearest candidate keys (so ties end it at once), finds a new threshold
-  that K..tighten_keep of them reach, and the survivors are compacted in place (the evicted ones go
-  to the tail sums). Up to TILE candidates (the common case) stay in registers from the search to
-  the compaction; more are counted and compacted from the scratch in chunks. The stream then restarts at that block. At the end
-  the same routine selects exactly K, ties at the K-th value resolved towards the lowest index (the
-  flat candidates are in index order), leaving the support in the first K flat entries.
+  (index, z, raw u, values gathered back from the rows; slots from a scan of the runs' candidate
+  counts and a population count of each run's lower bits), a bisection on int32 keys of their
+  values, each step snapped to the nearest candidate keys (so ties end it at once), finds a new
+  threshold that K..tighten_keep of them reach, and the survivors are compacted in place (the
+  evicted ones go to the tail sums). Up to TILE candidates (the common case) stay in registers
+  from the search to the compaction; more are counted and compacted from the scratch in chunks.
+  The stream then restarts at that block. At the end the same routine selects exactly K, ties at
+  the K-th value resolved towards the lowest index (the flat candidates are in index order),
+  leaving the support in the first K flat entries.
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
   candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
@@ -50,14 +52,6 @@ from .triton_math import (
 @triton.jit
 def _add2(a0, b0, a1, b1):
     return a0 + a1, b0 + b1
-
-
-@triton.jit
-def _exclusive_cumsum(x):
-    """Exclusive prefix sum, in row-major order, of a [rows, RUN] int32 tile whose runs are held by one
-    thread each: sums along a run stay in the thread, only the run totals are scanned across threads."""
-    totals = tl.sum(x, 1)
-    return tl.cumsum(x, 1) - x + (tl.cumsum(totals, 0) - totals)[:, None]
 
 
 @triton.jit
@@ -157,6 +151,20 @@ def _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
 
 
 @triton.jit
+def _max2(a0, b0, a1, b1):
+    return tl.maximum(a0, a1), tl.maximum(b0, b1)
+
+
+@triton.jit
+def _popcount16(x):
+    """Set bits of each int32 in x, for x < 2^16 (a run's candidate mask: RUN <= 16 lanes)."""
+    x = x - ((x >> 1) & 0x5555)
+    x = (x & 0x3333) + ((x >> 2) & 0x3333)
+    x = (x + (x >> 4)) & 0x0F0F
+    return (x + (x >> 8)) & 0x1F
+
+
+@triton.jit
 def _max_max_add(a0, b0, n0, a1, b1, n1):
     return tl.maximum(a0, a1), tl.maximum(b0, b1), n0 + n1
 
@@ -183,17 +191,24 @@ def _expand_runs(
     flat_idx = cand + 2 * RUNS_CAP
     runs = tl.arange(0, CHUNK // RUN)
     lanes = tl.arange(0, RUN)
+    lower_lanes = (1 << lanes) - 1  # bit masks of the lanes below each lane
     top_z = tl.full([], float("-inf"), tl.float32)
     top_u = tl.full([], float("-inf"), tl.float32)
     for start in range(0, n_runs, CHUNK // RUN):
         rows = start + runs
         in_chunk = rows < n_runs
-        valid = _lanes_set(tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True), lanes)
+        bits = tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
+        valid = _lanes_set(bits, lanes)
         col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes[None, :]
-        at = n_flat + _exclusive_cumsum(valid.to(tl.int32))
         if WIDE_COLS:
             col = col.to(tl.int64)
+        # The gathers first: their latency overlaps the slot arithmetic below.
         z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
+        # within a run the candidates of the lower lanes (a population count of the lower bits).
+        per_run = _popcount16(bits)
+        run_slot = tl.cumsum(per_run, 0) - per_run
+        at = n_flat + run_slot[:, None] + _popcount16(bits[:, None] & lower_lanes[None, :])
         tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
         tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
         if STREAM_TEACHER:
@@ -202,8 +217,8 @@ def _expand_runs(
         else:
             u = z
         # One reduction for the chunk's maxima and its candidate count.
-        chunk_z, chunk_u, appended = tl.reduce((z, u, valid.to(tl.int32)), 1, _max_max_add)
-        chunk_z, chunk_u, appended = tl.reduce((chunk_z, chunk_u, appended), 0, _max_max_add)
+        chunk_z, chunk_u = tl.reduce((z, u), 1, _max2)
+        chunk_z, chunk_u, appended = tl.reduce((chunk_z, chunk_u, per_run), 0, _max_max_add)
         top_z = tl.maximum(top_z, chunk_z)
         top_u = tl.maximum(top_u, chunk_u)
         n_flat += appended

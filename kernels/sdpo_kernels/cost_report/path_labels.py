@@ -53,7 +53,7 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
             return f"{where} compact chunk"
         if loop.runs(r"_bracket_tile\(tl\.where\(offs"):
             return f"{where} count chunk"
-        if loop.runs(r"_exclusive_cumsum\(valid"):
+        if loop.runs(r"run_slot = tl\.cumsum"):
             return f"{where} expand chunk"
     return None
 
