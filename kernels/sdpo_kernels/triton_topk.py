@@ -108,15 +108,23 @@ def _add_min_max(n0, lo0, hi0, n1, lo1, hi1):
 
 
 @triton.jit
-def _bracket_tile(key, mid):
+def _bracket_tile(key, mid, ONE_REDUCTION: tl.constexpr = False):
     """Over a tile of candidate keys (INT32_MIN where no candidate): how many reach mid, the smallest
-    key that does and the largest that does not, in one three-operand reduction."""
+    key that does and the largest that does not. Three integer reductions (a warp-level REDUX each)
+    have the shorter critical path over a tile held in registers; over chunks loaded from the
+    scratch one three-operand reduction (ONE_REDUCTION) compiles to the shorter one (cost report)."""
     at_least = key >= mid
-    return tl.reduce(
-        (at_least.to(tl.int32), tl.where(at_least, key, INT32_MAX), tl.where(at_least, INT32_MIN, key)),
-        0,
-        _add_min_max,
-    )
+    if ONE_REDUCTION:
+        return tl.reduce(
+            (at_least.to(tl.int32), tl.where(at_least, key, INT32_MAX), tl.where(at_least, INT32_MIN, key)),
+            0,
+            _add_min_max,
+        )
+    else:
+        count = tl.sum(at_least.to(tl.int32), 0)
+        above = tl.min(tl.where(at_least, key, INT32_MAX), 0)
+        below = tl.max(tl.where(at_least, INT32_MIN, key), 0)
+        return count, above, below
 
 
 @triton.jit
@@ -128,7 +136,7 @@ def _bracket_chunks(flat_z, n_flat, mid, CHUNK: tl.constexpr):
     for start in range(0, n_flat, CHUNK):
         offs = start + tl.arange(0, CHUNK)
         z = tl.load(flat_z + offs, mask=offs < n_flat, other=float("-inf"))
-        c, a, b = _bracket_tile(tl.where(offs < n_flat, ordered_key(z), INT32_MIN), mid)
+        c, a, b = _bracket_tile(tl.where(offs < n_flat, ordered_key(z), INT32_MIN), mid, True)
         count += c
         above = tl.minimum(above, a)
         below = tl.maximum(below, b)
