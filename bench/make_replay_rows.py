@@ -8,14 +8,15 @@ The rows are `real_rows.collect(n, dtype=torch.bfloat16)`'s student logits (V = 
 trainer running the model in bf16 hands the loss). The replay takes its decisions on the student logits only
 (the teacher is streamed for the tail sums, which decide nothing the replay models).
 
-The reduction: per row only the entries at or above a floor are kept, the floor being the row's first-block
-threshold as `topk_forward_kernel` computes it for the launch the report costs at V = 49,152 (the smallest of
-K_POW2 group maxima of the first BLOCK_V entries). Every compare the kernel makes after the first block is
-against that threshold or a higher one (tightening only raises it), and the first block admits entries
->= it, so an entry below the floor never becomes a candidate; and every group maximum that sets the
-threshold is at or above it, so the threshold is computed from kept entries alone. The replay on the reduced
-rows (dropped entries as -inf) is therefore the replay on the full rows; `replay_reduced` refuses a row whose
-threshold falls below its floor, and this script checks the equality on every row before writing.
+The reduction: per row the first block (BLOCK_V entries) in full, and after it only the entries at or above
+a floor: the smallest of K_POW2 group maxima of the first block. The kernel's first-block threshold (the
+K_POW2-th largest of the block's run maxima) is at or above that floor (each group maximum is a run maximum,
+so K_POW2 run maxima reach it), every compare the kernel makes after the first block is against that
+threshold or a higher one (tightening only raises it), so an entry below the floor never becomes a
+candidate. The first block is kept whole so that the search for its threshold takes the same steps. The
+replay on the reduced rows (dropped entries as -inf) is therefore the replay on the full rows;
+`replay_reduced` refuses a row whose threshold falls below its floor, and this script checks the equality
+on every row before writing.
 
 Stored: "values" (bf16, the kept entries of all rows in index order), "mask" ([rows, V / 8] uint8, bit i
 of a row, little-endian bit order, set where entry i is kept), "floor" ([rows] float32), "vocab", "dtype",
@@ -48,15 +49,17 @@ def topk_params(vocab: int = VOCAB):
     return TopkParams.of_launch(launch, vocab)
 
 
-def first_threshold(row: np.ndarray, block_v: int, k_pow2: int) -> float:
-    """The kernel's first-block threshold: the smallest of K_POW2 group maxima of the first BLOCK_V entries."""
+def row_floor(row: np.ndarray, block_v: int, k_pow2: int) -> float:
+    """The smallest of K_POW2 group maxima of the first BLOCK_V entries: at or below the kernel's first-block
+    threshold (the K_POW2-th largest run maximum), so no later entry below it is ever a candidate."""
     return float(row[:block_v].reshape(k_pow2, block_v // k_pow2).max(1).min())
 
 
 def reduce_rows(rows: np.ndarray, params) -> dict:
-    """Keep per row the entries at or above its first-block threshold (see the module docstring)."""
-    floors = np.array([first_threshold(r, params.block_v, params.k_pow2) for r in rows], np.float32)
+    """Keep per row its first block and the entries at or above its floor (see the module docstring)."""
+    floors = np.array([row_floor(r, params.block_v, params.k_pow2) for r in rows], np.float32)
     kept = rows >= floors[:, None]
+    kept[:, : params.block_v] = True
     return {
         "vocab": rows.shape[1],
         "dtype": "bf16",
@@ -64,8 +67,9 @@ def reduce_rows(rows: np.ndarray, params) -> dict:
         "mask": torch.from_numpy(np.packbits(kept, axis=1, bitorder="little")),
         "floor": torch.from_numpy(floors),
         "made_for": {"block_v": params.block_v, "k_pow2": params.k_pow2},
-        "reduction": "per row the entries >= the first-block threshold (min of K_POW2 group maxima of the first "
-        "BLOCK_V entries, `made_for`); the replay on these rows (dropped entries -inf) equals the full-row replay",
+        "reduction": "per row the first BLOCK_V entries and the later entries >= the floor (min of K_POW2 group "
+        "maxima of the first block, `made_for`); the replay on these rows (dropped entries -inf) equals the "
+        "full-row replay",
     }
 
 
@@ -75,11 +79,12 @@ def check_identical(rows: np.ndarray, fixture: dict, params) -> int:
 
     for i, (full, reduced) in enumerate(zip(rows, replay_topk.dense_rows(fixture))):
         a, b = replay_topk.replay_row(full, params), replay_topk.replay_row(reduced, params)
-        if (a.blocks, a.trips, a.tightens, a.first_threshold) != (b.blocks, b.trips, b.tightens, b.first_threshold):
+        seen = (a.blocks, a.trips, a.tightens, a.first_threshold, a.first_search_steps)
+        if seen != (b.blocks, b.trips, b.tightens, b.first_threshold, b.first_search_steps):
             raise SystemExit(f"row {i}: the reduced replay differs from the full one: {a} vs {b}")
     full = replay_topk.summarize([replay_topk.replay_row(r, params) for r in rows], params)
     reduced = replay_topk.replay_reduced(params, fixture, subsets=1)
-    for key in ("blocks", "extras", "tightens_per_row", "trips_per_row"):
+    for key in ("blocks", "extras", "tightens_per_row", "trips_per_row", "first_search_steps_per_row"):
         if full[key] != reduced[key]:
             raise SystemExit(f"summary {key} differs: {full[key]} vs {reduced[key]}")
     return len(rows)

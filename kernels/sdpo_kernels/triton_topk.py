@@ -178,6 +178,22 @@ def _max_max_add(a0, b0, n0, a1, b1, n1):
 
 
 @triton.jit
+def _kth_largest(values, k):
+    """The k-th largest of a tile of float32 values (not NaN; ties counted), by the snapped bisection
+    of `tighten` over their int32 keys: count(lo) >= k > count(hi) from lo = the smallest key."""
+    key = ordered_key(values)
+    lo = tl.min(key, 0).to(tl.int64)
+    hi = tl.max(key, 0).to(tl.int64) + 1
+    count_hi = 0
+    found = 0
+    while (found == 0) & (hi - lo > 1):  # (the condition's order names this loop for the cost report)
+        mid = lo + (hi - lo) // 2
+        count, above, below = _bracket_tile(key, mid.to(tl.int32))
+        lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, k, k)
+    return key_value(lo.to(tl.int32))
+
+
+@triton.jit
 def _expand_runs(
     cand,
     n_runs,
@@ -474,21 +490,29 @@ def topk_forward_kernel(
                 if ADD_TAIL:
                     u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
                 if start == 0:
-                    base_z = _finite_or_zero(_max_all(z)) * LOG2E
+                    run_max = tl.max(z, 1)
+                    base_z = _finite_or_zero(tl.max(run_max, 0)) * LOG2E
                     if ADD_TAIL:
                         base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
-                    # K' groups of a full block, one entry >= thr each: K' >= K witnesses. (For
-                    # K' > BLOCK_V / 2, thr stays -inf until a selection has more than K' candidates.)
-                    if BLOCK_V >= 2 * K_POW2:
+                    # K' >= K witnesses in a full block: K' runs whose maxima reach thr (the K'-th largest
+                    # run maximum), or else K' groups, one entry >= thr each (the smallest group maximum;
+                    # a lower threshold). For K' > BLOCK_V / 2, thr stays -inf until a selection has more
+                    # than K' candidates.
+                    if BLOCK_V // RUN >= K_POW2:
+                        if n_cols >= BLOCK_V:
+                            thr = _kth_largest(run_max, K_POW2)
+                    elif BLOCK_V >= 2 * K_POW2:
                         if n_cols >= BLOCK_V:
                             thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
+                # The candidates of each run as one bit mask (in-thread). Formed in each branch: merging
+                # a boolean tile from two branches would pack it into a register bit by bit first.
                 if (start == 0) | (thr == neg_inf):
                     # Ties with thr are admitted: in the first block (its groups are the witnesses), and
                     # while thr is -inf (it may have none yet: -inf entries must stay candidates).
-                    passes = in_row & (z >= thr)
+                    bits = _lane_bits(in_row & (z >= thr), run_lanes)
                 else:
-                    passes = z > thr  # masked lanes hold -inf
-                bits = _lane_bits(passes, run_lanes)  # the candidates of each run, one bit each (in-thread)
+                    bits = _lane_bits(z > thr, run_lanes)  # masked lanes hold -inf
+                passes = _lanes_set(bits, run_lanes)
                 has = bits != 0
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
                 if n_runs + n_new_runs > RUNS_CAP:

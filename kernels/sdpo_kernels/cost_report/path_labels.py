@@ -44,6 +44,8 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
             return "support loss"
         if loop.runs(r"tl\.store\(coef_ptr"):
             return "support coefficients"
+        if loop.loops_over(r"while \(found == 0\) & \(hi - lo"):
+            return "first threshold search"  # the first block's K'-th largest run maximum
         if loop.loops_over(r"while \(hi - lo"):
             # The chunked search has its count loop inside; the search over one register tile none.
             return f"{where} bisection" if any(p.children for p in loop.paths) else f"{where} tile bisection"

@@ -67,6 +67,7 @@ class RowReplay:
     trips: dict = field(default_factory=lambda: {w: Counter() for w in SELECTIONS})  # selection -> loop -> trips
     tightens: Counter = field(default_factory=Counter)  # selection -> calls of `tighten`
     first_threshold: float = -math.inf  # the first block's threshold (the lowest any later compare uses)
+    first_search_steps: int = 0  # steps of the search for it (the K'-th largest run maximum)
 
 
 DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
@@ -120,6 +121,39 @@ def _key_value(key: int) -> float:
     return float(np.array([bits], dtype=np.int64).astype(np.int32).view(np.float32)[0])
 
 
+def _snapped_search(keys, lo: int, hi: int, keep_lo: int, keep_hi: int) -> tuple[int, int, bool, int]:
+    """The kernel's threshold search (`_bisect_step`) over int32 keys from count(lo) >= keep_lo >
+    count(hi) = 0: each step counts the keys at or above the midpoint, then moves lo up to the
+    smallest such key or hi down to one above the largest key below it. Returns (lo, count(hi),
+    found: keep_lo <= count(lo) <= keep_hi, steps)."""
+    count_hi, found, steps = 0, False, 0
+    while hi - lo > 1 and not found:
+        mid = lo + (hi - lo) // 2
+        at_least = keys >= mid
+        count = int(at_least.sum())
+        steps += 1
+        if count >= keep_lo:
+            lo, found = int(keys[at_least].min()), count <= keep_hi
+        else:
+            hi, count_hi = int(keys[~at_least].max()) + 1, count
+    return lo, count_hi, found, steps
+
+
+def first_threshold(z, p: TopkParams) -> tuple[float, int]:
+    """The first block's threshold and the steps of its search (0 for the group-minimum rule), or
+    (-inf, 0) when the block sets none: the K'-th largest of the block's run maxima when it has at
+    least K' runs, else the smallest of K' group maxima when BLOCK_V >= 2K' (a full block only)."""
+    if p.vocab < p.block_v:
+        return -math.inf, 0
+    if p.block_v // p.run >= p.k_pow2:
+        keys = _ordered_key(z.reshape(p.block_v // p.run, p.run).max(1))
+        lo, _, _, steps = _snapped_search(keys, int(keys.min()), int(keys.max()) + 1, p.k_pow2, p.k_pow2)
+        return _key_value(lo), steps
+    if p.block_v >= 2 * p.k_pow2:
+        return float(z.reshape(p.k_pow2, p.block_v // p.k_pow2).max(1).min()), 0
+    return -math.inf, 0
+
+
 def _tighten_sim(
     cand_z, n_runs: int, thr: float, keep_lo: int, keep_hi: int, chunk: int, compact_chunk: int, run: int, tile: int
 ):
@@ -138,17 +172,9 @@ def _tighten_sim(
     if len(cand_z) <= keep_hi:  # nothing to select: all kept, the threshold unchanged
         return np.ones(len(cand_z), bool), thr, trips
     keys = _ordered_key(cand_z)
-    lo, hi = int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1
-    count_hi, found, steps = 0, False, 0
-    while hi - lo > 1 and not found:
-        mid = lo + (hi - lo) // 2
-        at_least = keys >= mid
-        count = int(at_least.sum())
-        steps += 1
-        if count >= keep_lo:
-            lo, found = int(keys[at_least].min()), count <= keep_hi
-        else:
-            hi, count_hi = int(keys[~at_least].max()) + 1, count
+    lo, count_hi, found, steps = _snapped_search(
+        keys, int(_ordered_key(np.float32([thr]))[0]), int(keys.max()) + 1, keep_lo, keep_hi
+    )
     room = len(cand_z) if found else keep_lo - count_hi
     keep = (keys > lo) | ((keys == lo) & (np.cumsum(keys == lo) <= room))
     if len(cand_z) <= tile:
@@ -173,9 +199,10 @@ def replay_row(row, p: TopkParams) -> RowReplay:
     n_flat = 0  # of them, those already in the flat entries (the rest are recorded runs)
     for b in range(n_blocks):
         z = row[b * p.block_v : (b + 1) * p.block_v]
-        if b == 0 and p.vocab >= p.block_v and p.block_v >= 2 * p.k_pow2:
-            thr = float(z.reshape(p.k_pow2, p.block_v // p.k_pow2).max(1).min())
+        if b == 0:
+            thr, steps = first_threshold(z, p)
             out.first_threshold = thr
+            out.first_search_steps = steps
         passes = z >= thr if b == 0 or thr == -np.inf else z > thr
         if not passes.any():
             blocks["skip"] += 1
@@ -223,6 +250,7 @@ def _per_row(replays: list[RowReplay]) -> dict:
         "blocks": {k: v / rows for k, v in blocks.items()},
         "tightens_per_row": {k: v / rows for k, v in tightens.items()},
         "trips_per_row": {w: {k: v / rows for k, v in t.items()} for w, t in trips.items()},
+        "first_search_steps_per_row": sum(r.first_search_steps for r in replays) / rows,
     }
 
 
@@ -256,6 +284,8 @@ def summarize(replays: list[RowReplay], p: TopkParams, subsets: int = 1, source:
     # Code outside the stream counts once per row: the restream loop's own code (one tightening)
     # and each loop of both selections (the bisection with one count chunk). Extras: the rest.
     extras = {"restream loop": tightens.get("stream", 0.0) - 1}
+    # The first block's path runs its threshold search once: the other steps are extra.
+    extras["first threshold search"] = per_row["first_search_steps_per_row"] - 1
     for where in SELECTIONS:
         t = trips[where]
         extras[f"{where} expand chunk"] = t.get("expand chunk", 0.0) - 1
@@ -271,6 +301,7 @@ def summarize(replays: list[RowReplay], p: TopkParams, subsets: int = 1, source:
         "extras": extras,
         "tightens_per_row": tightens,
         "trips_per_row": trips,
+        "first_search_steps_per_row": per_row["first_search_steps_per_row"],
         "spread": _spread(replays, subsets),
     }
 
