@@ -1,6 +1,8 @@
 """One compact table from a cost-report JSON: forward and forward + backward per loss variant.
 
-    python bench/cost_summary.py bench/results/cost-report-<date>.json [--vocab 151936] [--gpu H100]
+    python bench/cost_summary.py bench/results/cost-report-<date>.json [--vocab 151936] [--gpu H100] [--mix real]
+
+`--mix real`: the top-K forward at the path mix of the report's real rows (`--real-rows`; V = 49,152 only).
 
 Every figure is a prediction of the static SASS model (`python -m sdpo_kernels.cost_report`).
 """
@@ -11,21 +13,25 @@ import argparse
 import json
 
 
-def summary(report: dict, vocab: int, gpu: str) -> str:
+def summary(report: dict, vocab: int, gpu: str, mix: str = "iid") -> str:
     shape = next(s for s in report["shapes"] if s["vocab"] == vocab)
+    at, total_key = ("at_real_mix", "total_real_mix") if mix == "real" else ("at_mix", "total")
+    if mix == "real" and not any(total_key in e for e in shape["variants"]):
+        raise SystemExit(f"no real-row mix at V = {vocab} in this report (made without --real-rows, or V differs)")
+    where = "the real rows' path mix for the top-K forward" if mix == "real" else "iid rows' path mix"
     lines = [
         f"Predicted (static SASS model, Triton {report['triton']}, {report['arch']}), {gpu}, "
-        f"N = {shape['rows']}, V = {vocab}, {shape['dtype']}; ratios to the HBM floor:",
+        f"N = {shape['rows']}, V = {vocab}, {shape['dtype']}, {where}; ratios to the HBM floor:",
         "",
         "| loss | forward: floor / static / latency-aware (ms) | fwd + bwd: floor / static / latency-aware (ms) |",
         "|---|---|---|",
     ]
     for entry in shape["variants"]:
         fwd = [k for k in entry["kernels"] if k["direction"] == "forward"]
-        f_floor = sum(next(v for n, v in k["at_mix"].items() if gpu in n)["hbm_floor"] for k in fwd)
-        f_static = sum(next(v for n, v in k["at_mix"].items() if gpu in n)["static_bound"] for k in fwd)
-        f_lat = sum(next(v for n, v in k["at_mix"].items() if gpu in n)["latency_aware"] for k in fwd)
-        t = next(v for n, v in entry["total"].items() if gpu in n)
+        times = [next(v for n, v in k.get(at, k["at_mix"]).items() if gpu in n) for k in fwd]
+        keys = ("hbm_floor", "static_bound", "latency_aware")
+        f_floor, f_static, f_lat = (sum(t[key] for t in times) for key in keys)
+        t = next(v for n, v in entry.get(total_key, entry["total"]).items() if gpu in n)
         f_floor, f_static, f_lat = (1e3 * x for x in (f_floor, f_static, f_lat))  # seconds -> ms
         t = {k: 1e3 * v if not k.endswith("ratio") else v for k, v in t.items()}
         lines.append(
@@ -41,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("report", help="cost-report JSON")
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--gpu", default="H100", help="H100 or H200")
+    parser.add_argument("--mix", choices=("iid", "real"), default="iid", help="the top-K forward's path mix")
     args = parser.parse_args(argv)
     with open(args.report) as f:
-        print(summary(json.load(f), args.vocab, args.gpu))
+        print(summary(json.load(f), args.vocab, args.gpu, args.mix))
     return 0
 
 

@@ -7,11 +7,14 @@ from .path_labels import label_loop, label_paths, path_mix, row_extras
 from .structure import KernelAnalysis, LoopCost, analyze_structure
 
 
-def analyze(launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256) -> KernelAnalysis:
-    """Compile one KernelLaunch and cost its streaming loops, paths and the rest."""
+def analyze(
+    launch, rows: int, vocab: int, arch: int = 90, path_limit: int = 256, replay: dict | None = None
+) -> KernelAnalysis:
+    """Compile one KernelLaunch and cost its streaming loops, paths and the rest (at the iid path mix,
+    or at the mix of `replay`, a replay summary)."""
     ka = analyze_structure(launch, rows, vocab, arch, path_limit)
     _relabel_loops(ka.name, launch, ka.loops, ka.other_loops)
-    assign_mix(ka)
+    assign_mix(ka, replay)
     return ka
 
 
@@ -44,10 +47,12 @@ def _relabel_loops(name: str, launch, loops: list[LoopCost], others: list[LoopCo
             p.children = [rename.get(c, c) for c in p.children]
 
 
-def assign_mix(ka: KernelAnalysis) -> None:
-    """Label every path (`label_paths`) and give it its share of the loop's iterations (`path_mix`)."""
-    mix = path_mix(ka.name, ka.launch, ka) or {}
-    ka.extras = row_extras(ka.name, ka.launch, ka) or {}
+def assign_mix(ka: KernelAnalysis, replay: dict | None = None) -> None:
+    """Label every path (`label_paths`) and give it its share of the loop's iterations (`path_mix`):
+    of the iid replay, or of `replay` (a replay summary, e.g. of real rows). Call once per analysis
+    (it scales the streaming loops' trips): `with_mix` gives a copy at another mix."""
+    mix = path_mix(ka.name, ka.launch, ka, replay) or {}
+    ka.extras = row_extras(ka.name, ka.launch, ka, replay) or {}
     for lc in ka.loops:
         labels = label_paths(ka.name, ka.launch, lc, ka)
         for p, lab in zip(lc.paths, labels):

@@ -80,16 +80,17 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
     return [f"path {i}" for i in range(len(paths))]
 
 
-def path_mix(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+def path_mix(kernel_name: str, launch, analysis: KernelAnalysis, replay: dict | None = None) -> dict[str, float]:
+    """`replay`: a replay summary (`replays(...)["real"]`) to take the mix from instead of the iid rows."""
     if kernel_name == "topk_forward_kernel":
-        sim = threshold_simulation(launch, analysis.vocab)
+        sim = replay or threshold_simulation(launch, analysis.vocab)
         return {k: v / sim["blocks_per_row"] for k, v in sim["blocks"].items()}
     return {}  # single-path streams (LSE, gradient)
 
 
-def row_extras(kernel_name: str, launch, analysis: KernelAnalysis) -> dict[str, float]:
+def row_extras(kernel_name: str, launch, analysis: KernelAnalysis, replay: dict | None = None) -> dict[str, float]:
     if kernel_name == "topk_forward_kernel":
-        return threshold_simulation(launch, analysis.vocab)["extras"]
+        return (replay or threshold_simulation(launch, analysis.vocab))["extras"]
     return {}
 
 

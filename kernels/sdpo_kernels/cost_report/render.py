@@ -59,7 +59,8 @@ def render_markdown(report: dict) -> str:
         f"latencies (cycles): {lat}.",
         "- path rows: per thread per vocabulary element, and the times if every iteration took that path; "
         "**mix** rows weight the paths by `path_mix` (iid logits for the top-K filter) and add the code outside "
-        "the streaming loop ('outside loops': once per row) and the inner loops' extra iterations.",
+        "the streaming loop ('outside loops': once per row) and the inner loops' extra iterations; **mix of the "
+        "real rows** rows (where `--real-rows` matches V and dtype) the same at the replay of those rows.",
         "",
     ]
     for shape in report["shapes"]:
@@ -113,18 +114,29 @@ def render_markdown(report: dict) -> str:
                     f"| {_pair(t, 'static_ratio', _ratio)} "
                     f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
                 )
+                if "at_real_mix" in kr:
+                    t = kr["at_real_mix"]
+                    out.append(
+                        f"{row} **mix of the real rows** | 1 | {regs} | {ctas} | | | {kr['hbm_bytes_per_elem']:g} | "
+                        f"| {_pair(t, 'hbm_floor')} | **{_pair(t, 'static_bound')}** ({_limiter(t)}) "
+                        f"| {_pair(t, 'static_ratio', _ratio)} "
+                        f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
+                    )
                 for lo in kr["other_loops"]:
                     inner.append(
                         f"| {entry['name']} | {kname} | {lo['label']} | {lo['inside'] or '—'} | {lo['where']} "
                         f"| {lo['instrs_per_iter']} | {lo['critical_cycles_per_iter']} "
                         f"| {lo['extra_iterations_per_row']:g} |"
                     )
-            t = entry["total"]
-            out.append(
-                f"| {entry['name']} | **forward + backward** | | | | | | | | | {_pair(t, 'hbm_floor')} "
-                f"| **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
-                f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
-            )
+            for key, what in (("total", "forward + backward"), ("total_real_mix", "forward + backward, real rows")):
+                if key not in entry:
+                    continue
+                t = entry[key]
+                out.append(
+                    f"| {entry['name']} | **{what}** | | | | | | | | | {_pair(t, 'hbm_floor')} "
+                    f"| **{_pair(t, 'static_bound')}** | {_pair(t, 'static_ratio', _ratio)} "
+                    f"| **{_pair(t, 'latency_aware')}** | {_pair(t, 'latency_ratio', _ratio)} |"
+                )
         if inner:
             out += [
                 "",

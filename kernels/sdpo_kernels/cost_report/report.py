@@ -23,10 +23,12 @@ def _timing_dict(t: Timing) -> dict:
     return d
 
 
-def kernel_report(ka: KernelAnalysis, direction: str, real_rows=None) -> dict:
-    """One kernel of a launch as a dictionary; `real_rows`: a replay-rows fixture to replay next to the iid rows."""
+def kernel_report(ka: KernelAnalysis, direction: str, real_rows=None, arch: int = 90) -> dict:
+    """One kernel of a launch as a dictionary; `real_rows`: a replay-rows fixture to replay next to the iid
+    rows (its times at that mix as "at_real_mix", where the fixture matches the launch)."""
     comp = ka.compiled
     per_elem = 1.0 / ka.elems_per_thread
+    rep = replays(ka.name, ka.launch, ka, real_rows)
     loops = []
     for lc in ka.loops:
         paths = []
@@ -117,9 +119,31 @@ def kernel_report(ka: KernelAnalysis, direction: str, real_rows=None) -> dict:
         },
         "row_extras": ka.extras,
         "at_mix": {g.name: _timing_dict(time_model(ka, g)) for g in GPUS},
+        **_real_mix_times(ka, rep, arch),
         "warnings": ka.warnings,
-        "replay": replays(ka.name, ka.launch, ka, real_rows),
+        "replay": rep,
     }
+
+
+def _real_mix_times(ka: KernelAnalysis, rep: dict, arch: int) -> dict:
+    """{"at_real_mix": times per GPU} at the real rows' path mix, when the replay has real rows."""
+    if "real" not in rep:
+        return {}
+    real = analyze(ka.launch, ka.rows, ka.vocab, arch, replay=rep["real"])
+    return {"at_real_mix": {g.name: _timing_dict(time_model(real, g)) for g in GPUS}}
+
+
+def _total(kernels: list[dict], mix: str = "at_mix") -> dict:
+    """Floor, static and latency-aware sums over a variant's kernels per GPU, at `mix` where a kernel has
+    it (the real-row mix: the top-K forward), else at its iid mix."""
+    total = {}
+    for g in GPUS:
+        times = [kr.get(mix, kr["at_mix"])[g.name] for kr in kernels]
+        t = {k: sum(x[k] for x in times) for k in ("hbm_floor", "static_bound", "latency_aware")}
+        t["static_ratio"] = t["static_bound"] / t["hbm_floor"]
+        t["latency_ratio"] = t["latency_aware"] / t["hbm_floor"]
+        total[g.name] = t
+    return total
 
 
 def build_report(
@@ -146,17 +170,12 @@ def build_report(
                 for launch in launches:
                     if log:
                         log(f"V={vocab} {v.name}: {direction} {unwrap_kernel(launch.kernel).__name__}")
-                    kernels.append(kernel_report(analyze(launch, rows, vocab, arch), direction, real_rows))
-            total = {}
-            for g in GPUS:
-                total[g.name] = {
-                    k: sum(kr["at_mix"][g.name][k] for kr in kernels)
-                    for k in ("hbm_floor", "static_bound", "latency_aware")
-                }
-                for k in ("static", "latency"):
-                    name = "static_bound" if k == "static" else "latency_aware"
-                    total[g.name][f"{k}_ratio"] = total[g.name][name] / total[g.name]["hbm_floor"]
-            entries.append({"variant": dataclasses.asdict(v), "name": v.name, "kernels": kernels, "total": total})
+                    kernels.append(kernel_report(analyze(launch, rows, vocab, arch), direction, real_rows, arch))
+            total = _total(kernels)
+            entry = {"variant": dataclasses.asdict(v), "name": v.name, "kernels": kernels, "total": total}
+            if any("at_real_mix" in kr for kr in kernels):
+                entry["total_real_mix"] = _total(kernels, "at_real_mix")
+            entries.append(entry)
         shapes.append({"rows": rows, "vocab": vocab, "dtype": dtype, "variants": entries})
     return {
         "title": "Static cost report of the SDPO Triton kernels",
