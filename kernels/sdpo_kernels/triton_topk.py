@@ -330,11 +330,13 @@ def tighten(
             room = tl.where(found != 0, INT32_MAX, keep_lo - count_hi)
             above_cut = key > lo_key
             tie = key == lo_key  # (lanes without a candidate hold INT32_MIN, below any lo)
-            # One scan gives both prefix counts: a survivor's slot is the survivors before it, i.e.
-            # the entries above the cut before it plus the ties before it that fit in `room`.
-            above_before, ties_before = tl.associative_scan((above_cut.to(tl.int32), tie.to(tl.int32)), 0, _add2)
-            above_before -= above_cut.to(tl.int32)
-            ties_before -= tie.to(tl.int32)
+            # One scan gives both prefix counts, packed in one int32 (each count < 2^16): a survivor's
+            # slot is the survivors before it, i.e. the entries above the cut before it plus the ties
+            # before it that fit in `room`.
+            packed = above_cut.to(tl.int32) + (tie.to(tl.int32) << 16)
+            before = tl.cumsum(packed, 0) - packed
+            above_before = before & 0xFFFF
+            ties_before = before >> 16
             keep = above_cut | (tie & (ties_before < room))
             evict = valid & ~keep
             at = above_before + tl.minimum(ties_before, room)
