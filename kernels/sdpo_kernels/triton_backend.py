@@ -233,6 +233,7 @@ def forward_launches(
                 SUPPORT_CHUNK=min(TOPK_SUPPORT_CHUNK, k_pow2),
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
+                SCALE_Z=config.inv_temperature != 1.0,  # T = 1: no multiply per entry
             ),
             num_warps=TOPK_WARPS,
             zeroed=(row_counter,),

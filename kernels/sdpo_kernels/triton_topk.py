@@ -55,6 +55,15 @@ def _add2(a0, b0, a1, b1):
 
 
 @triton.jit
+def _scaled(logits, inv_temp, SCALE_Z: tl.constexpr):
+    """z = logits / T in float32; at T = 1 (SCALE_Z false) no multiply (one FMUL per entry saved)."""
+    z = logits.to(tl.float32)
+    if SCALE_Z:
+        z = z * inv_temp
+    return z
+
+
+@triton.jit
 def _max_all(x):
     return tl.max(tl.max(x, 1), 0)
 
@@ -209,6 +218,7 @@ def _expand_runs(
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
     WIDE_COLS: tl.constexpr,
+    SCALE_Z: tl.constexpr,
 ):
     """Append the candidates of the n_runs recorded runs to the flat entries, in index order, with
     their values gathered from the logits rows. Returns (n_flat, max z, max raw u) of those appended."""
@@ -227,7 +237,7 @@ def _expand_runs(
         if WIDE_COLS:
             col = col.to(tl.int64)
         # The gathers first: their latency overlaps the slot arithmetic below.
-        z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+        z = _scaled(tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")), inv_temp, SCALE_Z)
         # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
         # within a run the candidates of the lower lanes (a population count of the lower bits).
         per_run = _popcount16(bits)
@@ -277,6 +287,7 @@ def tighten(
     RUN: tl.constexpr,
     STREAM_TEACHER: tl.constexpr,
     WIDE_COLS: tl.constexpr,
+    SCALE_Z: tl.constexpr,
 ):
     """Keep between keep_lo and keep_hi of the candidates, the largest ones (all of them if there are
     at most keep_hi: the threshold then stays).
@@ -298,7 +309,7 @@ def tighten(
     tl.debug_barrier()  # the appends of every thread land before the runs are read back
     n_flat, new_top_z, new_top_u = _expand_runs(
         cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
-        RUNS_CAP, FLAT_CAP, CHUNK, RUN, STREAM_TEACHER, WIDE_COLS,
+        RUNS_CAP, FLAT_CAP, CHUNK, RUN, STREAM_TEACHER, WIDE_COLS, SCALE_Z,
     )  # fmt: skip
     tl.debug_barrier()  # the gathered values land before the counting passes read them
     top_z = tl.maximum(top_z, new_top_z)
@@ -448,6 +459,7 @@ def topk_forward_kernel(
     DIVERGENCE: tl.constexpr,
     RUN: tl.constexpr,
     WIDE_COLS: tl.constexpr,
+    SCALE_Z: tl.constexpr,
 ):
     neg_inf = float("-inf")
     # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
@@ -488,7 +500,7 @@ def topk_forward_kernel(
                 if WIDE_COLS:
                     offs = offs.to(tl.int64)
                 in_row = offs < n_cols
-                z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf).to(tl.float32) * inv_temp
+                z = _scaled(tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf), inv_temp, SCALE_Z)
                 if ADD_TAIL:
                     u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
                 if start == 0:
@@ -552,7 +564,7 @@ def topk_forward_kernel(
                 n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
                     cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
                     thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-                    RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
+                    RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
                 )  # fmt: skip
                 n_runs = 0
 
@@ -560,7 +572,7 @@ def topk_forward_kernel(
         n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
-            RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS,
+            RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
         )  # fmt: skip
         # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
         # its masses, then the loss and the sum of dD/da, then the gradient coefficients.
