@@ -215,14 +215,16 @@ def test_sliced_logits_are_read_in_place(monkeypatch):
 
 @pytest.fixture
 def small_topk_blocks(monkeypatch):
-    """Top-K forward with 64-entry vocabulary blocks, 32-entry selection chunks, 16-entry
-    compaction chunks and 4-entry support chunks: a few hundred vocabulary entries then exercise
-    every path of the kernel (see the cases below), ties included that span compaction chunks."""
+    """Top-K forward with 64-entry vocabulary blocks, 32-entry selection chunks, 16-entry compaction
+    chunks, a 16-entry register tile and 4-entry support chunks: a few hundred vocabulary entries then
+    exercise every path of the kernel (see the cases below), ties included that span compaction chunks,
+    selections in the register tile and over more candidates than it."""
     from sdpo_kernels import triton_backend
 
     monkeypatch.setattr(triton_backend, "TOPK_BLOCK_V", 64)
     monkeypatch.setattr(triton_backend, "TOPK_CHUNK", 32)
     monkeypatch.setattr(triton_backend, "TOPK_COMPACT_CHUNK", 16)
+    monkeypatch.setattr(triton_backend, "TOPK_TILE", 16)
     monkeypatch.setattr(triton_backend, "TOPK_SUPPORT_CHUNK", 4)
 
 
