@@ -358,3 +358,66 @@ def test_backward_into_out_and_over_the_logits(device, setting):
         shifted[:5] = z
         with pytest.raises(ValueError, match="no other view"):  # rows shifted by one: would read overwritten data
             backend.backward(shifted[:5], u, stats, g, config, out=shifted[1:])
+
+
+def _decisions(z: torch.Tensor, device: str, **kw) -> tuple[torch.Tensor, object]:
+    """Run the top-K forward with its decision counters on (COUNT_DECISIONS): per row [stream
+    tightenings, their search steps, final search steps, first-block search steps, blocks that append,
+    other blocks]; and the launch (its parameters for the replay)."""
+    import dataclasses
+
+    from sdpo_kernels import triton_backend
+    from sdpo_kernels.config import LossConfig
+
+    z = z.to(device)
+    u = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)).to(device)
+    config = LossConfig.from_args(z, u, None, None, mode="topk_logits", **kw)
+    (launch,), *_ = triton_backend.forward_launches(z, u, None, None, config)
+    counters = torch.zeros(z.shape[0], 8, dtype=torch.int32, device=device)
+    dataclasses.replace(launch, args={**launch.args, "counters_ptr": counters, "COUNT_DECISIONS": True}).run()
+    return counters[:, :6].cpu(), launch
+
+
+def _replayed(z: torch.Tensor, launch, inv_temp: float) -> list[list[int]]:
+    """The cost report's replay (`replay_topk.replay_row`) of the same rows, as the kernel's counters."""
+    import numpy as np
+
+    from sdpo_kernels.cost_report import replay_topk as rt
+
+    params = rt.TopkParams.of_launch(launch, z.shape[1])
+    out = []
+    for row in z.numpy().astype(np.float32):
+        r = rt.replay_row(row * np.float32(inv_temp) if inv_temp != 1.0 else row, params)
+        stream, final = r.trips["stream"], r.trips["final"]
+        appends = r.blocks.get("first block", 0) + r.blocks.get("append", 0)
+        out.append(
+            [
+                r.tightens["stream"],
+                rt.search_steps(stream),
+                rt.search_steps(final),
+                r.first_search_steps,
+                appends,
+                r.blocks.get("skip", 0),
+            ]
+        )
+    return out
+
+
+@pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("case", SELECTION_CASES)
+def test_the_cost_reports_replay_takes_the_kernels_decisions(device, case, small_topk_blocks):
+    # The replay behind the cost report's path mix (`cost_report.replay_topk`) mirrors the kernel's
+    # control flow: on the same rows it must count the same tightenings, search steps (stream, final,
+    # first block) and blocks per path as the kernel's own counters.
+    z = _selection_rows(case)
+    counters, launch = _decisions(z, device, topk=5, alpha=0.5, add_tail=True, is_clip=None, temperature=0.7)
+    assert counters.tolist() == _replayed(z, launch, 1 / 0.7)
+
+
+@pytest.mark.parametrize("device", TIERS)
+def test_the_cost_reports_replay_takes_the_kernels_decisions_at_the_launch_parameters(device):
+    # The launch the report costs (BLOCK_V 2048, TILE 512, K = 100, T = 1) on bf16-valued iid rows.
+    z = (torch.randn(2, 16384, generator=torch.Generator().manual_seed(3)) * 3).bfloat16().float()
+    counters, launch = _decisions(z, device, topk=100, alpha=0.5, add_tail=True, is_clip=None, temperature=1.0)
+    assert counters[:, 0].min() >= 1  # mid-row tightenings happen
+    assert counters.tolist() == _replayed(z, launch, 1.0)

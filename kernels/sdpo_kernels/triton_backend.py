@@ -219,6 +219,7 @@ def forward_launches(
                 coef_ptr=coef,
                 scratch_ptr=torch.empty(programs, scratch_floats, **f32),
                 row_counter_ptr=row_counter,
+                counters_ptr=None,  # (tests of the cost report's replay set it and COUNT_DECISIONS)
                 n_rows=n,
                 topk=config.topk,
                 tighten_keep=keep,
@@ -234,6 +235,7 @@ def forward_launches(
                 ADD_TAIL=config.add_tail,
                 RUN=TOPK_RUN,
                 SCALE_Z=config.inv_temperature != 1.0,  # T = 1: no multiply per entry
+                COUNT_DECISIONS=False,
             ),
             num_warps=TOPK_WARPS,
             zeroed=(row_counter,),

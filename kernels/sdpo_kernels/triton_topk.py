@@ -187,19 +187,23 @@ def _max_max_add(a0, b0, n0, a1, b1, n1):
 
 
 @triton.jit
-def _kth_largest(values, k):
+def _kth_largest(values, k, COUNT_DECISIONS: tl.constexpr):
     """The k-th largest of a tile of float32 values (not NaN; ties counted), by the snapped bisection
-    of `tighten` over their int32 keys: count(lo) >= k > count(hi) from lo = the smallest key."""
+    of `tighten` over their int32 keys: count(lo) >= k > count(hi) from lo = the smallest key.
+    Returns (value, search steps; 0 unless COUNT_DECISIONS)."""
     key = ordered_key(values)
     lo = tl.min(key, 0).to(tl.int64)
     hi = tl.max(key, 0).to(tl.int64) + 1
     count_hi = 0
     found = 0
+    steps = 0
     while (found == 0) & (hi - lo > 1):  # (the condition's order names this loop for the cost report)
         mid = lo + (hi - lo) // 2
         count, above, below = _bracket_tile(key, mid.to(tl.int32))
         lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, k, k)
-    return key_value(lo.to(tl.int32))
+        if COUNT_DECISIONS:
+            steps += 1
+    return key_value(lo.to(tl.int32)), steps
 
 
 @triton.jit
@@ -288,6 +292,7 @@ def tighten(
     STREAM_TEACHER: tl.constexpr,
     WIDE_COLS: tl.constexpr,
     SCALE_Z: tl.constexpr,
+    COUNT_DECISIONS: tl.constexpr,
 ):
     """Keep between keep_lo and keep_hi of the candidates, the largest ones (all of them if there are
     at most keep_hi: the threshold then stays).
@@ -301,7 +306,8 @@ def tighten(
     keep_lo..keep_hi candidates reach, or else the keep_lo-th largest key exactly (in registers when
     n_flat <= TILE, else in chunks from the scratch); candidates below it are evicted (their e^z, e^u go to the
     tail sums), ties at the keep_lo-th key cut at the lowest indices, and the survivors are compacted
-    in place. Returns (entries kept, new threshold, top_z, top_u, tail_z, tail_u, base_z, base_u).
+    in place. Returns (entries kept, new threshold, top_z, top_u, tail_z, tail_u, base_z, base_u,
+    search steps: 0 unless COUNT_DECISIONS).
     """
     flat_idx = cand + 2 * RUNS_CAP
     flat_z = flat_idx + FLAT_CAP
@@ -318,6 +324,7 @@ def tighten(
         top_u = tl.maximum(top_u, new_top_u)
         base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
 
+    steps = 0
     if n_flat > keep_hi:  # else nothing to select: all are kept (and thr keeps its K witnesses)
         lo = ordered_key(thr).to(tl.int64)  # every candidate reaches thr: count(lo) >= keep_lo
         hi = ordered_key(top_z).to(tl.int64) + 1  # count(hi) = 0
@@ -336,6 +343,8 @@ def tighten(
                 count, above, below = _bracket_tile(key, mid.to(tl.int32))
                 count_lo = tl.where(count >= keep_lo, count, count_lo)
                 lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
+                if COUNT_DECISIONS:
+                    steps += 1
             lo_key = lo.to(tl.int32)
             # Entries tied at lo: all of them when `found` (count(lo) <= keep_hi), else enough to reach keep_lo.
             room = tl.where(found != 0, INT32_MAX, keep_lo - count_hi)
@@ -375,6 +384,8 @@ def tighten(
                 mid = lo + (hi - lo) // 2
                 count, above, below = _bracket_chunks(flat_z, n_flat, mid.to(tl.int32), CHUNK)
                 lo, hi, count_hi, found = _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
+                if COUNT_DECISIONS:
+                    steps += 1
             lo_key = lo.to(tl.int32)
             room = tl.where(found != 0, INT32_MAX, keep_lo - count_hi)
             n_kept = 0
@@ -404,7 +415,7 @@ def tighten(
         tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
         n_flat = n_kept
         thr = key_value(lo_key)
-    return n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u
+    return n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, steps
 
 
 @triton.jit
@@ -432,6 +443,7 @@ def topk_forward_kernel(
     coef_ptr,
     scratch_ptr,
     row_counter_ptr,
+    counters_ptr,
     n_rows,
     n_cols,
     rows_inner,
@@ -460,6 +472,7 @@ def topk_forward_kernel(
     RUN: tl.constexpr,
     WIDE_COLS: tl.constexpr,
     SCALE_Z: tl.constexpr,
+    COUNT_DECISIONS: tl.constexpr,
 ):
     neg_inf = float("-inf")
     # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
@@ -491,6 +504,13 @@ def topk_forward_kernel(
         n_runs = 0  # runs recorded since the last tightening (each with at least one candidate)
         n_flat = 0  # flat candidates (values gathered)
         start = 0
+        # COUNT_DECISIONS (tests of the cost report's replay): per row, the stream's tightenings and
+        # search steps, the final and first-block search steps, appending blocks, other blocks.
+        stream_tightens = 0
+        stream_steps = 0
+        first_steps = 0
+        appends = 0
+        skips = 0
         while start < n_cols:
             # Stream blocks until one would overflow the recorded runs; that block is then streamed
             # again after the tightening (the selection stays out of the stream's register peak).
@@ -514,7 +534,7 @@ def topk_forward_kernel(
                     # than K' candidates.
                     if BLOCK_V // RUN >= K_POW2:
                         if n_cols >= BLOCK_V:
-                            thr = _kth_largest(run_max, K_POW2)
+                            thr, first_steps = _kth_largest(run_max, K_POW2, COUNT_DECISIONS)
                     elif BLOCK_V >= 2 * K_POW2:
                         if n_cols >= BLOCK_V:
                             thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
@@ -531,6 +551,8 @@ def topk_forward_kernel(
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
                 if n_runs + n_new_runs > RUNS_CAP:
                     full = 1  # (never the first block: RUNS_CAP >= BLOCK_V // RUN)
+                    if COUNT_DECISIONS:
+                        skips += 1  # (the replay costs the exit as a skip)
                 else:
                     if ADD_TAIL:
                         block_z, block_u = _sum2_all(
@@ -559,21 +581,38 @@ def topk_forward_kernel(
                         tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
                         tl.store(cand + RUNS_CAP + slot, bits.to(tl.float32, bitcast=True), mask=has)
                         n_runs += n_new_runs
+                    if COUNT_DECISIONS:
+                        appends += (n_new_runs != 0).to(tl.int32)
+                        skips += (n_new_runs == 0).to(tl.int32)
                     start += BLOCK_V
             if full != 0:
-                n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
+                n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, steps = tighten(
                     cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
                     thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
                     RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
+                    COUNT_DECISIONS,
                 )  # fmt: skip
                 n_runs = 0
+                if COUNT_DECISIONS:
+                    stream_tightens += 1
+                    stream_steps += steps
 
         # Exactly K candidates remain, in index order: the support S.
-        n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u = tighten(
+        n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, final_steps = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
             RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
+            COUNT_DECISIONS,
         )  # fmt: skip
+        if COUNT_DECISIONS:
+            counts = tl.arange(0, 8)
+            values = tl.where(counts == 0, stream_tightens, 0)
+            values = tl.where(counts == 1, stream_steps, values)
+            values = tl.where(counts == 2, final_steps, values)
+            values = tl.where(counts == 3, first_steps, values)
+            values = tl.where(counts == 4, appends, values)
+            values = tl.where(counts == 5, skips, values)
+            tl.store(counters_ptr + row * 8 + counts, values, mask=counts < 6)
         # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
         # its masses, then the loss and the sum of dD/da, then the gradient coefficients.
         support_z = tl.zeros([], tl.float32)
