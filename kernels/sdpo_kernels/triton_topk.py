@@ -5,9 +5,10 @@ time (docs/kernels.md walks through the design and its cost):
 
 - Filter. A float32 threshold `thr` that at least K entries already seen reach. An entry at or
   below it cannot be in the top-K (K earlier, i.e. lower-index, entries are at least as large),
-  so it goes straight to the tail sums. In the first block thr is the smallest of K' group
-  maxima (K' groups, each contributes one entry >= thr: ties there are admitted); afterwards
-  only entries strictly above thr pass, one float compare each. A block where nothing passes
+  so it goes straight to the tail sums. In the first block thr is the K'-th largest of its run
+  maxima (K' runs, each with one entry >= thr: ties there are admitted; found by the search of
+  `tighten` over one register tile); afterwards only entries strictly above thr pass, one float
+  compare each. A block where nothing passes
   stops after its sums.
 - Candidates. A block is [BLOCK_V / RUN, RUN]: a run is one thread's vector load. The entries
   that pass form one bit mask per run; each run with candidates takes one slot of the recorded
