@@ -320,10 +320,12 @@ def tighten(
     )  # fmt: skip
     tl.debug_barrier()  # the gathered values land before the counting passes read them
     top_z = tl.maximum(top_z, new_top_z)
-    base_z, tail_z = _raise_base(base_z, tail_z, top_z * LOG2E)
+    # Raised to the candidates' maximum; moved down to it while nothing has been summed (the stream
+    # rebases on its blocks' tail entries only, so a base may still be stale when all entries passed).
+    base_z, tail_z = _rebase(base_z, tail_z, True, top_z * LOG2E)
     if STREAM_TEACHER:
         top_u = tl.maximum(top_u, new_top_u)
-        base_u, tail_u = _raise_base(base_u, tail_u, top_u * u_scale_log2)
+        base_u, tail_u = _rebase(base_u, tail_u, True, top_u * u_scale_log2)
 
     steps = 0
     if n_flat > keep_hi:  # else nothing to select: all are kept (and thr keeps its K witnesses)
@@ -539,15 +541,26 @@ def topk_forward_kernel(
                     elif BLOCK_V >= 2 * K_POW2:
                         if n_cols >= BLOCK_V:
                             thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
-                # The candidates of each run as one bit mask (in-thread). Formed in each branch: merging
-                # a boolean tile from two branches would pack it into a register bit by bit first.
-                if (start == 0) | (thr == neg_inf):
-                    # Ties with thr are admitted: in the first block (its groups are the witnesses), and
-                    # while thr is -inf (it may have none yet: -inf entries must stay candidates).
-                    bits = _lane_bits(in_row & (z >= thr), run_lanes)
+                # Ties with thr are admitted in the first block (its runs are the witnesses) and while thr
+                # is -inf (it may have no witnesses yet: -inf entries must stay candidates, masked lanes
+                # not); otherwise z > thr, i.e. z >= the next float above thr. One test for every block,
+                # one compare per entry and no branch: a branch would merge the pass flags of its two
+                # sides (16 predicates per thread) by packing them into a register bit by bit.
+                admit_ties = (start == 0) | (thr == neg_inf)
+                cut = tl.where(admit_ties, thr, key_value(ordered_key(thr) + 1))
+                passes = (z >= cut) & in_row
+                bits = _lane_bits(passes, run_lanes)
+                # The tail entries' values, -inf where an entry passed: the pass flags die here.
+                z_tail = tl.where(passes, neg_inf, z)
+                if ADD_TAIL:
+                    u_tail = tl.where(passes, neg_inf, u)
+                if ADD_TAIL:
+                    block_z, block_u = _sum2_all(
+                        tl.math.exp2(z_tail * LOG2E - base_z), tl.math.exp2(u_tail * u_scale_log2 - base_u)
+                    )
                 else:
-                    bits = _lane_bits(z > thr, run_lanes)  # masked lanes hold -inf
-                passes = _lanes_set(bits, run_lanes)
+                    block_z = _sum_all(tl.math.exp2(z_tail * LOG2E - base_z))
+                    block_u = 0.0
                 has = bits != 0
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
                 if n_runs + n_new_runs > RUNS_CAP:
@@ -555,24 +568,16 @@ def topk_forward_kernel(
                     if COUNT_DECISIONS:
                         skips += 1  # (the replay costs the exit as a skip)
                 else:
-                    if ADD_TAIL:
-                        block_z, block_u = _sum2_all(
-                            tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)),
-                            tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)),
-                        )
-                    else:
-                        block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
-                        block_u = 0.0
                     # Rare: the block overflows the base (a new maximum far above it), or nothing has been
-                    # summed yet and the block underflows it. Raise the base to the block's maximum.
+                    # summed yet and the block underflows it. Raise the base to the block's tail maximum.
                     stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
                     stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
                     if stale_z | (stale_u & ADD_TAIL):
-                        base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z) * LOG2E)
-                        block_z = _sum_all(tl.where(passes, 0.0, tl.math.exp2(z * LOG2E - base_z)))
+                        base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z_tail) * LOG2E)
+                        block_z = _sum_all(tl.math.exp2(z_tail * LOG2E - base_z))
                         if ADD_TAIL:
-                            base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u) * u_scale_log2)
-                            block_u = _sum_all(tl.where(passes, 0.0, tl.math.exp2(u * u_scale_log2 - base_u)))
+                            base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u_tail) * u_scale_log2)
+                            block_u = _sum_all(tl.math.exp2(u_tail * u_scale_log2 - base_u))
                     tail_z += block_z
                     tail_u += block_u
                     if n_new_runs != 0:
