@@ -237,12 +237,17 @@ def _expand_runs(
         rows = start + runs
         in_chunk = rows < n_runs
         bits = tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
+        run_col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
         valid = _lanes_set(bits, lanes)
-        col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)[:, None] * RUN + lanes[None, :]
+        col = run_col[:, None] * RUN + lanes[None, :]
         if WIDE_COLS:
             col = col.to(tl.int64)
         # The gathers first: their latency overlaps the slot arithmetic below.
         z = _scaled(tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")), inv_temp, SCALE_Z)
+        if STREAM_TEACHER:
+            u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
+        else:
+            u = z
         # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
         # within a run the candidates of the lower lanes (a population count of the lower bits).
         per_run = _popcount16(bits)
@@ -251,10 +256,7 @@ def _expand_runs(
         tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
         tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
         if STREAM_TEACHER:
-            u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
             tl.store(flat_idx + 2 * FLAT_CAP + at, u, mask=valid)
-        else:
-            u = z
         # One reduction for the chunk's maxima and its candidate count.
         chunk_z, chunk_u = tl.reduce((z, u), 1, _max2)
         chunk_z, chunk_u, appended = tl.reduce((chunk_z, chunk_u, per_run), 0, _max_max_add)
