@@ -265,6 +265,7 @@ SELECTION_CASES = [
     "neg_inf_runs",
     "overflow_base",
     "underflow_base",
+    "teacher_base_mid_row",
 ]
 
 
@@ -276,7 +277,14 @@ def test_every_selection_path(device, case, add_tail, small_topk_blocks):
     from sdpo_kernels.config import LossConfig
 
     z = _selection_rows(case)
-    u = torch.randn(z.shape) * 2
+    u = torch.randn(z.shape, generator=torch.Generator().manual_seed(2)) * 2
+    if case == "overflow_base":  # the teacher's tail sums overflow too (a jump past the first block)
+        u[:, 64:] += 300.0
+    elif case == "teacher_base_mid_row":
+        # A masked first teacher block (nothing summed: base 0), then tail entries 300 above it and above
+        # every candidate's u: the teacher base is set mid-row and must not move down to the candidates'.
+        u[:, :64] = -torch.inf
+        u[:, 64:] += torch.where(z[:, 64:] < 1.0, 300.0, 0.0)
     y, old, g = torch.randint(0, z.shape[1], (2,)), torch.randn(2) - 4.0, torch.rand(2)
     # IS off: a small IS weight would hide errors.
     kw = dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None, temperature=0.7)

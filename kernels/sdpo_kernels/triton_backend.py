@@ -205,6 +205,8 @@ def forward_launches(
         # No more than V either (each entry becomes a candidate at most once; rounded up to 16 entries
         # for aligned accesses): at K near V, K' = next_pow2(K) would nearly double the scratch.
         flat_cap = min(keep + TOPK_RUN * runs_cap, -(-vocab // 16) * 16)
+        tile = min(TOPK_TILE, block)
+        flat_cap = max(flat_cap, tile)  # the selection reads a whole tile of each region, unmasked
         scratch_floats = 2 * runs_cap + 3 * flat_cap
         programs = _topk_programs(n, dev, scratch_floats)
         index = torch.empty(n, config.topk, dtype=torch.int64, device=dev)
@@ -229,7 +231,7 @@ def forward_launches(
                 RUNS_CAP=runs_cap,
                 FLAT_CAP=flat_cap,
                 CHUNK=min(TOPK_CHUNK, block),
-                TILE=min(TOPK_TILE, block),
+                TILE=tile,
                 COMPACT_CHUNK=min(TOPK_COMPACT_CHUNK, block),
                 SUPPORT_CHUNK=min(TOPK_SUPPORT_CHUNK, k_pow2),
                 ADD_TAIL=config.add_tail,

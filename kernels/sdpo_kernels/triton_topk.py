@@ -49,6 +49,9 @@ from .triton_math import (
     row_offset,
 )
 
+# float32 +inf as int32 bits: a non-negative float's bits are >= these iff it is +inf or NaN.
+INF_BITS: tl.constexpr = tl.constexpr(0x7F800000)
+
 
 @triton.jit
 def _add2(a0, b0, a1, b1):
@@ -79,6 +82,16 @@ def _sum2_all(a, b):
     """Sums of two [rows, RUN] tiles in one reduction (one round of shuffles and barriers)."""
     a, b = tl.reduce((a, b), 1, _add2)
     return tl.reduce((a, b), 0, _add2)
+
+
+@triton.jit
+def _fold(tail_z, tail_u, acc_z, acc_u, ADD_TAIL: tl.constexpr):
+    """The row's tail sums plus the per-run partial sums [runs] (one reduction for both)."""
+    if ADD_TAIL:
+        sum_z, sum_u = tl.reduce((acc_z, acc_u), 0, _add2)
+        return tail_z + sum_z, tail_u + sum_u
+    else:
+        return tail_z + tl.sum(acc_z, 0), tail_u
 
 
 @triton.jit
@@ -286,6 +299,8 @@ def tighten(
     base_z,
     base_u,
     u_scale_log2,
+    parts_zero_z,
+    parts_zero_u,
     RUNS_CAP: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -309,8 +324,9 @@ def tighten(
     keep_lo..keep_hi candidates reach, or else the keep_lo-th largest key exactly (in registers when
     n_flat <= TILE, else in chunks from the scratch); candidates below it are evicted (their e^z, e^u go to the
     tail sums), ties at the keep_lo-th key cut at the lowest indices, and the survivors are compacted
-    in place. Returns (entries kept, new threshold, top_z, top_u, tail_z, tail_u, base_z, base_u,
-    search steps: 0 unless COUNT_DECISIONS).
+    in place. parts_zero_z / parts_zero_u: the stream's partial sums (kept apart from tail_z, tail_u;
+    the caller rescales them to the new bases) are all 0. Returns (entries kept, new threshold, top_z,
+    top_u, tail_z, tail_u, base_z, base_u, search steps: 0 unless COUNT_DECISIONS).
     """
     flat_idx = cand + 2 * RUNS_CAP
     flat_z = flat_idx + FLAT_CAP
@@ -324,10 +340,10 @@ def tighten(
     top_z = tl.maximum(top_z, new_top_z)
     # Raised to the candidates' maximum; moved down to it while nothing has been summed (the stream
     # rebases on its blocks' tail entries only, so a base may still be stale when all entries passed).
-    base_z, tail_z = _rebase(base_z, tail_z, True, top_z * LOG2E)
+    base_z, tail_z = _rebase(base_z, tail_z, parts_zero_z, top_z * LOG2E)
     if STREAM_TEACHER:
         top_u = tl.maximum(top_u, new_top_u)
-        base_u, tail_u = _rebase(base_u, tail_u, True, top_u * u_scale_log2)
+        base_u, tail_u = _rebase(base_u, tail_u, parts_zero_u, top_u * u_scale_log2)
 
     steps = 0
     if n_flat > keep_hi:  # else nothing to select: all are kept (and thr keeps its K witnesses)
@@ -341,7 +357,8 @@ def tighten(
             # and the compaction (no scratch reads per step).
             offs = tl.arange(0, TILE)
             valid = offs < n_flat
-            z = tl.load(flat_z + offs, mask=valid, other=float("-inf"))
+            # Unmasked (TILE <= FLAT_CAP): vector loads, one round trip; lanes past n_flat are ignored.
+            z = tl.load(flat_z + offs)
             key = tl.where(valid, ordered_key(z), INT32_MIN)
             while (hi - lo > 1) & (found == 0):
                 mid = lo + (hi - lo) // 2
@@ -365,10 +382,10 @@ def tighten(
             keep = above_cut | (tie & (ties_before < room))
             evict = valid & ~keep
             at = above_before + tl.minimum(ties_before, room)
-            idx = tl.load(flat_idx + offs, mask=valid)
+            idx = tl.load(flat_idx + offs)
             evicted_z = tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0)
             if STREAM_TEACHER:
-                u = tl.load(flat_u + offs, mask=valid, other=float("-inf"))
+                u = tl.load(flat_u + offs)
                 evicted_u = tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0)
                 evicted_z, evicted_u = tl.reduce((evicted_z, evicted_u), 0, _add2)
                 tail_u += evicted_u
@@ -506,6 +523,12 @@ def topk_forward_kernel(
         thr = tl.full([], neg_inf, tl.float32)
         top_z = tl.full([], neg_inf, tl.float32)  # the largest z and raw u among the flat candidates
         top_u = tl.full([], neg_inf, tl.float32)
+        # Per-run partial tail sums (relative to the bases) of the blocks since the last fold into
+        # tail_z, tail_u: a block adds to them in-thread, without a cross-thread reduction.
+        acc_z = tl.zeros([BLOCK_V // RUN], tl.float32)
+        acc_u = tl.zeros([BLOCK_V // RUN], tl.float32)
+        parts_top_z = 0  # the largest partial sum, as int32 bits (0: all are 0)
+        parts_top_u = 0
         n_runs = 0  # runs recorded since the last tightening (each with at least one candidate)
         n_flat = 0  # flat candidates (values gathered)
         start = 0
@@ -556,13 +579,16 @@ def topk_forward_kernel(
                 z_tail = tl.where(passes, neg_inf, z)
                 if ADD_TAIL:
                     u_tail = tl.where(passes, neg_inf, u)
+                new_z = acc_z + tl.sum(tl.math.exp2(z_tail * LOG2E - base_z), 1)
                 if ADD_TAIL:
-                    block_z, block_u = _sum2_all(
-                        tl.math.exp2(z_tail * LOG2E - base_z), tl.math.exp2(u_tail * u_scale_log2 - base_u)
-                    )
+                    new_u = acc_u + tl.sum(tl.math.exp2(u_tail * u_scale_log2 - base_u), 1)
                 else:
-                    block_z = _sum_all(tl.math.exp2(z_tail * LOG2E - base_z))
-                    block_u = 0.0
+                    new_u = acc_u  # (zeros: no teacher sums)
+                # The largest per-run sum of each side as int32 bits (non-negative floats order as their
+                # bits): 0 when nothing is summed, INF_BITS when a sum overflowed. Integer maxima: a
+                # warp-level REDUX each.
+                top_sum_z = tl.max(new_z.to(tl.int32, bitcast=True), 0)
+                top_sum_u = tl.max(new_u.to(tl.int32, bitcast=True), 0)
                 has = bits != 0
                 n_new_runs = tl.sum(has.to(tl.int32), 0)
                 if n_runs + n_new_runs > RUNS_CAP:
@@ -570,18 +596,25 @@ def topk_forward_kernel(
                     if COUNT_DECISIONS:
                         skips += 1  # (the replay costs the exit as a skip)
                 else:
-                    # Rare: the block overflows the base (a new maximum far above it), or nothing has been
-                    # summed yet and the block underflows it. Raise the base to the block's tail maximum.
-                    stale_z = (block_z == float("inf")) | ((block_z == 0.0) & (tail_z == 0.0))
-                    stale_u = (block_u == float("inf")) | ((block_u == 0.0) & (tail_u == 0.0))
+                    # Rare: a sum overflows the base (a new maximum far above it), or nothing has been summed
+                    # yet and the block underflows it. The partial sums are folded into the row's, the
+                    # base raised to the block's tail maximum and the block summed again.
+                    overflow = (top_sum_z >= INF_BITS) | (top_sum_u >= INF_BITS)
+                    stale_z = overflow | ((top_sum_z == 0) & (tail_z == 0.0))
+                    stale_u = overflow | ((top_sum_u == 0) & (tail_u == 0.0))
                     if stale_z | (stale_u & ADD_TAIL):
+                        tail_z, tail_u = _fold(tail_z, tail_u, acc_z, acc_u, ADD_TAIL)
                         base_z, tail_z = _rebase(base_z, tail_z, stale_z, _max_all(z_tail) * LOG2E)
-                        block_z = _sum_all(tl.math.exp2(z_tail * LOG2E - base_z))
+                        new_z = tl.sum(tl.math.exp2(z_tail * LOG2E - base_z), 1)
                         if ADD_TAIL:
                             base_u, tail_u = _rebase(base_u, tail_u, stale_u, _max_all(u_tail) * u_scale_log2)
-                            block_u = _sum_all(tl.math.exp2(u_tail * u_scale_log2 - base_u))
-                    tail_z += block_z
-                    tail_u += block_u
+                            new_u = tl.sum(tl.math.exp2(u_tail * u_scale_log2 - base_u), 1)
+                        top_sum_z = tl.max(new_z.to(tl.int32, bitcast=True), 0)
+                        top_sum_u = tl.max(new_u.to(tl.int32, bitcast=True), 0)
+                    acc_z = new_z
+                    acc_u = new_u
+                    parts_top_z = top_sum_z
+                    parts_top_u = top_sum_u
                     if n_new_runs != 0:
                         # One slot per run with candidates: its number and bit mask, two stores per run.
                         slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
@@ -594,21 +627,29 @@ def topk_forward_kernel(
                         skips += (n_new_runs == 0).to(tl.int32)
                     start += BLOCK_V
             if full != 0:
+                old_base_z = base_z
+                old_base_u = base_u
                 n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, steps = tighten(
                     cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
                     thr, topk, tighten_keep, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
+                    parts_top_z == 0, parts_top_u == 0,
                     RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
                     COUNT_DECISIONS,
                 )  # fmt: skip
+                # The partial sums follow the bases (a base moves down only while they are all 0).
+                acc_z *= tl.math.exp2(tl.minimum(old_base_z - base_z, 0.0))
+                acc_u *= tl.math.exp2(tl.minimum(old_base_u - base_u, 0.0))
                 n_runs = 0
                 if COUNT_DECISIONS:
                     stream_tightens += 1
                     stream_steps += steps
 
         # Exactly K candidates remain, in index order: the support S.
+        tail_z, tail_u = _fold(tail_z, tail_u, acc_z, acc_u, ADD_TAIL)
         n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, final_steps = tighten(
             cand, n_runs, n_flat, student_row, teacher_row, stride_s_col, stride_t_col, inv_temp,
             thr, topk, topk, top_z, top_u, tail_z, tail_u, base_z, base_u, u_scale_log2,
+            True, True,
             RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
             COUNT_DECISIONS,
         )  # fmt: skip
