@@ -441,15 +441,21 @@ def tighten(
 
 
 @triton.jit
-def _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_z, lse_u, inv_temp, RAW_U: tl.constexpr):
-    """Student and teacher log-probs (a, b) at support positions k_pos (-inf beyond topk). The teacher
-    values are raw logits (RAW_U: tail mode, scaled by 1/T here) or already scaled."""
+def _support_values(support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
+                    ADD_TAIL: tl.constexpr):  # fmt: skip
+    """The support entries at positions k_pos: (z, u = teacher logit / T, index), -inf / 0 beyond topk.
+    u comes from the scratch (tail mode: the raw logit the stream kept) or is gathered from the
+    teacher row at the index (renormalised top-K streams no teacher)."""
     in_support = k_pos < topk
     z_s = tl.load(support_z_ptr + k_pos, mask=in_support, other=float("-inf"))
-    u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=float("-inf"))
-    if RAW_U:
-        u_s = u_s * inv_temp
-    return z_s - lse_z, u_s - lse_u
+    idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+    if ADD_TAIL:
+        u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=float("-inf")) * inv_temp
+    else:
+        # Bounds-masked: a row with NaN logits may end its selection short of K (see `bad`).
+        in_row = in_support & (idx >= 0) & (idx < n_cols)
+        u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_row, other=float("-inf")).to(tl.float32) * inv_temp
+    return z_s, u_s, idx
 
 
 @triton.jit
@@ -662,8 +668,15 @@ def topk_forward_kernel(
             values = tl.where(counts == 4, appends, values)
             values = tl.where(counts == 5, skips, values)
             tl.store(counters_ptr + row * 8 + counts, values, mask=counts < 6)
-        # The support: K flat entries (index | z | raw u), read in chunks of SUPPORT_CHUNK, three times:
-        # its masses, then the loss and the sum of dD/da, then the gradient coefficients.
+        # The support: K flat entries (index | z | raw u), three passes in chunks of SUPPORT_CHUNK: its
+        # masses, then the loss and the sum of dD/da, then the gradient coefficients. A support of one
+        # chunk (K <= SUPPORT_CHUNK) is read once and held in registers through the three.
+        ONE_CHUNK: tl.constexpr = K_POW2 <= SUPPORT_CHUNK
+        if ONE_CHUNK:
+            z_1, u_1, idx_1 = _support_values(
+                support, support_z_ptr, support_u_ptr, support_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
+                ADD_TAIL,
+            )  # fmt: skip
         support_z = tl.zeros([], tl.float32)
         support_u = tl.zeros([], tl.float32)
         max_z = tl.full([], neg_inf, tl.float32)  # renormalised top-K: LSEs over the support only
@@ -671,21 +684,17 @@ def topk_forward_kernel(
         sum_z = tl.zeros([], tl.float32)
         sum_u = tl.zeros([], tl.float32)
         for s0 in range(0, topk, SUPPORT_CHUNK):
-            k_pos = s0 + support_pos
-            in_support = k_pos < topk
-            z_s = tl.load(support_z_ptr + k_pos, mask=in_support, other=neg_inf)
+            if ONE_CHUNK:
+                z_s, u_s = z_1, u_1
+            else:
+                z_s, u_s, _ = _support_values(
+                    support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row, stride_t_col, n_cols,
+                    inv_temp, ADD_TAIL,
+                )  # fmt: skip
             support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
             if ADD_TAIL:
-                u_s = tl.load(support_u_ptr + k_pos, mask=in_support, other=neg_inf)
-                support_u += tl.sum(tl.math.exp2(u_s * u_scale_log2 - base_u), 0)
+                support_u += tl.sum(tl.math.exp2(u_s * LOG2E - base_u), 0)
             else:
-                # The teacher was not streamed: gather u at the support, kept (scaled) where tail mode keeps raw u.
-                idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
-                # Bounds-masked: a row with NaN logits may end its selection short of K (see `bad` below).
-                in_row = in_support & (idx >= 0) & (idx < n_cols)
-                u_s = tl.load(teacher_row + idx * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
-                u_s = u_s * inv_temp
-                tl.store(support_u_ptr + k_pos, u_s, mask=in_support)
                 max_z, shift_z, rescale_z = online_max_step(max_z, tl.max(z_s, 0), LOG2E)
                 sum_z = sum_z * rescale_z + tl.sum(tl.math.exp2((z_s - shift_z) * LOG2E), 0)
                 max_u, shift_u, rescale_u = online_max_step(max_u, tl.max(u_s, 0), LOG2E)
@@ -714,13 +723,17 @@ def topk_forward_kernel(
             w = importance_weight(
                 student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse_z, inv_temp, is_clip
             )
-        tl.debug_barrier()  # the gathered teacher values (renormalised top-K) land before they are read
         loss = tl.zeros([], tl.float32)
         d_sum = tl.zeros([], tl.float32)
         for s0 in range(0, topk, SUPPORT_CHUNK):
-            k_pos = s0 + support_pos
-            a, b = _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_s_z, lse_u, inv_temp, ADD_TAIL)
-            terms, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
+            if ONE_CHUNK:
+                z_s, u_s = z_1, u_1
+            else:
+                z_s, u_s, _ = _support_values(
+                    support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row, stride_t_col, n_cols,
+                    inv_temp, ADD_TAIL,
+                )  # fmt: skip
+            terms, d_terms = divergence_terms(z_s - lse_s_z, u_s - lse_u, alpha, DIVERGENCE)
             loss += tl.sum(terms, 0)
             d_sum += tl.sum(d_terms, 0)
         if ADD_TAIL:
@@ -733,9 +746,15 @@ def topk_forward_kernel(
         for s0 in range(0, topk, SUPPORT_CHUNK):
             k_pos = s0 + support_pos
             in_support = k_pos < topk
-            a, b = _support_log_probs(support_z_ptr, support_u_ptr, k_pos, topk, lse_s_z, lse_u, inv_temp, ADD_TAIL)
-            _, d_terms = divergence_terms(a, b, alpha, DIVERGENCE)
-            idx = tl.load(support + k_pos, mask=in_support, other=0.0).to(tl.int32, bitcast=True).to(tl.int64)
+            if ONE_CHUNK:
+                z_s, u_s, idx = z_1, u_1, idx_1
+            else:
+                z_s, u_s, idx = _support_values(
+                    support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
+                    ADD_TAIL,
+                )  # fmt: skip
+            a = z_s - lse_s_z
+            _, d_terms = divergence_terms(a, u_s - lse_u, alpha, DIVERGENCE)
             tl.store(index_ptr + row * topk + k_pos, tl.where(bad, k_pos.to(tl.int64), idx), mask=in_support)
             coef = tl.where(bad, float("nan"), d_terms * w - tl.exp(a) * total)
             tl.store(coef_ptr + row * topk + k_pos, coef, mask=in_support)

@@ -227,17 +227,28 @@ def analyze_structure(launch, rows: int, vocab: int, arch: int = 90, path_limit:
     # HBM bytes per element: each streamed tensor read (LDG) / written (STG) per streaming loop
     streams, bytes_per_elem, loop_bytes = [], 0.0, {}
     for lp in streaming:
-        reads, writes, before = {}, {}, bytes_per_elem
-        for ins, hit in stream_accesses(sorted(lp.body)):
+        reads, writes = {}, {}
+        accesses = stream_accesses(sorted(lp.body))
+        for ins, hit in accesses:
             for name in sorted(hit):  # sorted: a set of names iterates in hash order, which varies per run
                 t = tensors[name]
                 bucket = writes if ins.base in ("STG", "ST", "RED", "REDG") else reads
                 bucket[id(t)] = (name, t)
+        named = []
+        tagged = 0.0
         for kind, bucket in (("read", reads), ("write", writes)):
             for name, t in bucket.values():
-                bytes_per_elem += t.element_size()
-                streams.append(f"{kind} {name} ({str(t.dtype).replace('torch.', '')}) in {lp.label}")
-        loop_bytes[id(lp)] = bytes_per_elem - before
+                tagged += t.element_size()
+                named.append(f"{kind} {name} ({str(t.dtype).replace('torch.', '')}) in {lp.label}")
+        # A register that held one tensor's address on one path and another's on another carries both
+        # tags, so the tags can name a tensor the loop never reads: the widths of its accesses (per
+        # thread per iteration, over the entries a thread covers) bound the bytes from above too.
+        by_width = sum(ins.mem_width_bytes for ins, _ in accesses) / elems
+        loop_bytes[id(lp)] = min(tagged, by_width) if by_width else tagged
+        if loop_bytes[id(lp)] < tagged:
+            named = [f"{' or '.join(named)}: {by_width:g} B per entry by the access widths"]
+        streams += named
+        bytes_per_elem += loop_bytes[id(lp)]
     seen, row_bytes = set(), 0.0
     touched = set().union(*access.values()) if access else set()
     for name, t in tensors.items():
