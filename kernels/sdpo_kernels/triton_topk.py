@@ -7,9 +7,9 @@ time (docs/kernels.md walks through the design and its cost):
   below it cannot be in the top-K (K earlier, i.e. lower-index, entries are at least as large),
   so it goes straight to the tail sums. In the first block thr is the K'-th largest of its run
   maxima (K' runs, each with one entry >= thr: ties there are admitted; found by the search of
-  `tighten` over one register tile); afterwards only entries strictly above thr pass, one float
-  compare each. A block where nothing passes
-  stops after its sums.
+  `tighten` over one register tile); afterwards only entries strictly above thr pass. Both are
+  one float compare per entry, z >= cut (cut = thr, or the next float above it), with no branch.
+  A block where nothing passes stops after its sums.
 - Candidates. A block is [BLOCK_V / RUN, RUN]: a run is one thread's vector load. The entries
   that pass form one bit mask per run; each run with candidates takes one slot of the recorded
   runs (its run number and mask: two stores per run, slots from a prefix sum over runs), in index
@@ -26,8 +26,10 @@ time (docs/kernels.md walks through the design and its cost):
   leaving the support in the first K flat entries.
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
   to a base set by the first block's maximum and raised only when a block's sum overflows (or
-  candidates exceed it): no per-block max reduction. One two-operand reduction per block gives
-  both tail sums; one more counts the runs with candidates. The support's
+  candidates exceed it): no per-block max reduction. A block's sums go into per-run partial sums
+  held in-thread across blocks (no cross-thread float reduction per block); two integer maxima of
+  their bits tell an overflow (+inf) or nothing summed (0), and one more reduction counts the runs
+  with candidates. The partial sums are folded into the row's at the end. The support's
   mass is added at the end, so LSE = log(tail + support) and the tail log-probs are
   -log1p(support / tail): accurate whichever of the two is tiny.
 Renormalised top-K (no tail) does not stream the teacher at all: it needs u at the support only.
