@@ -225,6 +225,24 @@ def test_report_on_a_small_launch(tmp_path):
 
 
 @requires_nvidia_tools
+def test_renormalised_topk_forward_streams_the_student_only(tmp_path):
+    # Renormalised top-K (no tail) reads the teacher at the support only: the stream is charged the
+    # bf16 student alone, 2 B per entry. (A compile that reused one register for both rows' addresses
+    # tagged the stream's loads with the teacher too; structure.py bounds the bytes by the access
+    # widths since. The kernel as it stands does not reuse it, so this checks the result, not the bound.)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "sdpo_kernels.cost_report", "--rows", "256", "--vocab", "32000"]
+    cmd += ["--variant", "topk K=100, no tail, IS, α=0.5", "--out", str(tmp_path), "--quiet"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    (report_file,) = tmp_path.glob("cost-report-*.json")
+    (shape,) = json.loads(report_file.read_text())["shapes"]
+    (variant,) = shape["variants"]
+    fwd = next(k for k in variant["kernels"] if k["direction"] == "forward")
+    assert fwd["kernel"] == "topk_forward_kernel" and fwd["hbm_bytes_per_elem"] == 2
+
+
+@requires_nvidia_tools
 def test_report_on_the_topk_forward(tmp_path):
     # The top-K forward as launched: every loop the path mix and the row extras name is found in the
     # SASS (the report stops otherwise), the selection runs outside the vocabulary loop, no spills.

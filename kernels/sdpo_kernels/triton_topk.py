@@ -75,18 +75,6 @@ def _max_all(x):
 
 
 @triton.jit
-def _sum_all(x):
-    return tl.sum(tl.sum(x, 1), 0)
-
-
-@triton.jit
-def _sum2_all(a, b):
-    """Sums of two [rows, RUN] tiles in one reduction (one round of shuffles and barriers)."""
-    a, b = tl.reduce((a, b), 1, _add2)
-    return tl.reduce((a, b), 0, _add2)
-
-
-@triton.jit
 def _fold(tail_z, tail_u, acc_z, acc_u, ADD_TAIL: tl.constexpr):
     """The row's tail sums plus the per-run partial sums [runs] (one reduction for both)."""
     if ADD_TAIL:
@@ -461,6 +449,20 @@ def _support_values(support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_
 
 
 @triton.jit
+def _support_chunk(z_0, u_0, idx_0, support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col,
+                   n_cols, inv_temp, ONE_CHUNK: tl.constexpr, ADD_TAIL: tl.constexpr):  # fmt: skip
+    """`_support_values` at k_pos, or the first chunk's (z_0, u_0, idx_0) held in registers when that
+    chunk is the whole support (ONE_CHUNK)."""
+    if ONE_CHUNK:
+        z_s, u_s, idx = z_0, u_0, idx_0
+    else:
+        z_s, u_s, idx = _support_values(
+            support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp, ADD_TAIL
+        )
+    return z_s, u_s, idx
+
+
+@triton.jit
 def topk_forward_kernel(
     student_ptr,
     teacher_ptr,
@@ -674,11 +676,11 @@ def topk_forward_kernel(
         # masses, then the loss and the sum of dD/da, then the gradient coefficients. A support of one
         # chunk (K <= SUPPORT_CHUNK) is read once and held in registers through the three.
         ONE_CHUNK: tl.constexpr = K_POW2 <= SUPPORT_CHUNK
-        if ONE_CHUNK:
-            z_1, u_1, idx_1 = _support_values(
-                support, support_z_ptr, support_u_ptr, support_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
-                ADD_TAIL,
-            )  # fmt: skip
+        # The first chunk (unused, so not loaded, unless ONE_CHUNK).
+        z_0, u_0, idx_0 = _support_values(
+            support, support_z_ptr, support_u_ptr, support_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
+            ADD_TAIL,
+        )  # fmt: skip
         support_z = tl.zeros([], tl.float32)
         support_u = tl.zeros([], tl.float32)
         max_z = tl.full([], neg_inf, tl.float32)  # renormalised top-K: LSEs over the support only
@@ -686,13 +688,10 @@ def topk_forward_kernel(
         sum_z = tl.zeros([], tl.float32)
         sum_u = tl.zeros([], tl.float32)
         for s0 in range(0, topk, SUPPORT_CHUNK):
-            if ONE_CHUNK:
-                z_s, u_s = z_1, u_1
-            else:
-                z_s, u_s, _ = _support_values(
-                    support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row, stride_t_col, n_cols,
-                    inv_temp, ADD_TAIL,
-                )  # fmt: skip
+            z_s, u_s, _ = _support_chunk(
+                z_0, u_0, idx_0, support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row,
+                stride_t_col, n_cols, inv_temp, ONE_CHUNK, ADD_TAIL,
+            )  # fmt: skip
             support_z += tl.sum(tl.math.exp2(z_s * LOG2E - base_z), 0)
             if ADD_TAIL:
                 support_u += tl.sum(tl.math.exp2(u_s * LOG2E - base_u), 0)
@@ -728,13 +727,10 @@ def topk_forward_kernel(
         loss = tl.zeros([], tl.float32)
         d_sum = tl.zeros([], tl.float32)
         for s0 in range(0, topk, SUPPORT_CHUNK):
-            if ONE_CHUNK:
-                z_s, u_s = z_1, u_1
-            else:
-                z_s, u_s, _ = _support_values(
-                    support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row, stride_t_col, n_cols,
-                    inv_temp, ADD_TAIL,
-                )  # fmt: skip
+            z_s, u_s, _ = _support_chunk(
+                z_0, u_0, idx_0, support, support_z_ptr, support_u_ptr, s0 + support_pos, topk, teacher_row,
+                stride_t_col, n_cols, inv_temp, ONE_CHUNK, ADD_TAIL,
+            )  # fmt: skip
             terms, d_terms = divergence_terms(z_s - lse_s_z, u_s - lse_u, alpha, DIVERGENCE)
             loss += tl.sum(terms, 0)
             d_sum += tl.sum(d_terms, 0)
@@ -748,13 +744,10 @@ def topk_forward_kernel(
         for s0 in range(0, topk, SUPPORT_CHUNK):
             k_pos = s0 + support_pos
             in_support = k_pos < topk
-            if ONE_CHUNK:
-                z_s, u_s, idx = z_1, u_1, idx_1
-            else:
-                z_s, u_s, idx = _support_values(
-                    support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col, n_cols, inv_temp,
-                    ADD_TAIL,
-                )  # fmt: skip
+            z_s, u_s, idx = _support_chunk(
+                z_0, u_0, idx_0, support, support_z_ptr, support_u_ptr, k_pos, topk, teacher_row, stride_t_col, n_cols,
+                inv_temp, ONE_CHUNK, ADD_TAIL,
+            )  # fmt: skip
             a = z_s - lse_s_z
             _, d_terms = divergence_terms(a, u_s - lse_u, alpha, DIVERGENCE)
             tl.store(index_ptr + row * topk + k_pos, tl.where(bad, k_pos.to(tl.int64), idx), mask=in_support)
