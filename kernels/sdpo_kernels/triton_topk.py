@@ -5,8 +5,8 @@ time (docs/kernels.md walks through the design and its cost):
 
 - Filter. A float32 threshold `thr` that at least K entries already seen reach. An entry at or
   below it cannot be in the top-K (K earlier, i.e. lower-index, entries are at least as large),
-  so it goes straight to the tail sums. In the first block thr is the K'-th largest of its run
-  maxima (K' runs, each with one entry >= thr: ties there are admitted; found by the search of
+  so it goes straight to the tail sums. In the first block thr is the K-th largest of its run
+  maxima (K runs, each with one entry >= thr: ties there are admitted; found by the search of
   `tighten` over one register tile); afterwards only entries strictly above thr pass. Both are
   one float compare per entry, z >= cut (cut = thr, or the next float above it), with no branch.
   A block where nothing passes stops after its sums.
@@ -104,6 +104,13 @@ def _finite_or_zero(x):
 
 
 @triton.jit
+def _strict_cut(thr):
+    """The pass test's cut after the first block: entries strictly above thr pass, i.e. z >= the next
+    float above it; while thr is -inf (no witnesses yet) every entry passes, -inf ones too."""
+    return tl.where(thr == float("-inf"), thr, key_value(ordered_key(thr) + 1))
+
+
+@triton.jit
 def _lane_bits(passes, lanes):
     """[rows, RUN] bool -> [rows] int32 bit masks (bit l: lane l)."""
     return tl.sum(passes.to(tl.int32) << lanes[None, :], 1)
@@ -111,8 +118,8 @@ def _lane_bits(passes, lanes):
 
 @triton.jit
 def _lanes_set(bits, lanes):
-    """[rows] int32 bit masks -> [rows, RUN] bool."""
-    return ((bits[:, None] >> lanes[None, :]) & 1) != 0
+    """[rows] int32 bit masks -> [rows, RUN] bool (one test per lane: its bit mask is a constant)."""
+    return (bits[:, None] & (1 << lanes)[None, :]) != 0
 
 
 @triton.jit
@@ -177,12 +184,16 @@ def _max2(a0, b0, a1, b1):
 
 
 @triton.jit
-def _popcount16(x):
-    """Set bits of each int32 in x, for x < 2^16 (a run's candidate mask: RUN <= 16 lanes)."""
+def _popcount(x, BITS: tl.constexpr):
+    """Set bits of each int32 in x, for x < 2^BITS (a run's candidate mask: BITS = RUN <= 16 lanes;
+    RUN = 8 takes one step fewer)."""
     x = x - ((x >> 1) & 0x5555)
     x = (x & 0x3333) + ((x >> 2) & 0x3333)
-    x = (x + (x >> 4)) & 0x0F0F
-    return (x + (x >> 8)) & 0x1F
+    if BITS <= 8:
+        return (x + (x >> 4)) & 0x0F
+    else:
+        x = (x + (x >> 4)) & 0x0F0F
+        return (x + (x >> 8)) & 0x1F
 
 
 @triton.jit
@@ -253,9 +264,9 @@ def _expand_runs(
             u = z
         # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
         # within a run the candidates of the lower lanes (a population count of the lower bits).
-        per_run = _popcount16(bits)
+        per_run = _popcount(bits, RUN)
         run_slot = tl.cumsum(per_run, 0) - per_run
-        at = n_flat + run_slot[:, None] + _popcount16(bits[:, None] & lower_lanes[None, :])
+        at = n_flat + run_slot[:, None] + _popcount(bits[:, None] & lower_lanes[None, :], RUN)
         tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
         tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
         if STREAM_TEACHER:
@@ -531,6 +542,9 @@ def topk_forward_kernel(
         tail_z = tl.zeros([], tl.float32)
         tail_u = tl.zeros([], tl.float32)
         thr = tl.full([], neg_inf, tl.float32)
+        # The pass test's cut of the blocks after the first (`_strict_cut(thr)`), kept with thr: it only
+        # changes where thr does (the first block, a tightening), not recomputed per block.
+        cut = tl.full([], neg_inf, tl.float32)
         top_z = tl.full([], neg_inf, tl.float32)  # the largest z and raw u among the flat candidates
         top_u = tl.full([], neg_inf, tl.float32)
         # Per-run partial tail sums (relative to the bases) of the blocks since the last fold into
@@ -566,24 +580,24 @@ def topk_forward_kernel(
                     base_z = _finite_or_zero(tl.max(run_max, 0)) * LOG2E
                     if ADD_TAIL:
                         base_u = _finite_or_zero(_max_all(u)) * u_scale_log2
-                    # K' >= K witnesses in a full block: K' runs whose maxima reach thr (the K'-th largest
-                    # run maximum), or else K' groups, one entry >= thr each (the smallest group maximum;
-                    # a lower threshold). For K' > BLOCK_V / 2, thr stays -inf until a selection has more
-                    # than K' candidates.
+                    # K witnesses in a full block: K runs whose maxima reach thr (the K-th largest run
+                    # maximum; with K' = next_pow2(K) runs instead, about one iid row in two overflowed
+                    # the recorded runs at the second block already), or else K' groups, one entry >= thr
+                    # each (the smallest group maximum; a lower threshold). For K' > BLOCK_V / 2, thr
+                    # stays -inf until a selection has more than K' candidates.
                     if BLOCK_V // RUN >= K_POW2:
                         if n_cols >= BLOCK_V:
-                            thr, first_steps = _kth_largest(run_max, K_POW2, COUNT_DECISIONS)
+                            thr, first_steps = _kth_largest(run_max, topk, COUNT_DECISIONS)
                     elif BLOCK_V >= 2 * K_POW2:
                         if n_cols >= BLOCK_V:
                             thr = tl.min(tl.max(tl.reshape(z, [K_POW2, BLOCK_V // K_POW2]), 1), 0)
+                    cut = _strict_cut(thr)
                 # Ties with thr are admitted in the first block (its runs are the witnesses) and while thr
                 # is -inf (it may have no witnesses yet: -inf entries must stay candidates, masked lanes
-                # not); otherwise z > thr, i.e. z >= the next float above thr. One test for every block,
-                # one compare per entry and no branch: a branch would merge the pass flags of its two
-                # sides (16 predicates per thread) by packing them into a register bit by bit.
-                admit_ties = (start == 0) | (thr == neg_inf)
-                cut = tl.where(admit_ties, thr, key_value(ordered_key(thr) + 1))
-                passes = (z >= cut) & in_row
+                # not); otherwise z > thr (`cut`). One test for every block, one compare per entry and no
+                # branch: a branch would merge the pass flags of its two sides (16 predicates per thread)
+                # by packing them into a register bit by bit.
+                passes = (z >= tl.where(start == 0, thr, cut)) & in_row
                 bits = _lane_bits(passes, run_lanes)
                 # The tail entries' values, -inf where an entry passed: the pass flags die here.
                 z_tail = tl.where(passes, neg_inf, z)
@@ -646,6 +660,7 @@ def topk_forward_kernel(
                     RUNS_CAP, FLAT_CAP, CHUNK, TILE, COMPACT_CHUNK, RUN, ADD_TAIL, WIDE_COLS, SCALE_Z,
                     COUNT_DECISIONS,
                 )  # fmt: skip
+                cut = _strict_cut(thr)
                 # The partial sums follow the bases (a base moves down only while they are all 0).
                 acc_z *= tl.math.exp2(tl.minimum(old_base_z - base_z, 0.0))
                 acc_u *= tl.math.exp2(tl.minimum(old_base_u - base_u, 0.0))

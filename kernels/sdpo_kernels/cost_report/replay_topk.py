@@ -3,7 +3,7 @@
 MIRRORS: `topk_forward_kernel` and `tighten` in `sdpo_kernels/triton_topk.py`, with the launch
 parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, CHUNK, TILE,
 COMPACT_CHUNK, RUN, topk, tighten_keep). The replay takes the same decisions as the kernel on the
-same values: the first-block threshold from K' group maxima, which entries pass (`>=` in the first
+same values: the first-block threshold (the K-th largest run maximum, or K' group maxima), which entries pass (`>=` in the first
 block and while the threshold is -inf, `>` after), runs of RUN entries recorded per block, the
 block that would overflow RUNS_CAP recorded runs leaving the stream for a tightening and being
 streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
@@ -67,7 +67,7 @@ class RowReplay:
     trips: dict = field(default_factory=lambda: {w: Counter() for w in SELECTIONS})  # selection -> loop -> trips
     tightens: Counter = field(default_factory=Counter)  # selection -> calls of `tighten`
     first_threshold: float = -math.inf  # the first block's threshold (the lowest any later compare uses)
-    first_search_steps: int = 0  # steps of the search for it (the K'-th largest run maximum)
+    first_search_steps: int = 0  # steps of the search for it (the K-th largest run maximum)
 
 
 DTYPE_NAMES = {"torch.bfloat16": "bf16", "torch.float16": "fp16", "torch.float32": "fp32"}
@@ -141,13 +141,13 @@ def _snapped_search(keys, lo: int, hi: int, keep_lo: int, keep_hi: int) -> tuple
 
 def first_threshold(z, p: TopkParams) -> tuple[float, int]:
     """The first block's threshold and the steps of its search (0 for the group-minimum rule), or
-    (-inf, 0) when the block sets none: the K'-th largest of the block's run maxima when it has at
+    (-inf, 0) when the block sets none: the K-th largest of the block's run maxima when it has at
     least K' runs, else the smallest of K' group maxima when BLOCK_V >= 2K' (a full block only)."""
     if p.vocab < p.block_v:
         return -math.inf, 0
     if p.block_v // p.run >= p.k_pow2:
         keys = _ordered_key(z.reshape(p.block_v // p.run, p.run).max(1))
-        lo, _, _, steps = _snapped_search(keys, int(keys.min()), int(keys.max()) + 1, p.k_pow2, p.k_pow2)
+        lo, _, _, steps = _snapped_search(keys, int(keys.min()), int(keys.max()) + 1, p.topk, p.topk)
         return _key_value(lo), steps
     if p.block_v >= 2 * p.k_pow2:
         return float(z.reshape(p.k_pow2, p.block_v // p.k_pow2).max(1).min()), 0
