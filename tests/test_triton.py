@@ -266,6 +266,7 @@ SELECTION_CASES = [
     "overflow_base",
     "underflow_base",
     "teacher_base_mid_row",
+    "teacher_jump_at_support",
 ]
 
 
@@ -285,6 +286,12 @@ def test_every_selection_path(device, case, add_tail, small_topk_blocks):
         # every candidate's u: the teacher base is set mid-row and must not move down to the candidates'.
         u[:, :64] = -torch.inf
         u[:, 64:] += torch.where(z[:, 64:] < 1.0, 300.0, 0.0)
+    elif case == "teacher_jump_at_support":
+        # Teacher logits 300 above the rest at two of the five support entries only: no tail entry of the
+        # stream ever exceeds the teacher base, so only the selection's carried maximum of the candidates'
+        # u can raise it (else the support's teacher mass overflows).
+        support = topk_lowest_index(z * (1 / 0.7), 5).sort(-1).values
+        u.scatter_add_(1, support[:, 1::2], torch.full((2, 2), 300.0))
     y, old, g = torch.randint(0, z.shape[1], (2,)), torch.randn(2) - 4.0, torch.rand(2)
     # IS off: a small IS weight would hide errors.
     kw = dict(mode="topk_logits", topk=5, alpha=0.5, add_tail=add_tail, is_clip=None, temperature=0.7)

@@ -7,7 +7,8 @@ saved gradient (`stats.py`).
 - `divergence_terms`: the elementwise generalised-JSD terms and ∂D/∂a.
 - `ordered_key` / `key_value`: the int32 image of a float32 whose integer order is the value order
   (-0.0 and +0.0 map to the same key), and its inverse.
-- `sampled_token` / `importance_weight`: the sampled token (bounds-checked) and its IS weight.
+- `sampled_token` / `importance_weight` (= `sampled_logit` then `clipped_ratio`): the sampled token
+  (bounds-checked) and its IS weight.
 - `online_max_step`: the running-max update of a streaming log-sum-exp; the sum itself is kept in
   base 2 (`exp2(x·log2(e) - shift·log2(e))`: one FFMA and one MUFU.EX2 per element).
 """
@@ -112,14 +113,28 @@ def sampled_token(completion_ids_ptr, row, n_cols):
 
 
 @triton.jit
-def importance_weight(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse, inv_temp, is_clip):
-    """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32); NaN when y
-    is out of range."""
+def sampled_logit(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, n_cols, inv_temp):
+    """What the IS weight reads: (z_y = the sampled token's logit / T, NaN when y is out of range; the
+    rollout's log-prob old_logps[row]), both fp32. Apart from `clipped_ratio` so that a kernel can issue
+    these two dependent loads early and use them after its stream."""
     y, ok = sampled_token(completion_ids_ptr, row, n_cols)
-    a_y = tl.load(student_row + y * stride_col).to(tl.float32) * inv_temp - lse
-    a_y = tl.where(ok, a_y, float("nan"))
+    z_y = tl.load(student_row + y * stride_col).to(tl.float32) * inv_temp
+    return tl.where(ok, z_y, float("nan")), tl.load(old_logps_ptr + row).to(tl.float32)
+
+
+@triton.jit
+def clipped_ratio(z_y, old_logp, lse, is_clip):
+    """IS weight min(exp(clamp(z_y - lse - old, ±20)), is_clip) (fp32; NaN propagates)."""
     # where-based clamps: NaN propagates as in torch.clamp (tl.minimum would drop it).
-    log_ratio = a_y - tl.load(old_logps_ptr + row).to(tl.float32)
+    log_ratio = (z_y - lse) - old_logp
     log_ratio = tl.where(log_ratio > 20.0, 20.0, tl.where(log_ratio < -20.0, -20.0, log_ratio))
     ratio = tl.exp(log_ratio)
     return tl.where(ratio > is_clip, is_clip, ratio)
+
+
+@triton.jit
+def importance_weight(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse, inv_temp, is_clip):
+    """IS weight min(exp(clamp(log p(y) - old, ±20)), is_clip) of the sampled token y (fp32); NaN when y
+    is out of range."""
+    z_y, old_logp = sampled_logit(student_row, stride_col, completion_ids_ptr, old_logps_ptr, row, n_cols, inv_temp)
+    return clipped_ratio(z_y, old_logp, lse, is_clip)

@@ -42,13 +42,14 @@ from .triton_math import (
     INT32_MAX,
     INT32_MIN,
     LOG2E,
+    clipped_ratio,
     divergence_terms,
-    importance_weight,
     key_value,
     log1p,
     online_max_step,
     ordered_key,
     row_offset,
+    sampled_logit,
 )
 
 # float32 +inf as int32 bits: a non-negative float's bits are >= these iff it is +inf or NaN.
@@ -197,11 +198,6 @@ def _popcount(x, BITS: tl.constexpr):
 
 
 @triton.jit
-def _max_max_add(a0, b0, n0, a1, b1, n1):
-    return tl.maximum(a0, a1), tl.maximum(b0, b1), n0 + n1
-
-
-@triton.jit
 def _kth_largest(values, k, COUNT_DECISIONS: tl.constexpr):
     """The k-th largest of a tile of float32 values (not NaN; ties counted), by the snapped bisection
     of `tighten` over their int32 keys: count(lo) >= k > count(hi) from lo = the smallest key.
@@ -267,16 +263,17 @@ def _expand_runs(
         per_run = _popcount(bits, RUN)
         run_slot = tl.cumsum(per_run, 0) - per_run
         at = n_flat + run_slot[:, None] + _popcount(bits[:, None] & lower_lanes[None, :], RUN)
-        tl.store(flat_idx + at, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
-        tl.store(flat_idx + FLAT_CAP + at, z, mask=valid)
+        dst = flat_idx + at  # (one address per candidate, the three regions at constant offsets from it)
+        tl.store(dst, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
+        tl.store(dst + FLAT_CAP, z, mask=valid)
         if STREAM_TEACHER:
-            tl.store(flat_idx + 2 * FLAT_CAP + at, u, mask=valid)
-        # One reduction for the chunk's maxima and its candidate count.
+            tl.store(dst + 2 * FLAT_CAP, u, mask=valid)
+        # The chunk's maxima (in-thread over the lanes, then integer maxima of their keys: a warp REDUX
+        # each, shorter than one three-operand float reduction) and its candidate count.
         chunk_z, chunk_u = tl.reduce((z, u), 1, _max2)
-        chunk_z, chunk_u, appended = tl.reduce((chunk_z, chunk_u, per_run), 0, _max_max_add)
-        top_z = tl.maximum(top_z, chunk_z)
-        top_u = tl.maximum(top_u, chunk_u)
-        n_flat += appended
+        top_z = tl.maximum(top_z, key_value(tl.max(ordered_key(chunk_z), 0)))
+        top_u = tl.maximum(top_u, key_value(tl.max(ordered_key(chunk_u), 0)))
+        n_flat += tl.sum(per_run, 0)
     return n_flat, top_z, top_u
 
 
@@ -394,10 +391,11 @@ def tighten(
                 evicted_z = tl.sum(evicted_z, 0)
             tail_z += evicted_z
             tl.debug_barrier()  # every thread has read the tile before any survivor moves down into it
-            tl.store(flat_idx + at, idx, mask=keep)
-            tl.store(flat_z + at, z, mask=keep)
+            dst = flat_idx + at  # (one address per survivor, the three regions at constant offsets from it)
+            tl.store(dst, idx, mask=keep)
+            tl.store(dst + FLAT_CAP, z, mask=keep)
             if STREAM_TEACHER:
-                tl.store(flat_u + at, u, mask=keep)
+                tl.store(dst + 2 * FLAT_CAP, u, mask=keep)
             # count(lo) when every tie stays, else exactly keep_lo (count(lo) >= keep_lo > count_hi).
             n_kept = tl.where(found != 0, count_lo, keep_lo)
         else:
@@ -429,10 +427,11 @@ def tighten(
                     tail_u += tl.sum(tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0), 0)
                 at = n_kept + tl.cumsum(keep.to(tl.int32), 0) - keep.to(tl.int32)
                 tl.debug_barrier()  # every thread has read this chunk before any survivor moves down into it
-                tl.store(flat_idx + at, idx, mask=keep)
-                tl.store(flat_z + at, z, mask=keep)
+                dst = flat_idx + at
+                tl.store(dst, idx, mask=keep)
+                tl.store(dst + FLAT_CAP, z, mask=keep)
                 if STREAM_TEACHER:
-                    tl.store(flat_u + at, u, mask=keep)
+                    tl.store(dst + 2 * FLAT_CAP, u, mask=keep)
                 n_kept += tl.sum(keep.to(tl.int32), 0)
                 ties += tl.sum(tie.to(tl.int32), 0)
         tl.debug_barrier()  # the compacted scratch is complete before anyone appends or reads
@@ -537,6 +536,12 @@ def topk_forward_kernel(
     while row < n_rows:
         student_row = student_ptr + row_offset(row, rows_inner, stride_s_outer, stride_s_inner)
         teacher_row = teacher_ptr + row_offset(row, rows_inner, stride_t_outer, stride_t_inner)
+        if old_logps_ptr is not None:
+            # The IS weight's two dependent loads (the sampled id, then its logit) issued now: their
+            # latency passes during the stream instead of adding to the row's epilogue.
+            z_y, old_logp = sampled_logit(
+                student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, n_cols, inv_temp
+            )
         base_z = tl.zeros([], tl.float32)  # tail_z = Σ_{not S} 2^(z·log2(e) - base_z), z = logits / T
         base_u = tl.zeros([], tl.float32)  # tail_u = Σ_{not S} 2^(u·log2(e)/T - base_u), u raw
         tail_z = tl.zeros([], tl.float32)
@@ -736,9 +741,7 @@ def topk_forward_kernel(
             lse_u = tl.where(max_u == neg_inf, 0.0, max_u) + tl.log(sum_u)
         w = 1.0
         if old_logps_ptr is not None:
-            w = importance_weight(
-                student_row, stride_s_col, completion_ids_ptr, old_logps_ptr, row, n_cols, lse_z, inv_temp, is_clip
-            )
+            w = clipped_ratio(z_y, old_logp, lse_z, is_clip)
         loss = tl.zeros([], tl.float32)
         d_sum = tl.zeros([], tl.float32)
         for s0 in range(0, topk, SUPPORT_CHUNK):

@@ -67,7 +67,9 @@ def label_paths(kernel_name: str, launch, loop: LoopCost, analysis: KernelAnalys
     if kernel_name == "topk_forward_kernel":
         labels = []
         for p in paths:
-            if p.runs(r"tl\.reshape\(z|base_z = _finite_or_zero"):
+            # (Triton 3.6 may give the first block's maxima only the line info of tl.max itself: the
+            # branch's `if n_cols >= BLOCK_V` names it then.)
+            if p.runs(r"tl\.reshape\(z|base_z = _finite_or_zero|if n_cols >= BLOCK_V"):
                 lab = "first block"  # the threshold from K' group maxima, then append
             elif p.runs(r"tl\.store\(cand \+ slot"):
                 lab = "append"  # some entries pass the threshold

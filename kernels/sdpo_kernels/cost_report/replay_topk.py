@@ -3,8 +3,9 @@
 MIRRORS: `topk_forward_kernel` and `tighten` in `sdpo_kernels/triton_topk.py`, with the launch
 parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, CHUNK, TILE,
 COMPACT_CHUNK, RUN, topk, tighten_keep). The replay takes the same decisions as the kernel on the
-same values: the first-block threshold (the K-th largest run maximum, or K' group maxima), which entries pass (`>=` in the first
-block and while the threshold is -inf, `>` after), runs of RUN entries recorded per block, the
+same values: the first-block threshold (the K-th largest run maximum, or K' group maxima), which
+entries pass (`>=` in the first block and while the threshold is -inf, `>` after), runs of RUN
+entries recorded per block, the
 block that would overflow RUNS_CAP recorded runs leaving the stream for a tightening and being
 streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
 its stopping rule, ties at the cut resolved towards the lowest index; in registers when the
