@@ -218,6 +218,15 @@ def _kth_largest(values, k, COUNT_DECISIONS: tl.constexpr):
 
 
 @triton.jit
+def _run_records(cand, rows, n_runs, RUNS_CAP: tl.constexpr):
+    """The candidate bit masks and run numbers of the recorded runs `rows` (0 past n_runs)."""
+    in_range = rows < n_runs
+    bits = tl.load(cand + RUNS_CAP + rows, mask=in_range, other=0.0).to(tl.int32, bitcast=True)
+    run_col = tl.load(cand + rows, mask=in_range, other=0.0).to(tl.int32, bitcast=True)
+    return bits, run_col
+
+
+@triton.jit
 def _expand_runs(
     cand,
     n_runs,
@@ -243,11 +252,10 @@ def _expand_runs(
     lower_lanes = (1 << lanes) - 1  # bit masks of the lanes below each lane
     top_z = tl.full([], float("-inf"), tl.float32)
     top_u = tl.full([], float("-inf"), tl.float32)
+    # Software-pipelined: each chunk's run records are loaded one iteration ahead, so a chunk waits for
+    # one global round trip (its gathers) instead of two (the records, then the gathers).
+    bits, run_col = _run_records(cand, runs, n_runs, RUNS_CAP)
     for start in range(0, n_runs, CHUNK // RUN):
-        rows = start + runs
-        in_chunk = rows < n_runs
-        bits = tl.load(cand + RUNS_CAP + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
-        run_col = tl.load(cand + rows, mask=in_chunk, other=0.0).to(tl.int32, bitcast=True)
         valid = _lanes_set(bits, lanes)
         col = run_col[:, None] * RUN + lanes[None, :]
         if WIDE_COLS:
@@ -258,6 +266,7 @@ def _expand_runs(
             u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
         else:
             u = z
+        next_bits, next_col = _run_records(cand, start + CHUNK // RUN + runs, n_runs, RUNS_CAP)
         # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
         # within a run the candidates of the lower lanes (a population count of the lower bits).
         per_run = _popcount(bits, RUN)
@@ -274,6 +283,8 @@ def _expand_runs(
         top_z = tl.maximum(top_z, key_value(tl.max(ordered_key(chunk_z), 0)))
         top_u = tl.maximum(top_u, key_value(tl.max(ordered_key(chunk_u), 0)))
         n_flat += tl.sum(per_run, 0)
+        bits = next_bits
+        run_col = next_col
     return n_flat, top_z, top_u
 
 
