@@ -367,7 +367,12 @@ def tighten(
             offs = tl.arange(0, TILE)
             valid = offs < n_flat
             # Unmasked (TILE <= FLAT_CAP): vector loads, one round trip; lanes past n_flat are ignored.
+            # The indices and teacher values the compaction moves are loaded now too: their latency
+            # passes during the search.
             z = tl.load(flat_z + offs)
+            idx = tl.load(flat_idx + offs)
+            if STREAM_TEACHER:
+                u = tl.load(flat_u + offs)
             key = tl.where(valid, ordered_key(z), INT32_MIN)
             while (hi - lo > 1) & (found == 0):
                 mid = lo + (hi - lo) // 2
@@ -391,10 +396,8 @@ def tighten(
             keep = above_cut | (tie & (ties_before < room))
             evict = valid & ~keep
             at = above_before + tl.minimum(ties_before, room)
-            idx = tl.load(flat_idx + offs)
             evicted_z = tl.where(evict, tl.math.exp2(z * LOG2E - base_z), 0.0)
             if STREAM_TEACHER:
-                u = tl.load(flat_u + offs)
                 evicted_u = tl.where(evict, tl.math.exp2(u * u_scale_log2 - base_u), 0.0)
                 evicted_z, evicted_u = tl.reduce((evicted_z, evicted_u), 0, _add2)
                 tail_u += evicted_u
