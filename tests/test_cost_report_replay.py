@@ -18,9 +18,19 @@ FIXTURE = pathlib.Path(__file__).resolve().parents[1] / "bench" / "fixtures" / "
 
 
 def params(
-    vocab=151936, block_v=2048, topk=100, k_pow2=128, runs_cap=256, chunk=512, compact=128, run=8, keep=128, tile=512
+    vocab=151936,
+    block_v=2048,
+    topk=100,
+    k_pow2=128,
+    runs_cap=256,
+    runs_high=192,
+    chunk=512,
+    compact=128,
+    run=8,
+    keep=128,
+    tile=512,
 ):
-    return rt.TopkParams(vocab, block_v, topk, k_pow2, runs_cap, chunk, compact, run, keep, tile)
+    return rt.TopkParams(vocab, block_v, topk, k_pow2, runs_cap, runs_high, chunk, compact, run, keep, tile)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -30,7 +40,11 @@ def test_threshold_simulation_counts_every_selection_loop(dtype):
     sim = rt.replay_iid(params(), dtype, 1.0, 8)
     n_blocks, tightens = sim["blocks_per_row"], sim["tightens_per_row"]["stream"]
     assert n_blocks == 75 and tightens >= 1
-    assert abs(sum(sim["blocks"].values()) - (n_blocks + tightens)) < 1e-9
+    assert abs(sum(sim["blocks"].values()) - (n_blocks + sim["restreams_per_row"])) < 1e-9
+    # Without the watermark every mid-row tightening is an overflow (its block streamed twice).
+    sim = rt.replay_iid(params(runs_high=256), dtype, 1.0, 8)
+    assert sim["restreams_per_row"] == sim["tightens_per_row"]["stream"] >= 1
+    assert abs(sum(sim["blocks"].values()) - (n_blocks + sim["tightens_per_row"]["stream"])) < 1e-9
     assert sim["blocks"]["first block"] == 1
     for where in ("stream", "final"):
         trips = sim["trips_per_row"][where]
@@ -47,8 +61,9 @@ def test_threshold_simulation_follows_the_kernel_for_large_k():
     # them all (no bisection): only selections over more than K' candidates bisect.
     sim = rt.replay_iid(params(topk=4096, k_pow2=4096, chunk=1024, keep=4096), "fp32", 1.0, 4)
     assert sim["blocks"]["first block"] == 1 and sim["tightens_per_row"]["stream"] >= 1
-    # V = 2 blocks, K = V: every entry passes (thr stays -inf), the second block overflows the runs,
-    # and neither that selection (2048 candidates) nor the final one (4096) exceeds K' = 4096.
+    # V = 2 blocks, K = V: every entry passes (thr stays -inf), the first block's 256 runs pass the
+    # watermark (192), and neither that selection (2048 candidates) nor the final one (4096) exceeds
+    # K' = 4096.
     sim = rt.replay_iid(params(vocab=4096, topk=4096, k_pow2=4096, chunk=1024, keep=4096), "fp32", 1.0, 4)
     assert sim["tightens_per_row"]["stream"] == 1
     for where in ("stream", "final"):
@@ -137,4 +152,4 @@ def test_the_real_rows_fixture_is_small_and_replays():
     p = params(vocab=49152, chunk=1024, block_v=fixture["made_for"]["block_v"], k_pow2=fixture["made_for"]["k_pow2"])
     sim = rt.replay_reduced(p, fixture)
     assert sim["rows"] == fixture["mask"].shape[0] and sim["blocks"]["first block"] == 1
-    assert abs(sum(sim["blocks"].values()) - (sim["blocks_per_row"] + sim["tightens_per_row"]["stream"])) < 1e-9
+    assert abs(sum(sim["blocks"].values()) - (sim["blocks_per_row"] + sim["restreams_per_row"])) < 1e-9

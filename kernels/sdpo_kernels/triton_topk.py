@@ -518,6 +518,7 @@ def topk_forward_kernel(
     K_POW2: tl.constexpr,
     BLOCK_V: tl.constexpr,
     RUNS_CAP: tl.constexpr,
+    RUNS_HIGH: tl.constexpr,
     FLAT_CAP: tl.constexpr,
     CHUNK: tl.constexpr,
     TILE: tl.constexpr,
@@ -669,6 +670,9 @@ def topk_forward_kernel(
                         appends += (n_new_runs != 0).to(tl.int32)
                         skips += (n_new_runs == 0).to(tl.int32)
                     start += BLOCK_V
+                    # More than RUNS_HIGH runs recorded: tighten now rather than let a later block
+                    # overflow the scratch and be streamed twice (unless this was the last block).
+                    full = ((n_runs > RUNS_HIGH) & (start < n_cols)).to(tl.int32)
             if full != 0:
                 old_base_z = base_z
                 old_base_u = base_u

@@ -1,19 +1,19 @@
 """A replay of `topk_forward_kernel`'s control flow (sdpo_kernels/triton_topk.py) on sample rows.
 
 MIRRORS: `topk_forward_kernel` and `tighten` in `sdpo_kernels/triton_topk.py`, with the launch
-parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, CHUNK, TILE,
-COMPACT_CHUNK, RUN, topk, tighten_keep). The replay takes the same decisions as the kernel on the
+parameters `triton_backend.forward_launches` passes (BLOCK_V, K_POW2, RUNS_CAP, RUNS_HIGH, CHUNK,
+TILE, COMPACT_CHUNK, RUN, topk, tighten_keep). The replay takes the same decisions as the kernel on the
 same values: the first-block threshold (the K-th largest run maximum, or K' group maxima), which
 entries pass (`>=` in the first block and while the threshold is -inf, `>` after), runs of RUN
-entries recorded per block, the
-block that would overflow RUNS_CAP recorded runs leaving the stream for a tightening and being
-streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
+entries recorded per block, a tightening after a block that leaves more than RUNS_HIGH runs recorded
+(unless it was the last), the block that would overflow RUNS_CAP recorded runs leaving the stream
+for a tightening and being streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
 its stopping rule, ties at the cut resolved towards the lowest index; in registers when the
 candidates fit one TILE, else chunked from scratch) and the final selection of exactly K. It counts how often
 each path of the vocabulary loop runs and how many trips each selection loop makes.
 
-WHEN THE KERNEL CHANGES: any change to the filter, the run recording, the overflow rule, the
-restream, `tighten` (bisection bounds, stop rule, tie rule, chunk loops) or to the launch
+WHEN THE KERNEL CHANGES: any change to the filter, the run recording, the watermark and overflow
+rules, the restream, `tighten` (bisection bounds, stop rule, tie rule, chunk loops) or to the launch
 parameters above must be made here too, and the path labels in `path_labels` kept in step (the
 labels there must name every share this replay returns, or the report stops).
 """
@@ -47,6 +47,7 @@ class TopkParams:
     topk: int
     k_pow2: int
     runs_cap: int
+    runs_high: int
     chunk: int
     compact_chunk: int
     run: int
@@ -56,7 +57,7 @@ class TopkParams:
     @staticmethod
     def of_launch(launch, vocab: int) -> TopkParams:
         a = launch.args
-        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "CHUNK", "COMPACT_CHUNK", "RUN", "tighten_keep", "TILE")
+        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "RUNS_HIGH", "CHUNK", "COMPACT_CHUNK", "RUN", "tighten_keep", "TILE")
         return TopkParams(vocab, *(int(a[n]) for n in names))
 
 
@@ -67,6 +68,7 @@ class RowReplay:
     blocks: Counter = field(default_factory=Counter)  # path label -> blocks (an overflowing block twice)
     trips: dict = field(default_factory=lambda: {w: Counter() for w in SELECTIONS})  # selection -> loop -> trips
     tightens: Counter = field(default_factory=Counter)  # selection -> calls of `tighten`
+    restreams: int = 0  # blocks streamed twice (they would have overflowed the recorded runs)
     first_threshold: float = -math.inf  # the first block's threshold (the lowest any later compare uses)
     first_search_steps: int = 0  # steps of the search for it (the K-th largest run maximum)
 
@@ -222,9 +224,20 @@ def replay_row(row, p: TopkParams) -> RowReplay:
             n_flat = len(cand)
             trips["stream"].update(t)
             tightens["stream"] += 1
+            out.restreams += 1
             new = new[row[new] >= thr] if thr == -np.inf else new[row[new] > thr]
         blocks["first block" if b == 0 else "append" if len(new) else "skip"] += 1
         cand = np.concatenate([cand, new])
+        n_runs = len(np.unique(cand[n_flat:] // p.run))
+        if n_runs > p.runs_high and b + 1 < n_blocks:
+            # Past the watermark: tightened after this block (no block is streamed twice).
+            keep, thr, t = _tighten_sim(
+                row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run, p.tile
+            )
+            cand = cand[keep]
+            n_flat = len(cand)
+            trips["stream"].update(t)
+            tightens["stream"] += 1
     n_runs = len(np.unique(cand[n_flat:] // p.run))
     _, _, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.topk, p.chunk, p.compact_chunk, p.run, p.tile)
     trips["final"].update(t)
@@ -252,6 +265,7 @@ def _per_row(replays: list[RowReplay]) -> dict:
         "tightens_per_row": {k: v / rows for k, v in tightens.items()},
         "trips_per_row": {w: {k: v / rows for k, v in t.items()} for w, t in trips.items()},
         "first_search_steps_per_row": sum(r.first_search_steps for r in replays) / rows,
+        "restreams_per_row": sum(r.restreams for r in replays) / rows,
     }
 
 
@@ -303,6 +317,7 @@ def summarize(replays: list[RowReplay], p: TopkParams, subsets: int = 1, source:
         "tightens_per_row": tightens,
         "trips_per_row": trips,
         "first_search_steps_per_row": per_row["first_search_steps_per_row"],
+        "restreams_per_row": per_row["restreams_per_row"],
         "spread": _spread(replays, subsets),
     }
 
