@@ -303,6 +303,45 @@ def test_every_selection_path(device, case, add_tail, small_topk_blocks):
 
 
 @pytest.mark.parametrize("device", TIERS)
+@pytest.mark.parametrize("add_tail", [True, False])
+def test_bf16_pair_loads_give_the_bf16_loads_results(device, add_tail, small_topk_blocks):
+    # bf16 rows with V % 8 == 0 and aligned row starts are streamed as int32 pairs (two entries per load,
+    # one integer op per entry to float32). The conversion is exact, so every output equals the plain
+    # bf16 loads' bit for bit: ties, -inf entries, a masked run, a partial last block (696 = 10 * 64 + 56).
+    import dataclasses
+
+    from sdpo_kernels import triton_backend
+    from sdpo_kernels.config import LossConfig
+
+    gen = torch.Generator().manual_seed(4)
+    z = (torch.randint(-6, 6, (3, 696), generator=gen) * 0.75).to(torch.bfloat16)
+    u = (torch.randn(3, 696, generator=gen) * 2).to(torch.bfloat16)
+    z[0, 200:208] = -torch.inf
+    z[1, [3, 64, 695]] = -torch.inf
+    u[2, 100:300] = -torch.inf
+    y, old = torch.randint(0, 696, (3,), generator=gen), torch.randn(3, generator=gen) - 4.0
+    z, u, y, old = (t.to(device) for t in (z, u, y, old))
+    kw = dict(mode="topk_logits", topk=9, alpha=0.5, add_tail=add_tail, is_clip=2.0, temperature=0.7)
+    config = LossConfig.from_args(z, u, y, old, **kw)
+    (launch,), loss, stats = triton_backend.forward_launches(z, u, y, old, config)
+    assert launch.args["PAIRS"]
+    outputs = (loss, stats.lse_student, stats.dense_coef, stats.sparse_index, stats.sparse_coef)
+    results = []
+    for pairs in (True, False):
+        dataclasses.replace(launch, args={**launch.args, "PAIRS": pairs}).run()
+        results.append([t.clone() for t in outputs])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    _compare(device, z.cpu(), u.cpu(), y.cpu(), old.cpu(), torch.rand(3, generator=gen), **kw)  # and the reference
+    # The launcher keeps the plain loads where pairs would be misaligned or cut a run, and for fp16.
+    wide = torch.zeros(3, 697, dtype=torch.bfloat16, device=device)
+    assert not triton_backend._bf16_pairs(wide[:, 1:], None)  # odd row stride and start
+    assert not triton_backend._bf16_pairs(wide[:, :692].contiguous()[:, :690], None)  # V % 8 != 0
+    assert not triton_backend._bf16_pairs(z.half(), None)
+    assert triton_backend._bf16_pairs(z, None) and not triton_backend._bf16_pairs(z, u.float())
+
+
+@pytest.mark.parametrize("device", TIERS)
 @pytest.mark.parametrize("topk", [1, 2, 32, 64, 100, 299, 300])
 @pytest.mark.parametrize("add_tail", [True, False])
 @pytest.mark.parametrize("rows", ["randn", "neg_inf"])

@@ -158,6 +158,20 @@ def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     )
 
 
+def _bf16_pairs(*rows: torch.Tensor | None) -> bool:
+    """Whether the top-K forward may stream these logits (the teacher: None when not streamed) as int32
+    pairs of bf16 entries (one integer op per entry to float32 instead of 1.5): bf16, unit column
+    stride, V a multiple of TOPK_RUN (the loads mask whole runs), every row start 4-byte aligned."""
+    for x in rows:
+        if x is None:
+            continue
+        if x.dtype != torch.bfloat16 or x.stride(-1) != 1 or x.shape[-1] % TOPK_RUN:
+            return False
+        if x.data_ptr() % 4 or any(s % 2 for s in x.stride()[:-1]):
+            return False
+    return True
+
+
 def _topk_programs(n_rows: int, device: torch.device, scratch_floats: int) -> int:
     """Persistent programs: a few per SM, fewer when their scratch (scratch_floats each) would pass
     TOPK_SCRATCH_BYTES (large K: the candidate scratch grows with K)."""
@@ -246,6 +260,7 @@ def forward_launches(
                 RUN=TOPK_RUN,
                 SCALE_Z=config.inv_temperature != 1.0,  # T = 1: no multiply per entry
                 COUNT_DECISIONS=False,
+                PAIRS=_bf16_pairs(student, teacher if config.add_tail else None),
             ),
             num_warps=TOPK_WARPS,
             zeroed=(row_counter,),

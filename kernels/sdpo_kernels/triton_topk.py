@@ -105,6 +105,17 @@ def _finite_or_zero(x):
 
 
 @triton.jit
+def _bf16_pairs(row, pairs, mask, ROWS: tl.constexpr, RUN: tl.constexpr):
+    """bf16 entries 2p, 2p+1 of a row for each pair p in `pairs` [ROWS, RUN / 2], as float32 [ROWS, RUN]:
+    one int32 load per pair and one integer op per entry (low half shifted up, high half masked; a
+    bf16 load converts each high half with two). Masked pairs read as -inf."""
+    w = tl.load(row.to(tl.pointer_type(tl.int32)) + pairs, mask=mask, other=-8323200)  # 0xFF80FF80: -inf, -inf
+    lo = (w << 16).to(tl.float32, bitcast=True)
+    hi = (w & -65536).to(tl.float32, bitcast=True)
+    return tl.reshape(tl.join(lo, hi), [ROWS, RUN])
+
+
+@triton.jit
 def _strict_cut(thr):
     """The pass test's cut after the first block: entries strictly above thr pass, i.e. z >= the next
     float above it; while thr is -inf (no witnesses yet) every entry passes, -inf ones too."""
@@ -530,6 +541,7 @@ def topk_forward_kernel(
     WIDE_COLS: tl.constexpr,
     SCALE_Z: tl.constexpr,
     COUNT_DECISIONS: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):
     neg_inf = float("-inf")
     # A block is [BLOCK_V / RUN, RUN]: a run of RUN consecutive entries is one thread's vector load,
@@ -537,6 +549,7 @@ def topk_forward_kernel(
     block_runs = tl.arange(0, BLOCK_V // RUN)
     run_lanes = tl.arange(0, RUN)
     lanes = block_runs[:, None] * RUN + run_lanes[None, :]
+    pair_lanes = block_runs[:, None] * (RUN // 2) + tl.arange(0, RUN // 2)[None, :]
     support_pos = tl.arange(0, SUPPORT_CHUNK)
     program = tl.program_id(0)
     # Recorded runs, then the flat candidates (see `tighten`); after the final selection the first K
@@ -592,9 +605,17 @@ def topk_forward_kernel(
                 if WIDE_COLS:
                     offs = offs.to(tl.int64)
                 in_row = offs < n_cols
-                z = _scaled(tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf), inv_temp, SCALE_Z)
-                if ADD_TAIL:
-                    u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
+                if PAIRS:  # bf16 rows read as int32 pairs (`_bf16_pairs`; the launcher checks when it may)
+                    pairs = start // 2 + pair_lanes
+                    in_pairs = (start + block_runs * RUN < n_cols)[:, None]  # whole runs (V % RUN == 0)
+                    z = _scaled(_bf16_pairs(student_row, pairs, in_pairs, BLOCK_V // RUN, RUN), inv_temp, SCALE_Z)
+                    if ADD_TAIL:
+                        u = _bf16_pairs(teacher_row, pairs, in_pairs, BLOCK_V // RUN, RUN)
+                else:
+                    z = tl.load(student_row + offs * stride_s_col, mask=in_row, other=neg_inf)
+                    z = _scaled(z, inv_temp, SCALE_Z)
+                    if ADD_TAIL:
+                        u = tl.load(teacher_row + offs * stride_t_col, mask=in_row, other=neg_inf).to(tl.float32)
                 if start == 0:
                     run_max = tl.max(z, 1)
                     base_z = _finite_or_zero(tl.max(run_max, 0)) * LOG2E

@@ -7,10 +7,11 @@ same values: the first-block threshold (the K-th largest run maximum, or K' grou
 entries pass (`>=` in the first block and while the threshold is -inf, `>` after), runs of RUN
 entries recorded per block, a tightening after a block that leaves more than RUNS_HIGH runs recorded
 (unless it was the last), the block that would overflow RUNS_CAP recorded runs leaving the stream
-for a tightening and being streamed again, the search over int32 ordered keys in `tighten` (bisection snapped to candidate keys,
-its stopping rule, ties at the cut resolved towards the lowest index; in registers when the
-candidates fit one TILE, else chunked from scratch) and the final selection of exactly K. It counts how often
-each path of the vocabulary loop runs and how many trips each selection loop makes.
+for a tightening and being streamed again, the search over int32 ordered keys in `tighten`
+(bisection snapped to candidate keys, its stopping rule, ties at the cut resolved towards the lowest
+index; in registers when the candidates fit one TILE, else chunked from scratch) and the final
+selection of exactly K. It counts how often each path of the vocabulary loop runs and how many
+trips each selection loop makes.
 
 WHEN THE KERNEL CHANGES: any change to the filter, the run recording, the watermark and overflow
 rules, the restream, `tighten` (bisection bounds, stop rule, tie rule, chunk loops) or to the launch
@@ -57,7 +58,8 @@ class TopkParams:
     @staticmethod
     def of_launch(launch, vocab: int) -> TopkParams:
         a = launch.args
-        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "RUNS_HIGH", "CHUNK", "COMPACT_CHUNK", "RUN", "tighten_keep", "TILE")
+        names = ("BLOCK_V", "topk", "K_POW2", "RUNS_CAP", "RUNS_HIGH", "CHUNK", "COMPACT_CHUNK", "RUN")
+        names += ("tighten_keep", "TILE")
         return TopkParams(vocab, *(int(a[n]) for n in names))
 
 
