@@ -197,13 +197,16 @@ def _max2(a0, b0, a1, b1):
 
 @triton.jit
 def _popcount(x, BITS: tl.constexpr):
-    """Set bits of each int32 in x, for x < 2^BITS (a run's candidate mask: BITS = RUN <= 16 lanes;
-    RUN = 8 takes one step fewer)."""
-    x = x - ((x >> 1) & 0x5555)
-    x = (x & 0x3333) + ((x >> 2) & 0x3333)
+    """Set bits of each int32 in x, for x < 2^BITS (a run's candidate mask: BITS = RUN <= 16 lanes).
+    For BITS <= 8 by two multiplies (int32, wrapping): x * 0x08040201 puts bit i of x at bit 4i + 3
+    (among others), the mask keeps one bit per nibble, and * 0x11111111 sums the nibbles into the top
+    one; the multiplies run on the FMA pipe, and it takes ~6 instructions instead of ~18."""
     if BITS <= 8:
-        return (x + (x >> 4)) & 0x0F
+        spread = ((x * 0x08040201) >> 3) & 0x11111111
+        return ((spread * 0x11111111) >> 28) & 0xF
     else:
+        x = x - ((x >> 1) & 0x5555)
+        x = (x & 0x3333) + ((x >> 2) & 0x3333)
         x = (x + (x >> 4)) & 0x0F0F
         return (x + (x >> 8)) & 0x1F
 
