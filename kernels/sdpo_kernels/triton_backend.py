@@ -70,10 +70,10 @@ def tighten_keep(topk: int) -> int:
 FP_FUSION = True
 
 # The top-K forward's register cap: 96 fits 5 CTAs of 4 warps per SM. Measured by the cost report
-# (sm_90a, K = 100): Triton 3.9 compiles it to 96 registers by itself but keeps values in an 8-byte
-# stack frame (11 LDL/STL), with the cap to 96 and no local memory at all; Triton 3.6 takes 168
-# (3 CTAs per SM) by itself, 128 with a cap of 128 (4 CTAs, no spill), and would spill 96 bytes
-# under a cap of 96.
+# (sm_90a, K = 100): Triton 3.9 fits it in 96 with no spilled local memory, keeping a few loop
+# invariants of the selection code in a 32-byte stack frame (24 LDL/STL, none in the stream; 2026-12-07);
+# Triton 3.6 takes 168 (3 CTAs per SM) by itself, 128 with a cap of 128 (4 CTAs, no spill), and
+# would spill 96 bytes under a cap of 96.
 TOPK_MAX_REGISTERS = 96 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 128
 
 # Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows

@@ -13,15 +13,16 @@ time (docs/kernels.md walks through the design and its cost):
 - Candidates. A block is [BLOCK_V / RUN, RUN]: a run is one thread's vector load. The entries
   that pass form one bit mask per run; each run with candidates takes one slot of the recorded
   runs (its run number and mask: two stores per run, slots from a prefix sum over runs), in index
-  order. The stream stores no values. When a block would overflow the recorded runs, the stream
-  loop exits before that block and `tighten` runs: the runs are expanded into flat candidates
+  order. The stream stores no values. After a block that leaves more than RUNS_HIGH runs recorded
+  (or before one that would overflow them: that block is streamed again) the stream loop exits
+  and `tighten` runs: the runs are expanded into flat candidates
   (index, z, raw u, values gathered back from the rows; slots from a scan of the runs' candidate
   counts and a population count of each run's lower bits), a bisection on int32 keys of their
   values, each step snapped to the nearest candidate keys (so ties end it at once), finds a new
   threshold that K..tighten_keep of them reach, and the survivors are compacted in place (the
   evicted ones go to the tail sums). Up to TILE candidates (the common case) stay in registers
   from the search to the compaction; more are counted and compacted from the scratch in chunks.
-  The stream then restarts at that block. At the end the same routine selects exactly K, ties at
+  The stream then goes on. At the end the same routine selects exactly K, ties at
   the K-th value resolved towards the lowest index (the flat candidates are in index order),
   leaving the support in the first K flat entries.
 - Sums. Per row only the tail sums Σ_{not S} e^z, Σ_{not S} e^u are kept, as base-2 exps relative
@@ -600,10 +601,11 @@ def topk_forward_kernel(
         appends = 0
         skips = 0
         while start < n_cols:
-            # Stream blocks until one would overflow the recorded runs; that block is then streamed
-            # again after the tightening (the selection stays out of the stream's register peak).
+            # Stream blocks until the recorded runs pass RUNS_HIGH, or until a block would overflow
+            # them (that block is then streamed again after the tightening); the selection stays out
+            # of the stream's register peak.
             full = 0
-            while (start < n_cols) & (full == 0):
+            while (start < n_cols) & (full == 0) & (n_runs <= RUNS_HIGH):
                 offs = start + lanes
                 if WIDE_COLS:
                     offs = offs.to(tl.int64)
@@ -694,10 +696,9 @@ def topk_forward_kernel(
                         appends += (n_new_runs != 0).to(tl.int32)
                         skips += (n_new_runs == 0).to(tl.int32)
                     start += BLOCK_V
-                    # More than RUNS_HIGH runs recorded: tighten now rather than let a later block
-                    # overflow the scratch and be streamed twice (unless this was the last block).
-                    full = ((n_runs > RUNS_HIGH) & (start < n_cols)).to(tl.int32)
-            if full != 0:
+            # More than RUNS_HIGH runs recorded (the loop's third condition): tightened now rather than
+            # let a later block overflow the scratch and be streamed twice (unless the row is done).
+            if (full != 0) | ((n_runs > RUNS_HIGH) & (start < n_cols)):
                 old_base_z = base_z
                 old_base_u = base_u
                 n_flat, thr, top_z, top_u, tail_z, tail_u, base_z, base_u, steps = tighten(
