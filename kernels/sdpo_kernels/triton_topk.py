@@ -660,7 +660,12 @@ def topk_forward_kernel(
                 top_sum_z = tl.max(new_z.to(tl.int32, bitcast=True), 0)
                 top_sum_u = tl.max(new_u.to(tl.int32, bitcast=True), 0)
                 has = bits != 0
-                n_new_runs = tl.sum(has.to(tl.int32), 0)
+                # The block's two halves of runs packed in one int32 per thread (counts < 2^16): one
+                # reduction and, when appending, one scan over half as many values.
+                halves = tl.reshape(has.to(tl.int32), [2, BLOCK_V // RUN // 2])
+                packed = tl.sum(halves << (tl.arange(0, 2) * 16)[:, None], 0)
+                counts = tl.sum(packed, 0)
+                n_new_runs = (counts & 0xFFFF) + (counts >> 16)
                 if n_runs + n_new_runs > RUNS_CAP:
                     full = 1  # (never the first block: RUNS_CAP >= BLOCK_V // RUN)
                     if COUNT_DECISIONS:
@@ -687,7 +692,12 @@ def topk_forward_kernel(
                     parts_top_u = top_sum_u
                     if n_new_runs != 0:
                         # One slot per run with candidates: its number and bit mask, two stores per run.
-                        slot = n_runs + tl.cumsum(has.to(tl.int32), 0) - has.to(tl.int32)
+                        # Runs of the first half before a run, or all of the first half and those of the
+                        # second half before it: both from one exclusive scan of the packed counts.
+                        before = tl.cumsum(packed, 0) - packed
+                        second = tl.arange(0, 2)[:, None] == 1
+                        slot = tl.where(second, (counts & 0xFFFF) + (before >> 16), before & 0xFFFF)
+                        slot = n_runs + tl.reshape(slot, [BLOCK_V // RUN])
                         run_id = start // RUN + block_runs
                         tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
                         tl.store(cand + RUNS_CAP + slot, bits.to(tl.float32, bitcast=True), mask=has)
