@@ -13,6 +13,8 @@ from sdpo.discover_stats import analyse, attempts_to_reach, discovery_curve, ver
 from sdpo.discover_task import TOKEN_CHARS, TaskSettings, make_verifier, positional_feedback, reverse_prompt
 from sdpo.tiny import build_char_tokenizer, build_tiny_model
 
+from tolerances import tol
+
 
 @pytest.fixture(scope="module")
 def tiny():
@@ -175,7 +177,12 @@ def test_fused_linear_loss_equals_logits_path(tiny):
         plain = D.sdpo_loss(
             model, model, tok, "abc>", prompts, ids, old, DiscoverConfig(loss_mode=mode, fused_linear=False)
         )
-        assert torch.isfinite(fused) and fused.item() == pytest.approx(plain.item(), rel=1e-5, abs=1e-7)
+        # Two float32 computations of the same loss (the fused path's chunked head matmul sums in another
+        # order): the terms are log-probs of O(1), so the error is bounded in ulps of max(1, |loss|), not of
+        # the ~1e-4 loss itself (the abs=1e-7 used before was under one ulp of the terms; an AMD EPYC's
+        # matmul missed it by 1.5e-7).
+        assert torch.isfinite(fused)
+        torch.testing.assert_close(fused, plain, **tol("f32_vs_f32"))
     same = D.sdpo_loss(model, model, tok, "abc>", ["abc>"] * 3, ids, old, cfg)  # teacher = student: loss 0
     assert same.item() == pytest.approx(0.0, abs=1e-6)
 
