@@ -191,6 +191,15 @@ def _tighten_sim(
     return keep, _key_value(lo), trips
 
 
+def _stream_tighten(row, cand, n_runs: int, thr: float, p: TopkParams, out: RowReplay):
+    """A mid-row tightening of the candidates `cand` (indices, n_runs of their runs just recorded),
+    counted in `out`: (the survivors, the new threshold)."""
+    keep, thr, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run, p.tile)
+    out.trips["stream"].update(t)
+    out.tightens["stream"] += 1
+    return cand[keep], thr
+
+
 def replay_row(row, p: TopkParams) -> RowReplay:
     """Replay the kernel's control flow on one row of z values (float32, as the kernel holds them):
     the first-block threshold, appends of runs of `run` entries with candidates, tightening when the
@@ -219,13 +228,8 @@ def replay_row(row, p: TopkParams) -> RowReplay:
             # loop; costed as a skip, which does all it does and more); after the selection the
             # block is streamed again.
             blocks["skip"] += 1
-            keep, thr, t = _tighten_sim(
-                row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run, p.tile
-            )
-            cand = cand[keep]
+            cand, thr = _stream_tighten(row, cand, n_runs, thr, p, out)
             n_flat = len(cand)
-            trips["stream"].update(t)
-            tightens["stream"] += 1
             out.restreams += 1
             new = new[row[new] >= thr] if thr == -np.inf else new[row[new] > thr]
         blocks["first block" if b == 0 else "append" if len(new) else "skip"] += 1
@@ -233,13 +237,8 @@ def replay_row(row, p: TopkParams) -> RowReplay:
         n_runs = len(np.unique(cand[n_flat:] // p.run))
         if n_runs > p.runs_high and b + 1 < n_blocks:
             # Past the watermark: tightened after this block (no block is streamed twice).
-            keep, thr, t = _tighten_sim(
-                row[cand], n_runs, thr, p.topk, p.tighten_keep, p.chunk, p.compact_chunk, p.run, p.tile
-            )
-            cand = cand[keep]
+            cand, thr = _stream_tighten(row, cand, n_runs, thr, p, out)
             n_flat = len(cand)
-            trips["stream"].update(t)
-            tightens["stream"] += 1
     n_runs = len(np.unique(cand[n_flat:] // p.run))
     _, _, t = _tighten_sim(row[cand], n_runs, thr, p.topk, p.topk, p.chunk, p.compact_chunk, p.run, p.tile)
     trips["final"].update(t)
