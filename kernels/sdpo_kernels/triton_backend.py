@@ -56,7 +56,7 @@ GRAD_SPARSE_CHUNK = 1024
 # After a block that leaves more than TOPK_RUNS_HIGH of the recorded runs' room filled, the candidates
 # are tightened at once: a block that would overflow the room is streamed again after the tightening,
 # and a watermark below the room spares most of those second reads. 3/4 is the cost report's best of
-# 1/2 to 1 (V = 32000: 2.0 second reads per row -> 0.2, forward latency-aware 2.00x -> 1.91x, H100).
+# 1/2 to 1 (V = 32000: 2.0 second reads per row -> 0.26, forward latency-aware 2.00x -> 1.91x, H100).
 TOPK_RUNS_HIGH = 0.75
 
 

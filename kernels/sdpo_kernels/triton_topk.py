@@ -201,7 +201,7 @@ def _popcount(x, BITS: tl.constexpr):
     """Set bits of each int32 in x, for x < 2^BITS (a run's candidate mask: BITS = RUN <= 16 lanes).
     For BITS <= 8 by two multiplies (int32, wrapping): x * 0x08040201 puts bit i of x at bit 4i + 3
     (among others), the mask keeps one bit per nibble, and * 0x11111111 sums the nibbles into the top
-    one; the multiplies run on the FMA pipe, and it takes ~6 instructions instead of ~18."""
+    one; the multiplies run on the FMA pipe (about 4.5 instructions per count in the SASS, ~18 before)."""
     if BITS <= 8:
         spread = ((x * 0x08040201) >> 3) & 0x11111111
         return ((spread * 0x11111111) >> 28) & 0xF
