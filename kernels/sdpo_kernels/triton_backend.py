@@ -22,17 +22,21 @@ from .triton_grad import grad_kernel
 from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
 
-# Vocabulary entries per iteration of the top-K forward (4 warps: 16 per thread), of the LSE forward
+# Vocabulary entries per iteration of the top-K forward (2 warps: 32 per thread), of the LSE forward
 # (4 warps: 16 per thread; 5 CTAs per SM where 8 warps fit 2, a shorter latency-aware figure in the
-# cost report) and of the gradient (8 warps). The top-K selection walks its recorded runs and counts
-# its candidates in chunks of TOPK_CHUNK entries (1024: the cost report's best of 256 to 1024; their
-# reductions are paid once per chunk), and compacts them one per thread (TOPK_COMPACT_CHUNK: the
-# compaction's two scans over wider chunks set the kernel's register peak under Triton 3.6).
+# cost report) and of the gradient (8 warps). The top-K forward runs 2 warps per program: its
+# once-per-row selection code issues the same instructions per warp whatever the warp count, so
+# half the warps per row halve it (cost report, V = 32000, bf16, K = 100, tail: H200 static bound
+# 1.83x -> 1.52x the HBM floor against 4 warps, Triton 3.9). The selection walks its recorded runs in
+# chunks of TOPK_CHUNK entries (512: one run per thread; 256 and 1024 cost more in the report) and
+# counts more than a tile of candidates in chunks of the same size, and compacts them one per thread
+# (TOPK_COMPACT_CHUNK: the compaction's two scans over wider chunks set the kernel's register peak
+# under Triton 3.6).
 TOPK_BLOCK_V = 2048
-TOPK_WARPS = 4
-TOPK_CHUNK = 1024
+TOPK_WARPS = 2
+TOPK_CHUNK = 512
 # A selection over at most TOPK_TILE candidates (the common case) holds them in registers, one tile,
-# through its search and compaction; 1024 would take the kernel from 96 to 128 registers (Triton 3.9).
+# through its search and compaction (256 sends a tightening to the chunked scratch path often).
 TOPK_TILE = 512
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 # The support (K entries) is read back one entry per thread at a time: any K up to V compiles to
@@ -69,12 +73,12 @@ def tighten_keep(topk: int) -> int:
 # The cost report compiles with the same option.
 FP_FUSION = True
 
-# The top-K forward's register cap: 96 fits 5 CTAs of 4 warps per SM. Measured by the cost report
-# (sm_90a, K = 100): Triton 3.9 fits it in 96 with no spilled local memory, keeping a few loop
-# invariants of the selection code in a 32-byte stack frame (24 LDL/STL, none in the stream; 2026-12-07);
-# Triton 3.6 takes 168 (3 CTAs per SM) by itself, 128 with a cap of 128 (4 CTAs, no spill), and
-# would spill 96 bytes under a cap of 96.
-TOPK_MAX_REGISTERS = 96 if tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9) else 128
+# The top-K forward's register cap: 128 fits 8 CTAs of 2 warps per SM (TOPK_PROGRAMS_PER_SM). Measured
+# by the cost report (sm_90a, K = 100, 2026-12-07): no spilled local memory under Triton 3.9 or 3.6;
+# both keep loop invariants of the selection code in a stack frame (3.9: 32 bytes, 26 LDL/STL, none
+# in the stream; 3.6: 168 bytes, 92, 4 of them in the first block's path). Triton 3.6 at 120, 136
+# or 144 (7 CTAs) gave longer latency-aware figures.
+TOPK_MAX_REGISTERS = 128
 
 # Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
 # are handed out by a counter, so programs beyond what fits on an SM only idle.

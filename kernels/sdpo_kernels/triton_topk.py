@@ -130,12 +130,6 @@ def _lane_bits(passes, lanes):
 
 
 @triton.jit
-def _lanes_set(bits, lanes):
-    """[rows] int32 bit masks -> [rows, RUN] bool (one test per lane: its bit mask is a constant)."""
-    return (bits[:, None] & (1 << lanes)[None, :]) != 0
-
-
-@triton.jit
 def _add_min_max(n0, lo0, hi0, n1, lo1, hi1):
     return n0 + n1, tl.minimum(lo0, lo1), tl.maximum(hi0, hi1)
 
@@ -189,11 +183,6 @@ def _bisect_step(lo, hi, count_hi, found, count, above, below, keep_lo, keep_hi)
         hi = below.to(tl.int64) + 1
         count_hi = count
     return lo, hi, count_hi, found
-
-
-@triton.jit
-def _max2(a0, b0, a1, b1):
-    return tl.maximum(a0, a1), tl.maximum(b0, b1)
 
 
 @triton.jit
@@ -263,40 +252,54 @@ def _expand_runs(
     their values gathered from the logits rows. Returns (n_flat, max z, max raw u) of those appended."""
     flat_idx = cand + 2 * RUNS_CAP
     runs = tl.arange(0, CHUNK // RUN)
-    lanes = tl.arange(0, RUN)
-    lower_lanes = (1 << lanes) - 1  # bit masks of the lanes below each lane
     top_z = tl.full([], float("-inf"), tl.float32)
     top_u = tl.full([], float("-inf"), tl.float32)
+    # One run per thread and one 1-D tensor per lane: every value keeps the runs' layout, so the gathers,
+    # slots and stores need no layout conversion (a [runs, RUN] tile took ~10 shared-memory round trips
+    # with barriers per chunk to move between the load and store layouts).
     # Software-pipelined: each chunk's run records are loaded one iteration ahead, so a chunk waits for
     # one global round trip (its gathers) instead of two (the records, then the gathers).
     bits, run_col = _run_records(cand, runs, n_runs, RUNS_CAP)
     for start in range(0, n_runs, CHUNK // RUN):
-        valid = _lanes_set(bits, lanes)
-        col = run_col[:, None] * RUN + lanes[None, :]
+        col0 = run_col * RUN
         if WIDE_COLS:
-            col = col.to(tl.int64)
-        # The gathers first: their latency overlaps the slot arithmetic below.
-        z = _scaled(tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf")), inv_temp, SCALE_Z)
-        if STREAM_TEACHER:
-            u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf")).to(tl.float32)
-        else:
-            u = z
+            col0 = col0.to(tl.int64)
+        # Every lane's gathers first (the stores below might alias them, so they could not move up).
+        # (Tuples grow by concatenation: Triton's code generator has no starred unpacking.)
+        zs = ()
+        us = ()
+        for lane in tl.static_range(RUN):
+            valid = ((bits >> lane) & 1) != 0
+            col = col0 + lane
+            z = tl.load(student_row + col * stride_s_col, mask=valid, other=float("-inf"))
+            zs = zs + (_scaled(z, inv_temp, SCALE_Z),)  # noqa: RUF005
+            if STREAM_TEACHER:
+                u = tl.load(teacher_row + col * stride_t_col, mask=valid, other=float("-inf"))
+                us = us + (u.to(tl.float32),)  # noqa: RUF005
         next_bits, next_col = _run_records(cand, start + CHUNK // RUN + runs, n_runs, RUNS_CAP)
-        # Slots from the bit masks: a scan over the runs' candidate counts (one value per run), then
-        # within a run the candidates of the lower lanes (a population count of the lower bits).
+        # Slots: a scan over the runs' candidate counts (one value per run), then lane by lane.
         per_run = _popcount(bits, RUN)
-        run_slot = tl.cumsum(per_run, 0) - per_run
-        at = n_flat + run_slot[:, None] + _popcount(bits[:, None] & lower_lanes[None, :], RUN)
-        dst = flat_idx + at  # (one address per candidate, the three regions at constant offsets from it)
-        tl.store(dst, col.to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
-        tl.store(dst + FLAT_CAP, z, mask=valid)
-        if STREAM_TEACHER:
-            tl.store(dst + 2 * FLAT_CAP, u, mask=valid)
-        # The chunk's maxima (in-thread over the lanes, then integer maxima of their keys: a warp REDUX
-        # each, shorter than one three-operand float reduction) and its candidate count.
-        chunk_z, chunk_u = tl.reduce((z, u), 1, _max2)
+        at = n_flat + tl.cumsum(per_run, 0) - per_run
+        chunk_z = zs[0]
+        chunk_u = us[0] if STREAM_TEACHER else zs[0]
+        for lane in tl.static_range(RUN):
+            taken = (bits >> lane) & 1
+            valid = taken != 0
+            dst = flat_idx + at  # (one address per candidate, the three regions at constant offsets from it)
+            tl.store(dst, (col0 + lane).to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
+            tl.store(dst + FLAT_CAP, zs[lane], mask=valid)
+            chunk_z = tl.maximum(chunk_z, zs[lane])
+            if STREAM_TEACHER:
+                tl.store(dst + 2 * FLAT_CAP, us[lane], mask=valid)
+                chunk_u = tl.maximum(chunk_u, us[lane])
+            at += taken
+        # The chunk's maxima: integer maxima of their keys (a warp REDUX each, shorter than one
+        # two-operand float reduction); without a teacher u is z.
         top_z = tl.maximum(top_z, key_value(tl.max(ordered_key(chunk_z), 0)))
-        top_u = tl.maximum(top_u, key_value(tl.max(ordered_key(chunk_u), 0)))
+        if STREAM_TEACHER:
+            top_u = tl.maximum(top_u, key_value(tl.max(ordered_key(chunk_u), 0)))
+        else:
+            top_u = top_z
         n_flat += tl.sum(per_run, 0)
         bits = next_bits
         run_col = next_col

@@ -55,7 +55,7 @@ def label_loop(kernel_name: str, launch, loop: LoopCost, in_stream: bool) -> str
             return f"{where} compact chunk"
         if loop.runs(r"_bracket_tile\(tl\.where\(offs"):
             return f"{where} count chunk"
-        if loop.runs(r"run_slot = tl\.cumsum|at = n_flat \+ run_slot"):  # (3.6 names only the second)
+        if loop.runs(r"at = n_flat \+ tl\.cumsum\(per_run|at \+= taken"):
             return f"{where} expand chunk"
     return None
 
