@@ -22,28 +22,36 @@ from .triton_grad import grad_kernel
 from .triton_lse import lse_forward_kernel
 from .triton_topk import topk_forward_kernel
 
-# Vocabulary entries per iteration of the top-K forward (2 warps: 32 per thread), of the LSE forward
-# (4 warps: 16 per thread; 5 CTAs per SM where 8 warps fit 2, a shorter latency-aware figure in the
-# cost report) and of the gradient (8 warps). The top-K forward runs 2 warps per program: its
-# once-per-row selection code issues the same instructions per warp whatever the warp count, so
-# half the warps per row halve it (cost report, V = 32000, bf16, K = 100, tail: H200 static bound
-# 1.83x -> 1.52x the HBM floor against 4 warps, Triton 3.9). The selection walks its recorded runs in
-# chunks of TOPK_CHUNK entries (512: one run per thread; 256 and 1024 cost more in the report) and
-# counts more than a tile of candidates in chunks of the same size, and compacts them one per thread
-# (TOPK_COMPACT_CHUNK: the compaction's two scans over wider chunks set the kernel's register peak
-# under Triton 3.6).
-TOPK_BLOCK_V = 2048
-TOPK_WARPS = 2
-TOPK_CHUNK = 512
-# A selection over at most TOPK_TILE candidates (the common case) holds them in registers, one tile,
-# through its search and compaction (256 sends a tightening to the chunked scratch path often).
-TOPK_TILE = 512
+# The top-K forward's launch shape, per Triton version (the compilers allocate its registers
+# differently). Its once-per-row selection code issues the same instructions per warp at any warp
+# count, so fewer warps per row cost less of it, and more rows in flight per SM hide more of its
+# latency; per thread a block is BLOCK_V / (32 * warps) entries. Chosen by the cost report (sm_90a,
+# bf16, K = 100, 2026-12-07; V = 32000, tail, forward static / latency-aware ratio to the HBM floor,
+# H200), against 4 warps, BLOCK_V 2048 (96 registers under 3.9, 128 under 3.6):
+# - Triton >= 3.9: 2 warps, BLOCK_V 2048, 8 CTAs of 128 registers per SM: 1.83x / 2.26x -> 1.47x / 2.12x
+#   (1 warp, BLOCK_V 1024: 1.66x / 1.87x, static over the 1.6x the project aims for);
+# - Triton 3.6 (and the untested 3.7, 3.8): 1 warp, BLOCK_V 1024, 16 CTAs of 128 registers per SM:
+#   1.93x / 3.46x -> 1.49x / 1.75x (2 warps: 1.57x / 2.62x).
+# The selection walks its recorded runs in chunks of TOPK_CHUNK entries (one run per thread; twice or
+# half that cost more in the report) and counts more than a tile of candidates in chunks of the same
+# size. A selection over at most TOPK_TILE candidates (the common case) holds them in registers, one
+# tile, through its search and compaction (a tile of 256 under 3.9 at 2 warps sends many mid-row
+# selections to the chunked path: 1.77x / 3.70x; at 1 warp and BLOCK_V 1024, 256 is the better).
+# Compaction runs one candidate per thread (TOPK_COMPACT_CHUNK: the compaction's two scans over wider
+# chunks set the kernel's register peak under Triton 3.6).
+_TRITON_3_9 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
+TOPK_WARPS = 2 if _TRITON_3_9 else 1
+TOPK_BLOCK_V = 2048 if _TRITON_3_9 else 1024
+TOPK_CHUNK = 512 if _TRITON_3_9 else 256
+TOPK_TILE = 512 if _TRITON_3_9 else 256
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
-# The support (K entries) is read back one entry per thread at a time: any K up to V compiles to
-# the same registers.
-TOPK_SUPPORT_CHUNK = 32 * TOPK_WARPS
+# The support (K entries) is read back 128 at a time: any K up to V compiles to the same registers, and
+# a support of K <= 128 is read once and held in registers through its three passes.
+TOPK_SUPPORT_CHUNK = 128
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
+# Vocabulary entries per iteration of the LSE forward (4 warps: 16 per thread; 5 CTAs per SM where 8
+# warps fit 2, a shorter latency-aware figure in the cost report) and of the gradient (8 warps).
 LSE_BLOCK_V = 2048
 LSE_WARPS = 4
 STREAM_BLOCK_V = 4096
@@ -73,16 +81,15 @@ def tighten_keep(topk: int) -> int:
 # The cost report compiles with the same option.
 FP_FUSION = True
 
-# The top-K forward's register cap: 128 fits 8 CTAs of 2 warps per SM (TOPK_PROGRAMS_PER_SM). Measured
-# by the cost report (sm_90a, K = 100, 2026-12-07): no spilled local memory under Triton 3.9 or 3.6;
-# both keep loop invariants of the selection code in a stack frame (3.9: 32 bytes, 26 LDL/STL, none
-# in the stream; 3.6: 168 bytes, 92, 4 of them in the first block's path). Triton 3.6 at 120, 136
-# or 144 (7 CTAs) gave longer latency-aware figures.
+# The top-K forward's register cap: 128 fits TOPK_PROGRAMS_PER_SM CTAs per SM (8 of 2 warps, 16 of
+# 1 warp). Measured by the cost report (sm_90a, K = 100, 2026-12-07): no spilled local memory; Triton
+# 3.9 keeps a few loop invariants of the selection code in a stack frame (48 bytes, 35 LDL/STL, none in
+# the stream), 3.6 at 1 warp none. Triton 3.6 at 2 warps: 120, 136 or 144 (7 CTAs) were no better.
 TOPK_MAX_REGISTERS = 128
 
-# Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100); rows
-# are handed out by a counter, so programs beyond what fits on an SM only idle.
-TOPK_PROGRAMS_PER_SM = 8
+# Persistent top-K programs per SM, each with its own candidate scratch (~28 KB at K = 100 and BLOCK_V
+# 2048, ~15 KB at 1024); rows are handed out by a counter, so programs beyond what fits on an SM only idle.
+TOPK_PROGRAMS_PER_SM = 8 if _TRITON_3_9 else 16
 TOPK_SCRATCH_BYTES = 256 * 2**20
 
 

@@ -59,6 +59,13 @@ def grad_kernel(
     # Absent (-inf) entries get exactly zero, except in a row whose student LSE is NaN (NaN or +inf
     # logits): that row's gradient is NaN throughout (docs/kernels.md, non-finite inputs).
     absent = tl.where(lse != lse, float("nan"), 0.0)
+    if index_ptr is not None:
+        # The first chunk of sparse entries is loaded now (the saved indices and values are inputs):
+        # its round trip passes during the dense stream instead of following its barrier.
+        k = tl.arange(0, SPARSE_CHUNK)
+        in_k = k < n_sparse
+        idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+        coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
     block = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + block
@@ -81,10 +88,11 @@ def grad_kernel(
     if index_ptr is not None:
         tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
         for k0 in range(0, n_sparse, SPARSE_CHUNK):
-            k = k0 + tl.arange(0, SPARSE_CHUNK)
-            in_k = k < n_sparse
-            idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
-            coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+            if k0 > 0:
+                k = k0 + tl.arange(0, SPARSE_CHUNK)
+                in_k = k < n_sparse
+                idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+                coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
             val = tl.where(g == 0.0, 0.0, g * coef)
             # Bounds-masked: the saved indices are in range by construction, a store outside the row never.
             tl.store(grad_row + idx, val.to(out_ty), mask=in_k & (idx >= 0) & (idx < n_cols))
