@@ -252,14 +252,15 @@ def _expand_runs(
     their values gathered from the logits rows. Returns (n_flat, max z, max raw u) of those appended."""
     flat_idx = cand + 2 * RUNS_CAP
     runs = tl.arange(0, CHUNK // RUN)
-    top_z = tl.full([], float("-inf"), tl.float32)
-    top_u = tl.full([], float("-inf"), tl.float32)
     # One run per thread and one 1-D tensor per lane: every value keeps the runs' layout, so the gathers,
     # slots and stores need no layout conversion (a [runs, RUN] tile took ~10 shared-memory round trips
     # with barriers per chunk to move between the load and store layouts).
     # Software-pipelined: each chunk's run records are loaded one iteration ahead, so a chunk waits for
     # one global round trip (its gathers) instead of two (the records, then the gathers).
     bits, run_col = _run_records(cand, runs, n_runs, RUNS_CAP)
+    # The maxima are kept per thread across chunks and reduced once, after the loop.
+    max_z = tl.full([CHUNK // RUN], float("-inf"), tl.float32)
+    max_u = tl.full([CHUNK // RUN], float("-inf"), tl.float32)
     for start in range(0, n_runs, CHUNK // RUN):
         col0 = run_col * RUN
         if WIDE_COLS:
@@ -280,29 +281,27 @@ def _expand_runs(
         # Slots: a scan over the runs' candidate counts (one value per run), then lane by lane.
         per_run = _popcount(bits, RUN)
         at = n_flat + tl.cumsum(per_run, 0) - per_run
-        chunk_z = zs[0]
-        chunk_u = us[0] if STREAM_TEACHER else zs[0]
         for lane in tl.static_range(RUN):
             taken = (bits >> lane) & 1
             valid = taken != 0
             dst = flat_idx + at  # (one address per candidate, the three regions at constant offsets from it)
             tl.store(dst, (col0 + lane).to(tl.int32).to(tl.float32, bitcast=True), mask=valid)
             tl.store(dst + FLAT_CAP, zs[lane], mask=valid)
-            chunk_z = tl.maximum(chunk_z, zs[lane])
+            max_z = tl.maximum(max_z, zs[lane])
             if STREAM_TEACHER:
                 tl.store(dst + 2 * FLAT_CAP, us[lane], mask=valid)
-                chunk_u = tl.maximum(chunk_u, us[lane])
+                max_u = tl.maximum(max_u, us[lane])
             at += taken
-        # The chunk's maxima: integer maxima of their keys (a warp REDUX each, shorter than one
-        # two-operand float reduction); without a teacher u is z.
-        top_z = tl.maximum(top_z, key_value(tl.max(ordered_key(chunk_z), 0)))
-        if STREAM_TEACHER:
-            top_u = tl.maximum(top_u, key_value(tl.max(ordered_key(chunk_u), 0)))
-        else:
-            top_u = top_z
         n_flat += tl.sum(per_run, 0)
         bits = next_bits
         run_col = next_col
+    # The maxima: integer maxima of their keys (a warp REDUX each, shorter than one two-operand float
+    # reduction); without a teacher u is z.
+    top_z = key_value(tl.max(ordered_key(max_z), 0))
+    if STREAM_TEACHER:
+        top_u = key_value(tl.max(ordered_key(max_u), 0))
+    else:
+        top_u = top_z
     return n_flat, top_z, top_u
 
 
