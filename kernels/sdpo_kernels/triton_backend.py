@@ -28,10 +28,12 @@ from .triton_topk import topk_forward_kernel
 # latency; per thread a block is BLOCK_V / (32 * warps) entries. Chosen by the cost report (sm_90a,
 # bf16, K = 100, 2026-12-07; V = 32000, tail, forward static / latency-aware ratio to the HBM floor,
 # H200), against 4 warps, BLOCK_V 2048 (96 registers under 3.9, 128 under 3.6):
-# - Triton >= 3.9: 2 warps, BLOCK_V 2048, 8 CTAs of 128 registers per SM: 1.83x / 2.26x -> 1.47x / 2.12x
-#   (1 warp, BLOCK_V 1024: 1.66x / 1.87x, static over the 1.6x the project aims for);
+# - Triton >= 3.9: 2 warps, BLOCK_V 2048, 8 CTAs of 128 registers per SM: 1.83x / 2.26x -> 1.46x / 2.11x
+#   with the one-layout expansion, measured together (1 warp, BLOCK_V 1024: 1.66x / 1.87x, static over
+#   the 1.6x the project aims for);
 # - Triton 3.6 (and the untested 3.7, 3.8): 1 warp, BLOCK_V 1024, 16 CTAs of 128 registers per SM:
 #   1.93x / 3.46x -> 1.49x / 1.75x (2 warps: 1.57x / 2.62x).
+# (The current figures are in bench/results/cost-report*-2026-12-07.md.)
 # The selection walks its recorded runs in chunks of TOPK_CHUNK entries (one run per thread; twice or
 # half that cost more in the report) and counts more than a tile of candidates in chunks of the same
 # size. A selection over at most TOPK_TILE candidates (the common case) holds them in registers, one
@@ -45,8 +47,9 @@ TOPK_BLOCK_V = 2048 if _TRITON_3_9 else 1024
 TOPK_CHUNK = 512 if _TRITON_3_9 else 256
 TOPK_TILE = 512 if _TRITON_3_9 else 256
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
-# The support (K entries) is read back 128 at a time: any K up to V compiles to the same registers, and
-# a support of K <= 128 is read once and held in registers through its three passes.
+# The support (K entries) is read back 128 at a time (as at 4 warps, where this was 32 * warps): every
+# K > 128 compiles to the same code, and a support of K <= 128 (a chunk of next_pow2(K)) is read once
+# and held in registers through its three passes.
 TOPK_SUPPORT_CHUNK = 128
 # Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
 TOPK_RUN = 8
@@ -68,8 +71,11 @@ GRAD_SPARSE_CHUNK = 1024
 # After a block that leaves more than TOPK_RUNS_HIGH of the recorded runs' room filled, the candidates
 # are tightened at once: a block that would overflow the room is streamed again after the tightening,
 # and a watermark below the room spares most of those second reads. 3/4 is the cost report's best of
-# 1/2 to 1 (V = 32000: 2.0 second reads per row -> 0.26, forward latency-aware 2.00x -> 1.91x, H100).
-TOPK_RUNS_HIGH = 0.75
+# 1/2 to 1 at BLOCK_V 2048 (V = 32000: 2.0 second reads per row -> 0.26, forward latency-aware 2.00x ->
+# 1.91x, H100, 4 warps); at BLOCK_V 1024 (128 runs' room) 5/8 (Triton 3.6, V = 32000, tail: H100
+# latency-aware 1.53x -> 1.50x, H200 1.74x -> 1.71x). There K >= 97 fills 3/4 of the room in the first
+# block already, so every row tightens right after it.
+TOPK_RUNS_HIGH = 0.75 if _TRITON_3_9 else 0.625
 
 
 def tighten_keep(topk: int) -> int:

@@ -17,7 +17,7 @@ time (docs/kernels.md walks through the design and its cost):
   (or before one that would overflow them: that block is streamed again) the stream loop exits
   and `tighten` runs: the runs are expanded into flat candidates
   (index, z, raw u, values gathered back from the rows; slots from a scan of the runs' candidate
-  counts and a population count of each run's lower bits), a bisection on int32 keys of their
+  counts, then +1 lane by lane where a lane is a candidate), a bisection on int32 keys of their
   values, each step snapped to the nearest candidate keys (so ties end it at once), finds a new
   threshold that K..tighten_keep of them reach, and the survivors are compacted in place (the
   evicted ones go to the tail sums). Up to TILE candidates (the common case) stay in registers
@@ -295,8 +295,8 @@ def _expand_runs(
         n_flat += tl.sum(per_run, 0)
         bits = next_bits
         run_col = next_col
-    # The maxima: integer maxima of their keys (a warp REDUX each, shorter than one two-operand float
-    # reduction); without a teacher u is z.
+    # The maxima: integer maxima of their keys (a warp REDUX each, then across warps, shorter than one
+    # two-operand float reduction); without a teacher u is z.
     top_z = key_value(tl.max(ordered_key(max_z), 0))
     if STREAM_TEACHER:
         top_u = key_value(tl.max(ordered_key(max_u), 0))
