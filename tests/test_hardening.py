@@ -412,16 +412,23 @@ def test_gradient_sparse_tile_is_bounded_at_k_equals_v():
 
 @interpret_only
 @pytest.mark.parametrize("add_tail", [True, False])
-def test_gradient_sparse_part_over_several_chunks(monkeypatch, add_tail):
-    monkeypatch.setattr(triton_backend, "GRAD_SPARSE_CHUNK", 4)
-    z, u, y, old = _rows(3, 40)
-    kw = dict(mode="topk_logits", topk=21, alpha=0.5, add_tail=add_tail)
+@pytest.mark.parametrize(
+    "chunk, topk, vocab",
+    [(4, 21, 40), (512, 600, 700)],
+    ids=["chunks-of-4-first-prefetched", "chunk-of-512-loaded-after-the-dense-pass"],
+)
+def test_gradient_sparse_part_over_several_chunks(monkeypatch, add_tail, chunk, topk, vocab):
+    # Chunks of at most 256 entries: the first is loaded before the dense pass, the others after it;
+    # wider chunks: every chunk after it (triton_grad.py, PREFETCH).
+    monkeypatch.setattr(triton_backend, "GRAD_SPARSE_CHUNK", chunk)
+    z, u, y, old = _rows(3, vocab)
+    kw = dict(mode="topk_logits", topk=topk, alpha=0.5, add_tail=add_tail)
     grads = []
     for backend in ("triton", "reference"):
         zz = z.clone().requires_grad_()
         self_distillation_loss(zz, u, y, old, backend=backend, **kw).sum().backward()
         grads.append(zz.grad)
-    assert_close(grads[0], grads[1], "f32_vs_f32", vocab=40)
+    assert_close(grads[0], grads[1], "f32_vs_f32", vocab=vocab)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -44,15 +44,15 @@ from .triton_topk import topk_forward_kernel
 _TRITON_3_9 = tuple(int(x) for x in triton.__version__.split(".")[:2]) >= (3, 9)
 TOPK_WARPS = 2 if _TRITON_3_9 else 1
 TOPK_BLOCK_V = 2048 if _TRITON_3_9 else 1024
-TOPK_CHUNK = 512 if _TRITON_3_9 else 256
+# Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
+TOPK_RUN = 8
+TOPK_CHUNK = 32 * TOPK_WARPS * TOPK_RUN  # one run per thread
 TOPK_TILE = 512 if _TRITON_3_9 else 256
 TOPK_COMPACT_CHUNK = 32 * TOPK_WARPS
 # The support (K entries) is read back 128 at a time (as at 4 warps, where this was 32 * warps): every
 # K > 128 compiles to the same code, and a support of K <= 128 (a chunk of next_pow2(K)) is read once
 # and held in registers through its three passes.
 TOPK_SUPPORT_CHUNK = 128
-# Entries per thread-owned run of a top-K block (one 16-byte load of bf16 logits).
-TOPK_RUN = 8
 # Vocabulary entries per iteration of the LSE forward (4 warps: 16 per thread; 5 CTAs per SM where 8
 # warps fit 2, a shorter latency-aware figure in the cost report) and of the gradient (8 warps).
 LSE_BLOCK_V = 2048

@@ -59,13 +59,20 @@ def grad_kernel(
     # Absent (-inf) entries get exactly zero, except in a row whose student LSE is NaN (NaN or +inf
     # logits): that row's gradient is NaN throughout (docs/kernels.md, non-finite inputs).
     absent = tl.where(lse != lse, float("nan"), 0.0)
+    # A chunk of at most one sparse entry per thread (K <= 256) is loaded now (the saved indices and
+    # values are inputs): its round trip passes during the dense stream instead of following its
+    # barrier. A wider chunk would hold its registers through the stream (K = 4096: 40 -> 48 registers,
+    # 6 -> 5 CTAs per SM), so it is loaded after the barrier.
+    PREFETCH: tl.constexpr = SPARSE_CHUNK <= 256
     if index_ptr is not None:
-        # The first chunk of sparse entries is loaded now (the saved indices and values are inputs):
-        # its round trip passes during the dense stream instead of following its barrier.
         k = tl.arange(0, SPARSE_CHUNK)
         in_k = k < n_sparse
-        idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
-        coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+        if PREFETCH:
+            idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+            coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+        else:
+            idx = tl.zeros([SPARSE_CHUNK], tl.int64)
+            coef = tl.zeros([SPARSE_CHUNK], tl.float32)
     block = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         offs = start + block
@@ -88,7 +95,7 @@ def grad_kernel(
     if index_ptr is not None:
         tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
         for k0 in range(0, n_sparse, SPARSE_CHUNK):
-            if k0 > 0:
+            if (k0 > 0) | (not PREFETCH):
                 k = k0 + tl.arange(0, SPARSE_CHUNK)
                 in_k = k < n_sparse
                 idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
