@@ -335,10 +335,10 @@ def test_bf16_pair_loads_give_the_bf16_loads_results(device, add_tail, small_top
     _compare(device, z.cpu(), u.cpu(), y.cpu(), old.cpu(), torch.rand(3, generator=gen), **kw)  # and the reference
     # The launcher keeps the plain loads where pairs would be misaligned or cut a run, and for fp16.
     wide = torch.zeros(3, 697, dtype=torch.bfloat16, device=device)
-    assert not triton_backend._bf16_pairs(wide[:, 1:], None)  # odd row stride and start
-    assert not triton_backend._bf16_pairs(wide[:, :692].contiguous()[:, :690], None)  # V % 8 != 0
-    assert not triton_backend._bf16_pairs(z.half(), None)
-    assert triton_backend._bf16_pairs(z, None) and not triton_backend._bf16_pairs(z, u.float())
+    assert not triton_backend._bf16_pairs_allowed(wide[:, 1:], None)  # odd row stride and start
+    assert not triton_backend._bf16_pairs_allowed(wide[:, :692].contiguous()[:, :690], None)  # V % 8 != 0
+    assert not triton_backend._bf16_pairs_allowed(z.half(), None)
+    assert triton_backend._bf16_pairs_allowed(z, None) and not triton_backend._bf16_pairs_allowed(z, u.float())
 
 
 @pytest.mark.parametrize("device", TIERS)

@@ -175,7 +175,7 @@ def _row_layout(student: torch.Tensor, teacher: torch.Tensor) -> dict:
     )
 
 
-def _bf16_pairs(*rows: torch.Tensor | None) -> bool:
+def _bf16_pairs_allowed(*rows: torch.Tensor | None) -> bool:
     """Whether the top-K forward may stream these logits (the teacher: None when not streamed) as int32
     pairs of bf16 entries (one integer op per entry to float32 instead of 1.5): bf16, unit column
     stride, V a multiple of TOPK_RUN (the loads mask whole runs), every row start 4-byte aligned."""
@@ -277,7 +277,7 @@ def forward_launches(
                 RUN=TOPK_RUN,
                 SCALE_Z=config.inv_temperature != 1.0,  # T = 1: no multiply per entry
                 COUNT_DECISIONS=False,
-                PAIRS=_bf16_pairs(student, teacher if config.add_tail else None),
+                PAIRS=_bf16_pairs_allowed(student, teacher if config.add_tail else None),
             ),
             num_warps=TOPK_WARPS,
             zeroed=(row_counter,),

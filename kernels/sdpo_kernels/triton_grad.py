@@ -17,6 +17,16 @@ from .triton_math import divergence_terms, row_offset
 
 
 @triton.jit
+def _sparse_chunk(index_ptr, coef_ptr, row, n_sparse, k0, SPARSE_CHUNK: tl.constexpr):
+    """The saved sparse entries k0 .. k0 + SPARSE_CHUNK of a row: (positions, in range, indices, values)."""
+    k = k0 + tl.arange(0, SPARSE_CHUNK)
+    in_k = k < n_sparse
+    idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
+    coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+    return k, in_k, idx, coef
+
+
+@triton.jit
 def grad_kernel(
     student_ptr,
     teacher_ptr,
@@ -65,12 +75,11 @@ def grad_kernel(
     # 6 -> 5 CTAs per SM), so it is loaded after the barrier.
     PREFETCH: tl.constexpr = SPARSE_CHUNK <= 256
     if index_ptr is not None:
-        k = tl.arange(0, SPARSE_CHUNK)
-        in_k = k < n_sparse
         if PREFETCH:
-            idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
-            coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
-        else:
+            k, in_k, idx, coef = _sparse_chunk(index_ptr, coef_ptr, row, n_sparse, 0, SPARSE_CHUNK)
+        else:  # (placeholders: the loop below loads every chunk)
+            k = tl.arange(0, SPARSE_CHUNK)
+            in_k = k < n_sparse
             idx = tl.zeros([SPARSE_CHUNK], tl.int64)
             coef = tl.zeros([SPARSE_CHUNK], tl.float32)
     block = tl.arange(0, BLOCK_V)
@@ -96,10 +105,7 @@ def grad_kernel(
         tl.debug_barrier()  # the dense stores above must land before the sparse entries are rewritten
         for k0 in range(0, n_sparse, SPARSE_CHUNK):
             if (k0 > 0) | (not PREFETCH):
-                k = k0 + tl.arange(0, SPARSE_CHUNK)
-                in_k = k < n_sparse
-                idx = tl.load(index_ptr + row * n_sparse + k, mask=in_k, other=0)
-                coef = tl.load(coef_ptr + row * n_sparse + k, mask=in_k, other=0.0)
+                k, in_k, idx, coef = _sparse_chunk(index_ptr, coef_ptr, row, n_sparse, k0, SPARSE_CHUNK)
             val = tl.where(g == 0.0, 0.0, g * coef)
             # Bounds-masked: the saved indices are in range by construction, a store outside the row never.
             tl.store(grad_row + idx, val.to(out_ty), mask=in_k & (idx >= 0) & (idx < n_cols))

@@ -612,7 +612,7 @@ def topk_forward_kernel(
                 if WIDE_COLS:
                     offs = offs.to(tl.int64)
                 in_row = offs < n_cols
-                if PAIRS:  # bf16 rows read as int32 pairs (`_bf16_pairs`; the launcher checks when it may)
+                if PAIRS:  # bf16 rows read as int32 pairs (`_bf16_pairs`; launcher: `_bf16_pairs_allowed`)
                     pairs = start // 2 + pair_lanes
                     in_pairs = (start + block_runs * RUN < n_cols)[:, None]  # whole runs (V % RUN == 0)
                     z = _scaled(_bf16_pairs(student_row, pairs, in_pairs, BLOCK_V // RUN, RUN), inv_temp, SCALE_Z)
@@ -667,7 +667,8 @@ def topk_forward_kernel(
                 halves = tl.reshape(has.to(tl.int32), [2, BLOCK_V // RUN // 2])
                 packed = tl.sum(halves << (tl.arange(0, 2) * 16)[:, None], 0)
                 counts = tl.sum(packed, 0)
-                n_new_runs = (counts & 0xFFFF) + (counts >> 16)
+                first_half_runs = counts & 0xFFFF
+                n_new_runs = first_half_runs + (counts >> 16)
                 if n_runs + n_new_runs > RUNS_CAP:
                     full = 1  # (never the first block: RUNS_CAP >= BLOCK_V // RUN)
                     if COUNT_DECISIONS:
@@ -698,7 +699,7 @@ def topk_forward_kernel(
                         # second half before it: both from one exclusive scan of the packed counts.
                         before = tl.cumsum(packed, 0) - packed
                         second = tl.arange(0, 2)[:, None] == 1
-                        slot = tl.where(second, (counts & 0xFFFF) + (before >> 16), before & 0xFFFF)
+                        slot = tl.where(second, first_half_runs + (before >> 16), before & 0xFFFF)
                         slot = n_runs + tl.reshape(slot, [BLOCK_V // RUN])
                         run_id = start // RUN + block_runs
                         tl.store(cand + slot, run_id.to(tl.float32, bitcast=True), mask=has)
